@@ -1,0 +1,71 @@
+"""Closed-form ridge alignment from one model's space into the best one's. Pure numpy, no Ray."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Alignment:
+    """``y = x @ W + b``: W is (d_k, d*), b is (d*,)."""
+
+    W: np.ndarray
+    b: np.ndarray
+
+    def apply(self, x: np.ndarray) -> np.ndarray:
+        """Map rows of ``x`` (n, d_k) into the target space (n, d*), as float32."""
+        return (np.asarray(x, dtype=np.float64) @ self.W + self.b).astype(np.float32)
+
+
+def fit_alignment(x: np.ndarray, y: np.ndarray, ridge: float = 1e-3) -> Alignment:
+    """Ridge least squares with an unpenalised bias, T = argmin ||x W + b - y||^2 + lam ||W||^2.
+
+    ``ridge`` is relative: lam = ridge * mean squared norm of the centred rows of x, so it is unit-free.
+    Uses the primal or dual normal equations, whichever system is smaller, so tiny shared subsets
+    (fewer rows than dims) stay well posed.
+    """
+    x = np.asarray(x, dtype=np.float64)
+    y = np.asarray(y, dtype=np.float64)
+    if x.ndim != 2 or y.ndim != 2 or x.shape[0] != y.shape[0]:
+        raise ValueError(f"fit_alignment needs (n, d_k) and (n, d*) with equal n, got {x.shape} and {y.shape}")
+    if x.shape[0] < 2:
+        raise ValueError("fit_alignment needs at least 2 shared rows")
+    mx, my = x.mean(0), y.mean(0)
+    xc, yc = x - mx, y - my
+    lam = ridge * float((xc**2).sum()) / x.shape[0]
+    n, d = xc.shape
+    if d <= n:
+        W = np.linalg.lstsq(xc.T @ xc + lam * np.eye(d), xc.T @ yc, rcond=None)[0]
+    else:
+        W = xc.T @ np.linalg.lstsq(xc @ xc.T + lam * np.eye(n), yc, rcond=None)[0]
+    return Alignment(W=W, b=my - mx @ W)
+
+
+def r2_score(y_true: np.ndarray, y_pred: np.ndarray) -> float:
+    """Coefficient of determination over all output dims (1 - SS_res / SS_tot)."""
+    y_true = np.asarray(y_true, dtype=np.float64)
+    ss_res = float(((y_true - y_pred) ** 2).sum())
+    ss_tot = float(((y_true - y_true.mean(0)) ** 2).sum())
+    return 1.0 - ss_res / ss_tot if ss_tot > 0 else float("nan")
+
+
+def heldout_mask(n: int, fraction: float, seed: int) -> np.ndarray:
+    """Boolean mask of the held-out rows of S (at least 1 row and leaving at least 2 to fit, when possible)."""
+    m = int(round(n * fraction))
+    m = min(max(m, 1 if fraction > 0 else 0), max(n - 2, 0))
+    mask = np.zeros(n, dtype=bool)
+    mask[np.random.default_rng(seed).permutation(n)[:m]] = True
+    return mask
+
+
+def fit_with_stats(x: np.ndarray, y: np.ndarray, ridge: float, heldout: float, seed: int):
+    """Fit on all of S; report R^2 on S and held-out R^2 from a fit that did not see the held-out rows."""
+    t = fit_alignment(x, y, ridge)
+    r2 = r2_score(y, t.apply(x))
+    mask = heldout_mask(len(x), heldout, seed)
+    r2_held = None
+    if mask.any():
+        t_fit = fit_alignment(x[~mask], y[~mask], ridge)
+        r2_held = r2_score(y[mask], t_fit.apply(x[mask]))
+    return t, r2, r2_held

@@ -1,0 +1,268 @@
+"""YAML config -> frozen dataclasses, validated with clear errors before any Ray work."""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+DEFAULT_FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
+SOURCES = ("fashion-mnist", "images", "parquet")
+
+
+class ConfigError(ValueError):
+    """A config problem; the message names the offending key."""
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    source: str = "fashion-mnist"
+    path: Optional[str] = None
+    image_size: int = 32
+    limit: Optional[int] = None
+
+
+@dataclass(frozen=True)
+class ParticipantConfig:
+    name: str = ""
+    model: str = ""
+    pretrained: Optional[str] = None
+    batch_size: int = 256
+    num_gpus: float = 0
+    actors: int = 1
+    actors_max: Optional[int] = None
+    accelerator_type: Optional[str] = None
+    resources: Optional[dict] = None
+
+
+@dataclass(frozen=True)
+class SharedConfig:
+    fraction: float = 0.0005
+    min: int = 16
+    heldout: float = 0.2
+
+
+@dataclass(frozen=True)
+class AlignConfig:
+    ridge: float = 1.0e-3
+    enabled: bool = True
+
+
+@dataclass(frozen=True)
+class StudentConfig:
+    arch: str = "resnet18"
+    epochs: int = 10
+    batch_size: int = 256
+    lr: float = 1.0e-3
+    weight_decay: float = 0.01
+    workers: int = 2
+    use_gpu: bool = False
+    whiten: bool = False
+    limit: Optional[int] = None
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    probe_epochs: int = 100
+    probe_limit: Optional[int] = None
+    test_limit: Optional[int] = None
+
+
+@dataclass(frozen=True)
+class Config:
+    seed: int = 0
+    zoo_dir: str = "zoo"
+    max_error_fraction: float = 0.05
+    data: DataConfig = field(default_factory=DataConfig)
+    participants: tuple = ()
+    shared: SharedConfig = field(default_factory=SharedConfig)
+    align: AlignConfig = field(default_factory=AlignConfig)
+    student: StudentConfig = field(default_factory=StudentConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def to_dict(self) -> dict:
+        """Plain-dict form, suitable for YAML/JSON."""
+        d = dataclasses.asdict(self)
+        d["participants"] = [dataclasses.asdict(p) for p in self.participants]
+        return d
+
+    def fingerprint(self, *sections: str) -> str:
+        """Stable hash of the given top-level sections (all when none given)."""
+        d = self.to_dict()
+        if sections:
+            d = {k: d[k] for k in sections}
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _build(cls, raw: Any, where: str):
+    """Build dataclass ``cls`` from ``raw``, rejecting unknown keys and wrong types."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {type(raw).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        key = f"{where}.{unknown[0]}" if where else unknown[0]
+        raise ConfigError(f"unknown key '{key}' (allowed: {', '.join(sorted(fields))})")
+    kwargs = {}
+    for name, value in raw.items():
+        key = f"{where}.{name}" if where else name
+        default = getattr(cls(), name) if name not in ("participants",) else ()
+        kwargs[name] = _check_type(key, value, default)
+    return cls(**kwargs)
+
+
+def _check_type(key: str, value: Any, default: Any) -> Any:
+    if value is None or default is None or isinstance(default, (dict, tuple)):
+        return value
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise ConfigError(f"'{key}' must be true or false, got {value!r}")
+        return value
+    if isinstance(default, int) and not isinstance(default, bool):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"'{key}' must be an integer, got {value!r}")
+        return value
+    if isinstance(default, float):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"'{key}' must be a number, got {value!r}")
+        return float(value)
+    if isinstance(default, str) and not isinstance(value, str):
+        raise ConfigError(f"'{key}' must be a string, got {value!r}")
+    return value
+
+
+def parse_config(raw: Any, base_dir: str | os.PathLike = ".") -> Config:
+    """Turn a parsed YAML mapping into a validated :class:`Config` (no file-system checks)."""
+    if not isinstance(raw, dict):
+        raise ConfigError("config: expected a YAML mapping at the top level")
+    raw = dict(raw)
+    sub = {
+        "data": DataConfig,
+        "shared": SharedConfig,
+        "align": AlignConfig,
+        "student": StudentConfig,
+        "eval": EvalConfig,
+    }
+    parts_raw = raw.pop("participants", None)
+    built = {k: _build(c, raw.pop(k, None), k) for k, c in sub.items()}
+    top = _build(Config, raw, "")
+    if not isinstance(parts_raw, list) or not parts_raw:
+        raise ConfigError("'participants' must list at least one participant (K = 0)")
+    parts = tuple(_build(ParticipantConfig, p, f"participants[{i}]") for i, p in enumerate(parts_raw))
+    cfg = dataclasses.replace(top, participants=parts, **built)
+    _check_values(cfg)
+    return cfg
+
+
+def _check_values(cfg: Config) -> None:
+    if cfg.data.source not in SOURCES:
+        raise ConfigError(f"'data.source' must be one of {', '.join(SOURCES)}, got {cfg.data.source!r}")
+    if cfg.data.source != "fashion-mnist" and not cfg.data.path:
+        raise ConfigError(f"'data.path' is required for data.source={cfg.data.source}")
+    if cfg.data.image_size < 8:
+        raise ConfigError(f"'data.image_size' must be >= 8, got {cfg.data.image_size}")
+    if cfg.data.limit is not None and cfg.data.limit < 1:
+        raise ConfigError(f"'data.limit' must be a positive integer, got {cfg.data.limit}")
+    if not 0 < cfg.shared.fraction <= 1:
+        raise ConfigError(f"'shared.fraction' must be in (0, 1], got {cfg.shared.fraction}")
+    if cfg.shared.min < 2:
+        raise ConfigError(f"'shared.min' must be >= 2, got {cfg.shared.min}")
+    if not 0 <= cfg.shared.heldout < 1:
+        raise ConfigError(f"'shared.heldout' must be in [0, 1), got {cfg.shared.heldout}")
+    if cfg.align.ridge < 0:
+        raise ConfigError(f"'align.ridge' must be >= 0, got {cfg.align.ridge}")
+    if not 0 <= cfg.max_error_fraction <= 1:
+        raise ConfigError(f"'max_error_fraction' must be in [0, 1], got {cfg.max_error_fraction}")
+    names = [p.name for p in cfg.participants]
+    for i, p in enumerate(cfg.participants):
+        key = f"participants[{i}]"
+        if not p.name or not p.name.replace("_", "").replace("-", "").isalnum():
+            raise ConfigError(f"'{key}.name' must be a non-empty name of letters, digits, '-' or '_', got {p.name!r}")
+        if names.count(p.name) > 1:
+            raise ConfigError(f"'{key}.name' duplicates participant name {p.name!r}")
+        if not p.model:
+            raise ConfigError(f"'{key}.model' is required")
+        if p.batch_size < 1:
+            raise ConfigError(f"'{key}.batch_size' must be >= 1, got {p.batch_size}")
+        if p.num_gpus < 0:
+            raise ConfigError(f"'{key}.num_gpus' must be >= 0, got {p.num_gpus}")
+        if p.actors < 1:
+            raise ConfigError(f"'{key}.actors' must be >= 1, got {p.actors}")
+        if p.actors_max is not None and p.actors_max < p.actors:
+            raise ConfigError(f"'{key}.actors_max' must be >= actors ({p.actors}), got {p.actors_max}")
+    s = cfg.student
+    for k in ("epochs", "batch_size"):
+        if getattr(s, k) < 1:
+            raise ConfigError(f"'student.{k}' must be >= 1, got {getattr(s, k)}")
+    if s.workers < 0:
+        raise ConfigError(f"'student.workers' must be >= 0, got {s.workers}")
+    if s.lr <= 0:
+        raise ConfigError(f"'student.lr' must be > 0, got {s.lr}")
+    if cfg.eval.probe_epochs < 1:
+        raise ConfigError(f"'eval.probe_epochs' must be >= 1, got {cfg.eval.probe_epochs}")
+
+
+def load_config(path: str | os.PathLike, overrides: Optional[dict] = None) -> Config:
+    """Read, parse and validate a config file, resolving relative paths against its folder."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        raw = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {path} is not valid YAML: {e}".splitlines()[0]) from e
+    if overrides:
+        raw = _deep_update(dict(raw or {}), overrides)
+    return parse_config(raw)
+
+
+def _deep_update(base: dict, upd: dict) -> dict:
+    for k, v in upd.items():
+        if isinstance(v, dict) and isinstance(base.get(k), dict):
+            base[k] = _deep_update(dict(base[k]), v)
+        else:
+            base[k] = v
+    return base
+
+
+def zoo_path(cfg: Config) -> Path:
+    """Absolute zoo directory (relative paths resolve against the current directory)."""
+    return Path(cfg.zoo_dir).expanduser().resolve()
+
+
+def resolve_model(cfg: Config, model: str) -> str:
+    """Resolve a relative ``local-dir:`` path against the zoo directory."""
+    if model.startswith("local-dir:"):
+        p = Path(model[len("local-dir:"):]).expanduser()
+        if not p.is_absolute():
+            cand = zoo_path(cfg) / p
+            if not cand.exists() and p.parts and p.parts[0] == Path(cfg.zoo_dir).name:
+                cand = Path(p).resolve()
+            p = cand
+        return f"local-dir:{p}"
+    return model
+
+
+def check_paths(cfg: Config, *, check_models: bool = True) -> None:
+    """File-system checks: data path, model folders/checkpoints, hub tags. Raise ConfigError."""
+    from . import models  # local import keeps config import light
+
+    d = cfg.data
+    path = d.path or (DEFAULT_FASHION_MNIST_DIR if d.source == "fashion-mnist" else None)
+    if path is not None and not Path(path).expanduser().exists():
+        hint = " (install it with: apt-get install -y dataset-fashion-mnist)" if d.source == "fashion-mnist" else ""
+        raise ConfigError(f"'data.path' does not exist: {path}{hint}")
+    if not check_models:
+        return
+    for i, p in enumerate(cfg.participants):
+        try:
+            models.check_model_spec(resolve_model(cfg, p.model), p.pretrained)
+        except models.ModelSpecError as e:
+            raise ConfigError(f"'participants[{i}].model': {e}") from None

@@ -1,0 +1,288 @@
+"""Data sources (Fashion-MNIST IDX, image folders, Parquet), stable ids, and the seeded split.
+
+Every source becomes rows of ``id`` (str), ``image`` (encoded bytes) and ``label`` (int, -1 when
+unknown). Decoding happens later, inside the participant actors, so one unreadable image becomes
+an error row instead of crashing a read task.
+"""
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import math
+import os
+import struct
+from pathlib import Path
+from typing import Iterable, Optional, Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from .config import DEFAULT_FASHION_MNIST_DIR, ConfigError, DataConfig
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+FASHION_MNIST_CLASSES = (
+    "T-shirt/top", "trouser", "pullover", "dress", "coat",
+    "sandal", "shirt", "sneaker", "bag", "ankle boot",
+)
+# Default Fashion-MNIST split (DESIGN.md §5): train[0:10k] public, train[10k:60k] unlabeled D.
+PUBLIC_SIZE = 10_000
+SOURCE_SCHEMA = pa.schema([("id", pa.string()), ("image", pa.binary()), ("label", pa.int64())])
+
+
+# ---------------------------------------------------------------- Fashion-MNIST IDX
+def read_idx(path: str | os.PathLike) -> np.ndarray:
+    """Read one IDX file (optionally gzipped) into a numpy array."""
+    opener = gzip.open if str(path).endswith(".gz") else open
+    with opener(path, "rb") as f:
+        raw = f.read()
+    zero, dtype_code, ndim = struct.unpack(">HBB", raw[:4])
+    if zero != 0 or dtype_code != 0x08:
+        raise ValueError(f"{path}: not an unsigned-byte IDX file")
+    shape = struct.unpack(">" + "I" * ndim, raw[4 : 4 + 4 * ndim])
+    return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
+
+
+def fashion_mnist_dir(path: Optional[str] = None) -> Path:
+    """The IDX folder: ``path`` or the Debian package's location."""
+    p = Path(path or DEFAULT_FASHION_MNIST_DIR).expanduser()
+    if not (p / "train-images-idx3-ubyte.gz").exists() and not (p / "train-images-idx3-ubyte").exists():
+        raise ConfigError(
+            f"'data.path': no Fashion-MNIST IDX files in {p} "
+            "(install them with: apt-get install -y dataset-fashion-mnist)"
+        )
+    return p
+
+
+def load_fashion_mnist(split: str, path: Optional[str] = None) -> tuple[np.ndarray, np.ndarray]:
+    """Images (N, 28, 28) uint8 and labels (N,) for ``train`` or ``t10k``."""
+    d = fashion_mnist_dir(path)
+
+    def find(stem):
+        for name in (stem + ".gz", stem):
+            if (d / name).exists():
+                return d / name
+        raise ConfigError(f"'data.path': {stem} missing in {d}")
+
+    x = read_idx(find(f"{split}-images-idx3-ubyte"))
+    y = read_idx(find(f"{split}-labels-idx1-ubyte")).astype(np.int64)
+    return x, y
+
+
+def fashion_mnist_split(name: str, path: Optional[str] = None) -> tuple[np.ndarray, np.ndarray]:
+    """Named splits of the offline default: ``public``, ``unlabeled`` or ``test``."""
+    if name == "test":
+        return load_fashion_mnist("t10k", path)
+    x, y = load_fashion_mnist("train", path)
+    if name == "public":
+        return x[:PUBLIC_SIZE], y[:PUBLIC_SIZE]
+    if name == "unlabeled":
+        return x[PUBLIC_SIZE:], y[PUBLIC_SIZE:]
+    raise ValueError(f"unknown Fashion-MNIST split {name!r}")
+
+
+def encode_png(arr: np.ndarray) -> bytes:
+    """PNG bytes of a uint8 HxW or HxWx3 array."""
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG", compress_level=1)
+    return buf.getvalue()
+
+
+def write_array_source(images: np.ndarray, labels: np.ndarray, ids: Sequence[str], out: Path,
+                       rows_per_file: int = 10_000) -> None:
+    """Write arrays as a Parquet source (id, PNG image, label) under ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    for start in range(0, len(ids), rows_per_file):
+        sl = slice(start, start + rows_per_file)
+        table = pa.table(
+            {"id": list(ids[sl]), "image": [encode_png(a) for a in images[sl]], "label": labels[sl]},
+            schema=SOURCE_SCHEMA,
+        )
+        pq.write_table(table, out / f"part-{start // rows_per_file:05d}.parquet")
+
+
+# ---------------------------------------------------------------- image decoding
+def decode_image(data: bytes) -> "PIL.Image.Image":  # noqa: F821
+    """Decode encoded image bytes to an RGB PIL image; raise ValueError with a reason."""
+    from PIL import Image, UnidentifiedImageError
+
+    if data is None or len(data) == 0:
+        raise ValueError("empty file (0 bytes)")
+    try:
+        img = Image.open(io.BytesIO(data))
+        img.draft("RGB", (512, 512))  # JPEG: decode huge images at reduced size
+        img.load()
+    except UnidentifiedImageError:
+        raise ValueError("not a recognised image format") from None
+    except (OSError, SyntaxError, Image.DecompressionBombError) as e:
+        raise ValueError(f"unreadable image: {e}") from None
+    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        a = np.asarray(img, dtype=np.float64)
+        lo, hi = float(a.min()), float(a.max())
+        a = (a - lo) / (hi - lo) * 255.0 if hi > lo else np.zeros_like(a)
+        img = Image.fromarray(a.astype(np.uint8))
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        img = img.convert("RGBA")
+        bg = Image.new("RGBA", img.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(bg, img)
+    return img.convert("RGB")
+
+
+# ---------------------------------------------------------------- listing ids
+def list_image_files(root: str | os.PathLike) -> list[str]:
+    """Sorted relative paths of image files under ``root`` (ids for a folder source)."""
+    root = Path(root)
+    out = []
+    for dirpath, _, files in os.walk(root):
+        for f in files:
+            if f.lower().endswith(IMAGE_EXTENSIONS):
+                out.append(os.path.relpath(os.path.join(dirpath, f), root))
+    return sorted(out)
+
+
+def folder_classes(root: str | os.PathLike) -> list[str]:
+    """Sorted class-subfolder names (empty when images sit directly in ``root``)."""
+    return sorted(p.name for p in Path(root).iterdir() if p.is_dir())
+
+
+def label_for(rel_path: str, classes: Sequence[str]) -> int:
+    """Label index from a relative path's first folder, -1 when it has none."""
+    parts = Path(rel_path).parts
+    if len(parts) > 1 and parts[0] in classes:
+        return classes.index(parts[0])
+    return -1
+
+
+class Source:
+    """A resolved data source: its ids and how to build a Ray Dataset of (id, image, label)."""
+
+    def __init__(self, cfg: DataConfig, work_dir: Path):
+        self.cfg = cfg
+        self.kind = cfg.source
+        if self.kind == "fashion-mnist":
+            self.path = work_dir / "source"
+            if not (self.path / "_DONE").exists():
+                x, y = fashion_mnist_split("unlabeled", cfg.path)
+                n = len(x) if cfg.limit is None else min(cfg.limit, len(x))
+                ids = [f"train/{PUBLIC_SIZE + i}" for i in range(n)]
+                tmp = work_dir / "source.tmp"
+                _rmtree(tmp)
+                write_array_source(x[:n], y[:n], ids, tmp)
+                _rmtree(self.path)
+                tmp.rename(self.path)
+                (self.path / "_DONE").write_text(str(n))
+            self.kind_read = "parquet"
+        else:
+            self.path = Path(cfg.path).expanduser().resolve()
+            if not self.path.exists():
+                raise ConfigError(f"'data.path' does not exist: {self.path}")
+            self.kind_read = "images" if self.kind == "images" else "parquet"
+        if self.kind_read == "images":
+            self.files = list_image_files(self.path)
+            if cfg.limit is not None:
+                self.files = self.files[: cfg.limit]
+            self.classes = folder_classes(self.path)
+            self.ids = list(self.files)
+        else:
+            self.ids = _read_ids(self.path)
+            if self.kind == "parquet" and cfg.limit is not None:
+                self.ids = self.ids[: cfg.limit]
+        if not self.ids:
+            raise ConfigError(f"'data.path': no images found in {self.path}")
+        if len(set(self.ids)) != len(self.ids):
+            raise ConfigError(f"'data.path': ids in {self.path} are not unique")
+
+    def dataset(self, name: str = "source"):
+        """A lazy Ray Dataset of (id, image, label) rows."""
+        import ray.data
+
+        if self.kind_read == "images":
+            root, classes = str(self.path), list(self.classes)
+            ds = ray.data.read_binary_files(
+                [str(self.path / f) for f in self.files], include_paths=True, ignore_missing_paths=False
+            )
+
+            def to_rows(batch: pa.Table) -> pa.Table:
+                paths = batch.column("path").to_pylist()
+                rel = [os.path.relpath(p if p.startswith("/") else "/" + p, root) for p in paths]
+                return pa.table(
+                    {"id": rel, "image": batch.column("bytes"), "label": [label_for(r, classes) for r in rel]},
+                    schema=SOURCE_SCHEMA,
+                )
+
+            ds = ds.map_batches(to_rows, batch_format="pyarrow")
+        else:
+            ds = ray.data.read_parquet(str(self.path), file_extensions=["parquet"])
+            if self.kind == "parquet":
+                ds = ds.map_batches(_normalise_parquet_batch, batch_format="pyarrow")
+                if self.cfg.limit is not None:
+                    ds = ds.limit(self.cfg.limit)
+        ds.set_name(name)
+        return ds
+
+
+def _normalise_parquet_batch(batch: pa.Table) -> pa.Table:
+    label = batch.column("label") if "label" in batch.column_names else pa.array([-1] * batch.num_rows)
+    return pa.table(
+        {"id": batch.column("id").cast(pa.string()), "image": batch.column("image").cast(pa.binary()),
+         "label": label.cast(pa.int64())},
+        schema=SOURCE_SCHEMA,
+    )
+
+
+def _read_ids(path: Path) -> list[str]:
+    files = [path] if path.is_file() else sorted(path.rglob("*.parquet"))
+    ids: list[str] = []
+    for f in files:
+        schema = pq.read_schema(f)
+        if "id" not in schema.names or "image" not in schema.names:
+            raise ConfigError(f"'data.path': Parquet file {f} needs 'id' and 'image' columns")
+        ids.extend(pq.read_table(f, columns=["id"]).column("id").cast(pa.string()).to_pylist())
+    return ids
+
+
+def _rmtree(p: Path) -> None:
+    import shutil
+
+    if p.exists():
+        shutil.rmtree(p)
+
+
+# ---------------------------------------------------------------- split
+def _hash64(values: Iterable[str], salt: str) -> np.ndarray:
+    return np.fromiter(
+        (int.from_bytes(hashlib.blake2b(f"{salt}:{v}".encode(), digest_size=8).digest(), "little") for v in values),
+        dtype=np.uint64,
+    )
+
+
+def owner_of(ids: Sequence[str], k: int, seed: int) -> np.ndarray:
+    """Participant index (0..k-1) that owns each id: a seeded hash, so shards are disjoint and complete."""
+    return (_hash64(ids, f"owner:{seed}") % np.uint64(k)).astype(np.int64)
+
+
+def shared_size(n: int, fraction: float, minimum: int) -> int:
+    """Size of the shared subset S: ``fraction`` of n, at least ``minimum``."""
+    return max(minimum, int(math.ceil(fraction * n)))
+
+
+def shared_subset(ids: Sequence[str], fraction: float, minimum: int, seed: int) -> list[str]:
+    """The seeded shared subset S of ``ids`` (sorted)."""
+    m = shared_size(len(ids), fraction, minimum)
+    if m > len(ids):
+        raise ConfigError(
+            f"'shared.min': the shared subset ({m} images) is bigger than the data ({len(ids)} images)"
+        )
+    h = _hash64(ids, f"shared:{seed}")
+    idx = np.argsort(h, kind="stable")[:m]
+    return sorted(ids[i] for i in idx)
+
+
+def split(ids: Sequence[str], k: int, fraction: float, minimum: int, seed: int):
+    """Shards D(0..k-1) as lists of ids, plus the shared subset S."""
+    owner = owner_of(ids, k, seed)
+    shards = [[i for i, o in zip(ids, owner) if o == j] for j in range(k)]
+    return shards, shared_subset(ids, fraction, minimum, seed)

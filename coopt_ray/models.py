@@ -1,0 +1,89 @@
+"""Participant model loading through open_clip (hub tags, checkpoint files, ``local-dir:``), device choice."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+LOCAL_DIR = "local-dir:"
+WEIGHT_NAMES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
+
+
+class ModelSpecError(ValueError):
+    """A model string that cannot be loaded; the message says why."""
+
+
+def pick_device(prefer_gpu: bool = True) -> str:
+    """``cuda`` only where it is really available, else ``cpu``."""
+    return "cuda" if prefer_gpu and torch.cuda.is_available() else "cpu"
+
+
+def check_model_spec(model: str, pretrained: Optional[str] = None) -> None:
+    """Cheap checks that ``model``/``pretrained`` name something loadable; raise ModelSpecError."""
+    import open_clip
+
+    if model.startswith(LOCAL_DIR):
+        d = Path(model[len(LOCAL_DIR):])
+        if not d.is_dir():
+            raise ModelSpecError(f"model folder not found: {d} (build the zoo with: coopt zoo build)")
+        if not (d / "open_clip_config.json").is_file():
+            raise ModelSpecError(f"{d} has no open_clip_config.json")
+        if not any(d.glob("*.safetensors")) and not any(d.glob("*.bin")) and not any(d.glob("*.pth")):
+            raise ModelSpecError(f"{d} has no weights file (*.safetensors, *.bin or *.pth)")
+        return
+    if model.startswith("hf-hub:"):
+        return  # resolved by open_clip at load time (needs internet)
+    if model.replace("/", "-") not in open_clip.list_models():
+        raise ModelSpecError(f"unknown open_clip architecture {model!r}")
+    if pretrained is None:
+        return
+    if open_clip.is_pretrained_cfg(model, pretrained):
+        return
+    if os.path.sep in pretrained or pretrained.endswith((".pt", ".pth", ".bin", ".safetensors")):
+        if not Path(pretrained).is_file():
+            raise ModelSpecError(f"checkpoint file not found: {pretrained}")
+        return
+    tags = open_clip.list_pretrained_tags_by_model(model)
+    raise ModelSpecError(
+        f"unknown pretrained tag {pretrained!r} for {model} (known: {', '.join(tags) or 'none'})"
+    )
+
+
+def load_model(model: str, pretrained: Optional[str] = None, device: Optional[str] = None):
+    """Load an open_clip model for embedding: returns ``(model, preprocess, embed_dim)``.
+
+    Weights load with ``weights_only=True``; a checkpoint that holds pickled objects is refused.
+    """
+    import open_clip
+
+    device = device or pick_device()
+    m, _, preprocess = open_clip.create_model_and_transforms(
+        model, pretrained=pretrained, device=device, weights_only=True
+    )
+    m.eval()
+    if hasattr(m, "transformer"):  # only the image tower is used for targets
+        m.transformer = None
+    size = preprocess.transforms[0].size if hasattr(preprocess.transforms[0], "size") else 224
+    size = size if isinstance(size, int) else size[0]
+    with torch.no_grad():
+        dim = int(m.encode_image(torch.zeros(1, 3, size, size, device=device)).shape[-1])
+    return m, preprocess, dim
+
+
+def save_local_dir(model: torch.nn.Module, model_cfg: dict, out_dir: str | os.PathLike,
+                   preprocess_cfg: Optional[dict] = None, extra: Optional[dict] = None) -> Path:
+    """Save ``model`` as an open_clip ``local-dir:`` folder (config JSON + safetensors weights)."""
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = {"model_cfg": model_cfg, "preprocess_cfg": preprocess_cfg or {}}
+    if extra:
+        cfg.update(extra)
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    save_file(state, str(out / "open_clip_model.safetensors"))
+    (out / "open_clip_config.json").write_text(json.dumps(cfg, indent=2))
+    return out
