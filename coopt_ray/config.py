@@ -33,7 +33,8 @@ class ParticipantConfig:
     model: str = ""
     pretrained: Optional[str] = None
     batch_size: int = 256
-    num_gpus: float = 0
+    num_gpus: float = 0.0
+    num_cpus: float = 1.0
     actors: int = 1
     actors_max: Optional[int] = None
     accelerator_type: Optional[str] = None
@@ -191,6 +192,8 @@ def _check_values(cfg: Config) -> None:
             raise ConfigError(f"'{key}.model' is required")
         if p.batch_size < 1:
             raise ConfigError(f"'{key}.batch_size' must be >= 1, got {p.batch_size}")
+        if p.num_cpus <= 0:
+            raise ConfigError(f"'{key}.num_cpus' must be > 0, got {p.num_cpus}")
         if p.num_gpus < 0:
             raise ConfigError(f"'{key}.num_gpus' must be >= 0, got {p.num_gpus}")
         if p.actors < 1:

@@ -1,0 +1,42 @@
+# Two commands: `make demo` and `make test`. Both create .venv on their own.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+PY := $(VENV)/bin/python
+FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
+RUN ?= runs/demo
+PYTEST_ARGS ?=
+
+.PHONY: setup test test-all demo zoo data clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+data:
+	@if [ ! -f $(FMNIST) ]; then \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    echo "installing Fashion-MNIST (dataset-fashion-mnist)"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist; \
+	  else \
+	    echo "Fashion-MNIST missing: run 'sudo apt-get install -y dataset-fashion-mnist' or set data.path"; exit 1; \
+	  fi; \
+	fi
+
+setup: $(VENV)/.installed data
+
+test: setup
+	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
+test-all: setup
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+zoo: setup
+	$(VENV)/bin/coopt zoo build --out zoo
+
+demo: setup
+	$(VENV)/bin/coopt run --config configs/fashion-mnist.yaml --out $(RUN)
+
+clean:
+	rm -rf $(VENV) runs

@@ -1,0 +1,96 @@
+"""The ``coopt`` command. Configs are validated (exit code 2, one line naming the key) before Ray starts."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+from typing import Optional, Sequence
+
+from .config import Config, ConfigError, check_paths, load_config
+
+
+def _log(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def _load(args, check_models: bool = True) -> Config:
+    cfg = load_config(args.config)
+    if getattr(args, "max_error_fraction", None) is not None:
+        if not 0 <= args.max_error_fraction <= 1:
+            raise ConfigError(f"'--max-error-fraction' must be in [0, 1], got {args.max_error_fraction}")
+        cfg = dataclasses.replace(cfg, max_error_fraction=args.max_error_fraction)
+    if getattr(args, "zoo", None):
+        cfg = dataclasses.replace(cfg, zoo_dir=args.zoo)
+    check_paths(cfg, check_models=check_models)
+    return cfg
+
+
+def cmd_optimize(args) -> int:
+    from .pipeline import run_optimize
+
+    cfg = _load(args)
+    run_optimize(cfg, args.out, address=args.address, log=_log)
+    return 0
+
+
+def cmd_zoo_build(args) -> int:
+    from .zoo import build_zoo
+
+    teachers = build_zoo(args.out, force=args.force, progress=_log)
+    _log(f"[zoo] {len(teachers)} teachers in {os.path.abspath(args.out)}:")
+    for t in teachers:
+        _log(f"  {t['name']:<14} dim {t['embed_dim']:>3}  probe {t['probe_accuracy']:.4f}  "
+             f"uniformity {t.get('uniformity', float('nan')):.4f}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser for every ``coopt`` subcommand."""
+    ap = argparse.ArgumentParser(prog="coopt", description="Collaborative unlabeled-data optimization on Ray")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    def stage(name, fn, help_, out_flag="--out"):
+        p = sub.add_parser(name, help=help_)
+        p.add_argument("--config", required=True, help="YAML config (see configs/)")
+        p.add_argument(out_flag, required=True, dest="out", help="run directory")
+        p.add_argument("--address", default=None, help="Ray cluster address (auto, ray://host:10001); default local")
+        p.add_argument("--zoo", default=None, help="teacher zoo directory (overrides zoo_dir in the config)")
+        p.set_defaults(fn=fn)
+        return p
+
+    p = stage("optimize", cmd_optimize, "embed, score, align and merge into RUN/optimized/")
+    p.add_argument("--max-error-fraction", type=float, default=None,
+                   help="fail past this fraction of unreadable images (default from config: 0.05)")
+
+    zoo = sub.add_parser("zoo", help="offline teacher zoo")
+    zsub = zoo.add_subparsers(dest="zoo_command", required=True)
+    zb = zsub.add_parser("build", help="pretrain the tiny open_clip teachers (cached)")
+    zb.add_argument("--out", default="zoo", help="zoo directory (default: zoo)")
+    zb.add_argument("--force", action="store_true", help="rebuild even if cached")
+    zb.set_defaults(fn=cmd_zoo_build)
+    _register_more(sub, stage)
+    return ap
+
+
+def _register_more(sub, stage) -> None:
+    """Later stages register here (train, evaluate, report, run, bench)."""
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point: returns the process exit code (2 for config errors)."""
+    from .pipeline import RunError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except ConfigError as e:
+        print(f"coopt: config error: {e}", file=sys.stderr, flush=True)
+        return 2
+    except RunError as e:
+        print(f"coopt: run failed: {e}", file=sys.stderr, flush=True)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

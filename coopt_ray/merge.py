@@ -1,0 +1,169 @@
+"""Score, align and merge: the shared subset's embeddings pick the best model, every other
+participant's targets are mapped into its space, and all shards become one optimized dataset."""
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from .align import Alignment, fit_with_stats
+from .config import Config, resolve_model
+from .optimize import DONE, column_matrix, read_done, write_json_atomic
+from .uniformity import best_participant, uniformity
+
+ERROR_SCHEMA = pa.schema([("id", pa.string()), ("participant", pa.string()), ("stage", pa.string()),
+                          ("error", pa.string())])
+
+
+def read_shared(emb_dir: Path) -> tuple[list[str], np.ndarray]:
+    """Ids and embeddings of the readable shared rows S of one participant."""
+    t = pq.read_table(emb_dir, columns=["id", "embedding", "is_shared", "error"],
+                      filters=[("is_shared", "==", True)])
+    t = t.filter(pc.equal(t.column("error"), ""))
+    return t.column("id").to_pylist(), column_matrix(t.column("embedding"))
+
+
+def shared_matrices(cfg: Config, run: Path) -> tuple[list[str], dict[str, np.ndarray]]:
+    """S's embeddings for every participant, restricted to ids every participant could read, same order."""
+    per = {}
+    for p in cfg.participants:
+        ids, x = read_shared(run / "embeddings" / p.name)
+        per[p.name] = dict(zip(ids, x))
+    common = sorted(set.intersection(*(set(d) for d in per.values())))
+    if len(common) < 2:
+        raise RuntimeError(f"only {len(common)} shared images were readable by every participant; need >= 2")
+    return common, {n: np.stack([d[i] for i in common]) for n, d in per.items()}
+
+
+def score_and_align(cfg: Config, run: Path) -> dict:
+    """Uniformity per participant on S, the best one, and an alignment into its space for the others."""
+    t0 = time.time()
+    ids, mats = shared_matrices(cfg, run)
+    values = {n: uniformity(x) for n, x in mats.items()}
+    best = best_participant(values)
+    t_score = time.time() - t0
+    t1 = time.time()
+    aligns: dict[str, Optional[Alignment]] = {}
+    r2: dict[str, tuple] = {}
+    (run / "align").mkdir(exist_ok=True)
+    for n, x in mats.items():
+        if n == best or not cfg.align.enabled:
+            aligns[n], r2[n] = None, (None, None)
+            continue
+        t, fit_r2, held = fit_with_stats(x, mats[best], cfg.align.ridge, cfg.shared.heldout, cfg.seed)
+        aligns[n], r2[n] = t, (fit_r2, held)
+        np.savez(run / "align" / f"{n}.npz", W=t.W, b=t.b)
+    return {"shared_ids": ids, "uniformity": values, "best": best, "alignments": aligns, "r2": r2,
+            "score_seconds": t_score, "align_seconds": time.time() - t1}
+
+
+def _merge_batch(batch: pa.Table, maps: dict) -> pa.Table:
+    """Owned, readable rows of an embeddings batch as optimized rows, targets aligned per participant.
+
+    ``maps`` holds, per participant name, ``(W, b, model)``; W is None for the best participant.
+    The participant comes from the Parquet file's folder (``embeddings/<name>/``).
+    """
+    from ray.data.extensions import ArrowTensorArray
+
+    keep = pc.and_(batch.column("owned"), pc.equal(batch.column("error"), ""))
+    batch = batch.filter(keep)
+    names = [Path(p).parent.name for p in batch.column("path").to_pylist()]
+    dim = next(iter(maps.values()))[3]
+    y = np.zeros((batch.num_rows, dim), dtype=np.float32)
+    for name in set(names):
+        W, b, _, _ = maps[name]
+        rows = np.array([n == name for n in names])
+        x = column_matrix(batch.filter(pa.array(rows)).column("embedding"))
+        y[rows] = x if W is None else (x.astype(np.float64) @ W + b).astype(np.float32)
+    return pa.table({
+        "id": batch.column("id"), "image": batch.column("image"), "label": batch.column("label"),
+        "target": ArrowTensorArray.from_numpy(np.ascontiguousarray(y)),
+        "participant": pa.array(names, pa.string()),
+        "model": pa.array([maps[n][2] for n in names], pa.string()),
+        "aligned": pa.array([maps[n][0] is not None for n in names], pa.bool_()),
+    })
+
+
+def write_errors(cfg: Config, run: Path) -> int:
+    """Write RUN/errors/<participant>.parquet from the owned rows that failed; return their count."""
+    err_dir = run / "errors"
+    err_dir.mkdir(exist_ok=True)
+    total = 0
+    for p in cfg.participants:
+        t = pq.read_table(run / "embeddings" / p.name, columns=["id", "owned", "error"])
+        t = t.filter(pc.and_(t.column("owned"), pc.not_equal(t.column("error"), "")))
+        n = t.num_rows
+        out = pa.table({"id": t.column("id"), "participant": pa.array([p.name] * n, pa.string()),
+                        "stage": pa.array(["embed"] * n, pa.string()), "error": t.column("error")},
+                       schema=ERROR_SCHEMA)
+        pq.write_table(out, err_dir / f"{p.name}.parquet")
+        total += n
+    return total
+
+
+def merge(cfg: Config, run: Path, aligns: dict, target_dim: int, log: Callable[[str], None] = print) -> int:
+    """Write RUN/optimized/ (Parquet parts) in one Ray Data pass over all participants; return its rows."""
+    import ray.data
+
+    out, tmp = run / "optimized", run / "optimized.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    maps = {}
+    for p in cfg.participants:
+        t = aligns.get(p.name)
+        maps[p.name] = (None if t is None else t.W, None if t is None else t.b,
+                        resolve_model(cfg, p.model), target_dim)
+    dirs = [str(run / "embeddings" / p.name) for p in cfg.participants]
+    ds = ray.data.read_parquet(dirs, file_extensions=["parquet"], include_paths=True)
+    ds = ds.map_batches(_merge_batch, batch_format="pyarrow", fn_kwargs=dict(maps=maps))
+    ds.set_name("merge")
+    ds.write_parquet(str(tmp))
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)
+    rows = sum(pq.ParquetFile(f).metadata.num_rows for f in out.glob("*.parquet"))
+    log(f"[optimize] merged {rows} rows into {out}")
+    return rows
+
+
+def build_manifest(cfg: Config, emb_stats: list[dict], scored: dict, total_rows: int, optimized_rows: int,
+                   error_rows: int, timings: dict) -> dict:
+    """The manifest.json content (DESIGN.md §3)."""
+    import open_clip
+    import ray
+    import torch
+
+    best = scored["best"]
+    dims = {s["participant"]: s["embed_dim"] for s in emb_stats}
+    parts = []
+    for p, s in zip(cfg.participants, emb_stats):
+        r2, held = scored["r2"][p.name]
+        parts.append({
+            "name": p.name, "model": resolve_model(cfg, p.model), "pretrained": p.pretrained,
+            "embed_dim": s["embed_dim"], "rows": s["rows"], "shared_rows": s["shared_rows"],
+            "error_rows": s["error_rows"], "uniformity": scored["uniformity"][p.name],
+            "aligned": scored["alignments"].get(p.name) is not None,
+            "align_r2": _num(r2), "align_heldout_r2": _num(held), "seconds": s["seconds"],
+        })
+    return {
+        "participants": parts, "best": best, "target_dim": dims[best],
+        "shared_ids": scored["shared_ids"], "total_rows": total_rows,
+        "optimized_rows": optimized_rows, "error_rows": error_rows,
+        "timings": {k: round(v, 3) for k, v in timings.items()},
+        "fingerprint": cfg.fingerprint("seed", "data", "participants", "shared", "align"),
+        "versions": {"ray": ray.__version__, "torch": torch.__version__, "open_clip": open_clip.__version__},
+    }
+
+
+def _num(v):
+    return None if v is None or (isinstance(v, float) and math.isnan(v)) else round(float(v), 6)
+
+
+__all__ = ["score_and_align", "merge", "write_errors", "build_manifest", "read_shared", "shared_matrices",
+           "DONE", "read_done", "write_json_atomic"]

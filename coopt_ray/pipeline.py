@@ -1,0 +1,105 @@
+"""Stage orchestration: run directories, Ray start-up, and the optimize stage (split -> embed -> score ->
+align -> merge). Each stage is skipped when its done-marker says it finished with the same config."""
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+import yaml
+
+from .config import Config, ConfigError, parse_config
+
+OPTIMIZE_SECTIONS = ("seed", "data", "participants", "shared", "align")
+
+
+class RunError(RuntimeError):
+    """A run that cannot finish (for example, too many unreadable images); the message says why."""
+
+
+def prepare_run_dir(cfg: Config, run: Path, sections=OPTIMIZE_SECTIONS) -> None:
+    """Create RUN and record the config; refuse a RUN made with a different config for ``sections``."""
+    run.mkdir(parents=True, exist_ok=True)
+    saved = run / "config.yaml"
+    if saved.exists():
+        old = parse_config(yaml.safe_load(saved.read_text()))
+        diff = [s for s in sections if old.fingerprint(s) != cfg.fingerprint(s)]
+        if diff:
+            raise ConfigError(
+                f"--out {run} was made with a different config (differs in: {', '.join(diff)}); "
+                "use a new --out, or rerun with the config it was made with"
+            )
+    tmp = saved.with_name("config.yaml.tmp")
+    tmp.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    os.replace(tmp, saved)
+
+
+def init_ray(address: Optional[str] = None, num_cpus: Optional[int] = None, log: Callable = print) -> None:
+    """Connect to ``address`` (``auto``, ``ray://...``) or start a local Ray; configure Ray Data."""
+    import ray
+    import ray.data
+
+    if not ray.is_initialized():
+        kwargs = {"address": address} if address else {"num_cpus": num_cpus}
+        ray.init(**{k: v for k, v in kwargs.items() if v is not None}, log_to_driver=True)
+        log(f"[ray] connected: {ray.cluster_resources()}")
+    ctx = ray.data.DataContext.get_current()
+    ctx.wait_for_min_actors_s = int(os.environ.get("COOPT_WAIT_FOR_ACTORS_S", "300"))
+    ctx.enable_progress_bars = os.environ.get("COOPT_PROGRESS", "1") != "0"
+
+
+def run_optimize(cfg: Config, run: str | os.PathLike, address: Optional[str] = None,
+                 log: Callable[[str], None] = print) -> dict:
+    """The optimize stage: returns the manifest (also written to RUN/manifest.json)."""
+    import ray
+
+    from . import merge as M
+    from .data import Source, shared_subset
+    from .optimize import embed_all
+
+    run = Path(run)
+    prepare_run_dir(cfg, run)
+    manifest_path = run / "manifest.json"
+    fp = cfg.fingerprint(*OPTIMIZE_SECTIONS)
+    if manifest_path.exists():
+        import json
+
+        man = json.loads(manifest_path.read_text())
+        if man.get("fingerprint") == fp:
+            log(f"[optimize] already done: {manifest_path} ({man['optimized_rows']} rows); skipping")
+            return man
+    t_start = time.time()
+    source = Source(cfg.data, run)
+    total = len(source.ids)
+    shared = frozenset(shared_subset(source.ids, cfg.shared.fraction, cfg.shared.min, cfg.seed))
+    log(f"[optimize] {total} images, K={len(cfg.participants)} participants, |S|={len(shared)} shared images")
+    init_ray(address, log=log)
+    t0 = time.time()
+    stats = embed_all(cfg, run, source, shared, ray.cluster_resources(), log=log)
+    t_embed = time.time() - t0
+    error_rows = M.write_errors(cfg, run)
+    if total and error_rows / total > cfg.max_error_fraction:
+        raise RunError(
+            f"{error_rows} of {total} images ({error_rows / total:.1%}) could not be read, more than "
+            f"max_error_fraction={cfg.max_error_fraction:g}; see {run / 'errors'} for each id and reason"
+        )
+    scored = M.score_and_align(cfg, run)
+    for n, v in scored["uniformity"].items():
+        r2, held = scored["r2"][n]
+        extra = "best" if n == scored["best"] else (f"align R2 {r2:.3f} (held-out {held:.3f})"
+                                                     if r2 is not None and held is not None else "not aligned")
+        log(f"[optimize] {n}: uniformity {v:.4f}  {extra}")
+    t0 = time.time()
+    rows = M.merge(cfg, run, scored["alignments"], stats[[p.name for p in cfg.participants].index(scored["best"])]["embed_dim"], log=log)
+    t_merge = time.time() - t0
+    if rows + error_rows != total:
+        raise RunError(f"row accounting failed: {rows} optimized + {error_rows} errors != {total} images")
+    man = M.build_manifest(cfg, stats, scored, total, rows, error_rows, {
+        "optimize": t_embed, "score": scored["score_seconds"], "align": scored["align_seconds"],
+        "merge": t_merge, "total": time.time() - t_start,
+    })
+    M.write_json_atomic(manifest_path, man)
+    log(f"[optimize] done: best={man['best']} target_dim={man['target_dim']} optimized_rows={rows} "
+        f"error_rows={error_rows} total_rows={total} in {time.time() - t_start:.1f}s -> {manifest_path}")
+    return man

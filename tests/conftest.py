@@ -1,0 +1,73 @@
+"""Shared fixtures: one local Ray for the session, tiny random-init open_clip models, tiny configs."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import yaml
+
+os.environ.setdefault("COOPT_PROGRESS", "0")
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def tiny_clip_cfg(embed_dim: int, width: int = 32, layers: int = 1) -> dict:
+    """A tiny open_clip CLIP config (32 px ViT, 1-layer text tower)."""
+    return {
+        "embed_dim": embed_dim,
+        "vision_cfg": {"image_size": 32, "layers": layers, "width": width, "patch_size": 8, "head_width": 16},
+        "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+    }
+
+
+def make_tiny_model(out_dir: Path, embed_dim: int, seed: int = 0) -> str:
+    """Save a random-init tiny open_clip model as a local-dir: folder; return its model string."""
+    import open_clip
+    import torch
+
+    from coopt_ray.models import save_local_dir
+
+    torch.manual_seed(seed)
+    cfg = tiny_clip_cfg(embed_dim)
+    save_local_dir(open_clip.CLIP(**cfg), cfg, out_dir, {"mean": [0.5] * 3, "std": [0.5] * 3})
+    return f"local-dir:{out_dir}"
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory) -> list[str]:
+    """Three tiny random-init open_clip models with different embed dims (16, 24, 32)."""
+    root = tmp_path_factory.mktemp("models")
+    return [make_tiny_model(root / f"m{i}", d, seed=i) for i, d in enumerate((16, 24, 32))]
+
+
+def write_config(path: Path, models: list[str], **over) -> Path:
+    """Write a small config using ``models`` as participants; ``over`` updates top-level sections."""
+    cfg = {
+        "seed": 0,
+        "data": {"source": "fashion-mnist", "limit": 300},
+        "participants": [{"name": f"p{i}", "model": m, "batch_size": 64} for i, m in enumerate(models)],
+        "shared": {"fraction": 0.05, "min": 16},
+        "align": {"ridge": 1.0e-3},
+        "student": {"arch": "resnet18", "epochs": 1, "batch_size": 64, "workers": 2},
+        "eval": {"probe_epochs": 20, "probe_limit": 500, "test_limit": 500},
+    }
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(cfg.get(k), dict):
+            cfg[k] = {**cfg[k], **v}
+        else:
+            cfg[k] = v
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray for the whole session (more logical CPUs than workers: 2 physical cores)."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
