@@ -39,6 +39,7 @@ class ParticipantConfig:
     actors_max: Optional[int] = None
     accelerator_type: Optional[str] = None
     resources: Optional[dict] = None
+    node_labels: Optional[dict] = None   # Ray label selector for the pool's nodes, e.g. {gpu-type: A100}
 
 
 @dataclass(frozen=True)
@@ -198,6 +199,15 @@ def _check_values(cfg: Config) -> None:
             raise ConfigError(f"'{key}.num_gpus' must be >= 0, got {p.num_gpus}")
         if p.actors < 1:
             raise ConfigError(f"'{key}.actors' must be >= 1, got {p.actors}")
+        for opt in ("resources", "node_labels"):
+            val = getattr(p, opt)
+            if val is not None and (not isinstance(val, dict) or not all(isinstance(k, str) and k for k in val)):
+                raise ConfigError(f"'{key}.{opt}' must be a mapping of names to values, got {val!r}")
+        if p.node_labels and not all(isinstance(v, str) and v.strip() for v in p.node_labels.values()):
+            raise ConfigError(f"'{key}.node_labels' values must be non-empty strings, got {p.node_labels!r}")
+        if p.resources and not all(isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0
+                                   for v in p.resources.values()):
+            raise ConfigError(f"'{key}.resources' values must be numbers >= 0, got {p.resources!r}")
         if p.actors_max is not None and p.actors_max < p.actors:
             raise ConfigError(f"'{key}.actors_max' must be >= actors ({p.actors}), got {p.actors_max}")
     s = cfg.student

@@ -77,29 +77,112 @@ class Plan:
 
     waves: list
     message: str
+    placement: Optional[list] = None  # per wave: {participant index: [node id per actor]} (per-node plans)
 
 
-def pool_demand(p: ParticipantConfig) -> dict:
-    """Resources the minimum size of a participant's pool needs."""
-    d = {"CPU": float(p.num_cpus) * p.actors}
+def actor_demand(p: ParticipantConfig) -> dict:
+    """Resources one actor of a participant's pool asks Ray for (all on one node)."""
+    d = {"CPU": float(p.num_cpus)}
     if p.num_gpus:
-        d["GPU"] = float(p.num_gpus) * p.actors
+        d["GPU"] = float(p.num_gpus)
     if p.accelerator_type:
-        d[f"accelerator_type:{p.accelerator_type}"] = 0.001 * p.actors
+        d[f"accelerator_type:{p.accelerator_type}"] = 0.001  # what Ray's accelerator_type= asks for
     for key, val in (p.resources or {}).items():
-        d[key] = float(val) * p.actors
+        d[key] = float(val)
     return d
 
 
-def plan_waves(parts, resources: dict, reserve_cpus: float = 1.0) -> Plan:
+def pool_demand(p: ParticipantConfig) -> dict:
+    """Resources the minimum size of a participant's pool needs (cluster-wide)."""
+    return {k: v * p.actors for k, v in actor_demand(p).items()}
+
+
+def label_matches(labels: dict, selector: Optional[dict]) -> bool:
+    """Whether a node's ``labels`` satisfy a Ray label selector (``v``, ``!v``, ``in(a,b)``, ``!in(a,b)``)."""
+    for key, want in (selector or {}).items():
+        want = str(want).strip()
+        neg = want.startswith("!")
+        want = want[1:] if neg else want
+        if want.startswith("in(") and want.endswith(")"):
+            ok = labels.get(key) in {v.strip() for v in want[3:-1].split(",")}
+        else:
+            ok = labels.get(key) == want
+        if ok == neg:
+            return False
+    return True
+
+
+def cluster_nodes() -> list[dict]:
+    """Alive nodes of the connected Ray cluster: ``{"id", "resources", "labels"}`` (totals, not free)."""
+    import ray
+
+    return [{"id": n["NodeID"], "resources": dict(n.get("Resources") or {}), "labels": dict(n.get("Labels") or {})}
+            for n in ray.nodes() if n.get("Alive")]
+
+
+def _fits(free: dict, dem: dict) -> bool:
+    return all(free.get(k, 0.0) + 1e-9 >= v for k, v in dem.items())
+
+
+def _place_pool(p: ParticipantConfig, free: list) -> Optional[list]:
+    """First-fit the pool's minimum actors onto nodes (``free``: per-node resources, updated in place).
+
+    GPU actors try GPU nodes first, CPU-only actors try nodes without GPUs first (as Ray's scheduler
+    does). Returns the node index of each actor, or None (``free`` untouched) when they do not all fit.
+    """
+    dem = actor_demand(p)
+    sel = getattr(p, "node_labels", None)
+    gpu = "GPU" in dem
+    order = sorted(range(len(free)), key=lambda j: (bool(free[j]["res"].get("GPU")) != gpu, j))
+    trial = [dict(n["res"]) for n in free]
+    where = []
+    for _ in range(p.actors):
+        for j in order:
+            if label_matches(free[j]["labels"], sel) and _fits(trial[j], dem):
+                for k, v in dem.items():
+                    trial[j][k] = trial[j].get(k, 0.0) - v
+                where.append(j)
+                break
+        else:
+            return None
+    for j, res in enumerate(trial):
+        free[j]["res"] = res
+    return where
+
+
+def _no_node_error(i: int, p: ParticipantConfig, nodes: list) -> ConfigError:
+    dem = actor_demand(p)
+    sel = getattr(p, "node_labels", None)
+    want = ", ".join(f"{k}={v:g}" for k, v in dem.items())
+    matching = [n for n in nodes if label_matches(n["labels"], sel)]
+    if sel and not matching:
+        return ConfigError(
+            f"'participants[{i}].node_labels' ({p.name}): no node of the cluster carries labels {dict(sel)} "
+            f"(node labels: {[{k: v for k, v in n['labels'].items() if not k.startswith('ray.io/node-id')} for n in nodes]})")
+    best = max((sum(1 for k, v in dem.items() if n["resources"].get(k, 0.0) + 1e-9 >= v) for n in matching), default=0)
+    sizes = "; ".join(
+        ", ".join(f"{k}={n['resources'].get(k, 0.0):g}" for k in dem) for n in matching) or "none"
+    return ConfigError(
+        f"'participants[{i}]' ({p.name}) needs {p.actors} actor(s) of {{{want}}} each, and one actor must fit "
+        f"on one node, but {'no node has that' if best < len(dem) else 'the nodes cannot hold them all'} "
+        f"({len(matching)} node(s){' with matching labels' if sel else ''}: {sizes})")
+
+
+def plan_waves(parts, resources: dict, reserve_cpus: float = 1.0, nodes: Optional[list] = None,
+               indices: Optional[list] = None) -> Plan:
     """Group participants into waves whose pool minimums fit the cluster at once.
 
-    One CPU is held back for the read/select tasks. A participant that cannot fit even alone
-    is a configuration error (e.g. ``num_gpus`` on a cluster with no GPUs), raised at once.
+    ``resources`` are the cluster totals; one CPU is held back for the read/select tasks. With
+    ``nodes`` (see :func:`cluster_nodes`) every actor must also fit on one node (bin-packing the pools'
+    minimums onto nodes, honouring ``node_labels``). A participant that cannot fit even alone is a
+    configuration error (e.g. ``num_gpus`` on a cluster with no GPUs), raised at once, before any work.
+    Participants go into the first wave they fit (first-fit), so waves are as few as this greedy finds.
+    ``indices`` are the config positions of ``parts`` (for error messages naming the key).
     """
     avail = dict(resources)
     avail["CPU"] = max(avail.get("CPU", 0.0) - reserve_cpus, 0.0)
-    for i, p in enumerate(parts):
+    for j, p in enumerate(parts):
+        i = indices[j] if indices is not None else j
         for key, val in pool_demand(p).items():
             have = avail.get(key, 0.0)
             if val > have + 1e-9:
@@ -108,24 +191,42 @@ def plan_waves(parts, resources: dict, reserve_cpus: float = 1.0) -> Plan:
                     f"'participants[{i}]' ({p.name}) needs {val:g} {what} for {p.actors} actor(s), "
                     f"but the cluster has {have:g}"
                 )
-    waves, cur, used = [], [], {}
+        if nodes is not None and _place_pool(p, _fresh(nodes)) is None:
+            raise _no_node_error(i, p, nodes)
+    waves: list = []  # each: [indices, used (cluster-wide), per-node free, placement]
     for i, p in enumerate(parts):
         dem = pool_demand(p)
-        fits = all(used.get(k, 0.0) + v <= avail.get(k, 0.0) + 1e-9 for k, v in dem.items())
-        if cur and not fits:
-            waves.append(cur)
-            cur, used = [], {}
-        cur.append(i)
+        for w in waves:
+            if not all(w[1].get(k, 0.0) + v <= avail.get(k, 0.0) + 1e-9 for k, v in dem.items()):
+                continue
+            if nodes is not None:
+                where = _place_pool(p, w[2])
+                if where is None:
+                    continue
+                w[3][i] = [nodes[j]["id"] for j in where]
+            break
+        else:
+            w = [[], {}, _fresh(nodes) if nodes is not None else None, {}]
+            if nodes is not None:
+                w[3][i] = [nodes[j]["id"] for j in _place_pool(p, w[2])]
+            waves.append(w)
+        w[0].append(i)
         for k, v in dem.items():
-            used[k] = used.get(k, 0.0) + v
-    waves.append(cur)
+            w[1][k] = w[1].get(k, 0.0) + v
+    plan_waves_ = [w[0] for w in waves]
+    where = f" ({len(nodes)} nodes)" if nodes is not None else ""
     if len(waves) == 1:
-        msg = f"all {len(parts)} participant pools fit the cluster at once"
+        msg = f"all {len(parts)} participant pools fit the cluster{where} at once"
     else:
-        msg = (f"the cluster fits {max(len(w) for w in waves)} of {len(parts)} participant pools at once; "
-               f"running them in {len(waves)} waves: "
-               + " | ".join(",".join(parts[i].name for i in w) for w in waves))
-    return Plan(waves=waves, message=msg)
+        msg = (f"the cluster{where} fits {max(len(w) for w in plan_waves_)} of {len(parts)} participant pools "
+               f"at once; running them in {len(waves)} waves: "
+               + " | ".join(",".join(parts[i].name for i in w) for w in plan_waves_))
+    return Plan(waves=plan_waves_, message=msg,
+                placement=[w[3] for w in waves] if nodes is not None else None)
+
+
+def _fresh(nodes: list) -> list:
+    return [{"res": dict(n["resources"]), "labels": n.get("labels") or {}} for n in nodes]
 
 
 def write_json_atomic(path: Path, obj) -> None:
@@ -159,6 +260,8 @@ def embed_participant(cfg: Config, index: int, source: Source, shared_ids: froze
         remote["accelerator_type"] = p.accelerator_type
     if p.resources:
         remote["resources"] = dict(p.resources)
+    if getattr(p, "node_labels", None):
+        remote["label_selector"] = {str(k): str(v) for k, v in p.node_labels.items()}
     ds = ds.map_batches(
         cls,
         fn_constructor_kwargs=dict(model=resolve_model(cfg, p.model), pretrained=p.pretrained,
@@ -230,7 +333,8 @@ def embed_all(cfg: Config, run: Path, source: Source, shared_ids: frozenset, res
         else:
             todo.append(i)
     if todo:
-        plan = plan_waves([cfg.participants[i] for i in todo], resources)
+        nodes = _live_nodes()
+        plan = plan_waves([cfg.participants[i] for i in todo], resources, nodes=nodes, indices=todo)
         log(f"[optimize] {plan.message}")
         lock = threading.Lock()
 
@@ -244,12 +348,33 @@ def embed_all(cfg: Config, run: Path, source: Source, shared_ids: frozenset, res
                     f"{s['seconds']:.1f}s, {s['input_rows'] / max(s['seconds'], 1e-9):.0f} images/s")
             return s
 
-        for wave in plan.waves:
-            wave_ids = [todo[j] for j in wave]
+        waves = [[todo[j] for j in w] for w in plan.waves]
+        while waves:
+            wave_ids = waves.pop(0)
             if len(wave_ids) == 1:
                 stats[wave_ids[0]] = one(wave_ids[0])
             else:
                 with ThreadPoolExecutor(len(wave_ids)) as ex:
                     for i, s in zip(wave_ids, ex.map(one, wave_ids)):
                         stats[i] = s
+            if waves and nodes is not None:  # nodes joined or left meanwhile: plan the rest again
+                now = _live_nodes()
+                if now is not None and sorted(n["id"] for n in now) != sorted(n["id"] for n in nodes):
+                    import ray
+
+                    nodes, rest = now, [i for w in waves for i in w]
+                    plan = plan_waves([cfg.participants[i] for i in rest], ray.cluster_resources(), nodes=nodes,
+                                      indices=rest)
+                    log(f"[optimize] the cluster changed ({len(nodes)} nodes now); remaining: {plan.message}")
+                    waves = [[rest[j] for j in w] for w in plan.waves]
     return [stats[i] for i in range(len(cfg.participants))]
+
+
+def _live_nodes() -> Optional[list]:
+    """Per-node resources when connected to Ray (None otherwise: plan from cluster totals only)."""
+    try:
+        import ray
+
+        return cluster_nodes() if ray.is_initialized() else None
+    except Exception:  # e.g. a Ray Client connection without node listing
+        return None
