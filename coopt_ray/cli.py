@@ -45,9 +45,16 @@ def cmd_zoo_build(args) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (exit code 2), like config errors: no usage block."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see: {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser for every ``coopt`` subcommand."""
-    ap = argparse.ArgumentParser(prog="coopt", description="Collaborative unlabeled-data optimization on Ray")
+    ap = _Parser(prog="coopt", description="Collaborative unlabeled-data optimization on Ray")
     sub = ap.add_subparsers(dest="command", required=True)
 
     def stage(name, fn, help_, out_flag="--out"):

@@ -244,6 +244,24 @@ def _read_ids(path: Path) -> list[str]:
     return ids
 
 
+def count_images(cfg: DataConfig) -> int:
+    """Number of images the source will yield (after ``limit``), cheaply: IDX header, file list or Parquet
+    metadata. Used to validate the config before any work starts."""
+    if cfg.source == "fashion-mnist":
+        d = fashion_mnist_dir(cfg.path)
+        f = next(p for p in (d / "train-images-idx3-ubyte.gz", d / "train-images-idx3-ubyte") if p.exists())
+        with (gzip.open if f.suffix == ".gz" else open)(f, "rb") as fh:
+            n = max(struct.unpack(">I", fh.read(8)[4:8])[0] - PUBLIC_SIZE, 0)
+    else:
+        path = Path(cfg.path).expanduser()
+        if cfg.source == "images":
+            n = len(list_image_files(path))
+        else:
+            files = [path] if path.is_file() else sorted(path.rglob("*.parquet"))
+            n = sum(pq.ParquetFile(f).metadata.num_rows for f in files)
+    return n if cfg.limit is None else min(n, cfg.limit)
+
+
 def _rmtree(p: Path) -> None:
     import shutil
 

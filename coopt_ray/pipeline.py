@@ -19,20 +19,32 @@ class RunError(RuntimeError):
 
 
 def prepare_run_dir(cfg: Config, run: Path, sections=OPTIMIZE_SECTIONS) -> None:
-    """Create RUN and record the config; refuse a RUN made with a different config for ``sections``."""
+    """Create RUN and record the config; refuse a RUN whose finished results came from a different config
+    for ``sections`` (a RUN where nothing finished yet simply takes the new config)."""
     run.mkdir(parents=True, exist_ok=True)
     saved = run / "config.yaml"
     if saved.exists():
         old = parse_config(yaml.safe_load(saved.read_text()))
         diff = [s for s in sections if old.fingerprint(s) != cfg.fingerprint(s)]
-        if diff:
+        if diff and _has_results(run):
             raise ConfigError(
                 f"--out {run} was made with a different config (differs in: {', '.join(diff)}); "
                 "use a new --out, or rerun with the config it was made with"
             )
+        if diff and old.fingerprint("data") != cfg.fingerprint("data"):
+            import shutil  # nothing finished yet (e.g. the last try failed on its config): start afresh
+
+            shutil.rmtree(run / "source", ignore_errors=True)
     tmp = saved.with_name("config.yaml.tmp")
     tmp.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     os.replace(tmp, saved)
+
+
+def _has_results(run: Path) -> bool:
+    """Whether RUN holds finished optimize work (a participant's done marker or the manifest)."""
+    from .optimize import DONE
+
+    return (run / "manifest.json").exists() or any((run / "embeddings").glob(f"*/{DONE}"))
 
 
 def init_ray(address: Optional[str] = None, num_cpus: Optional[int] = None, log: Callable = print) -> None:
