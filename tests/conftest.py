@@ -62,12 +62,23 @@ def write_config(path: Path, models: list[str], **over) -> Path:
     return path
 
 
-@pytest.fixture(scope="session")
-def ray_session():
-    """One local Ray for the whole session (more logical CPUs than workers: 2 physical cores)."""
+def start_local_ray():
+    """The session's local Ray (more logical CPUs than workers: 2 physical cores); no-op if Ray is up.
+
+    Modules that need their own cluster (tests/test_placement.py) shut it down and call this again
+    afterwards, so later tests using ``ray_session`` still find it running.
+    """
     import ray
 
     if not ray.is_initialized():
         ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
-    yield ray
+    return ray
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray for the whole session."""
+    yield start_local_ray()
+    import ray
+
     ray.shutdown()
