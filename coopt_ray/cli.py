@@ -80,8 +80,48 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def cmd_train(args) -> int:
+    from .train import run_train
+
+    cfg = _load(args, check_models=False)  # the student reads RUN/optimized; no teacher runs here
+    run_train(cfg, args.out, address=args.address, log=_log)
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from .evaluate import run_evaluate
+
+    cfg = _load(args)
+    run_evaluate(cfg, args.out, address=args.address, log=_log)
+    return 0
+
+
+def cmd_report(args) -> int:
+    from .report import build_report
+
+    build_report(args.run, log=_log)
+    return 0
+
+
+def cmd_run(args) -> int:
+    from .pipeline import run_all
+
+    cfg = _load(args, check_models=False)  # run_all builds a missing default zoo, then checks models
+    run_all(cfg, args.out, address=args.address, log=_log)
+    return 0
+
+
 def _register_more(sub, stage) -> None:
     """Later stages register here (train, evaluate, report, run, bench)."""
+    stage("train", cmd_train, "train the student on RUN/optimized/ with Ray Train", out_flag="--run")
+    stage("evaluate", cmd_evaluate, "linear probe: student, teachers, random-init student -> RUN/eval.json",
+          out_flag="--run")
+    p = sub.add_parser("report", help="plots and RUN/report/report.html")
+    p.add_argument("--run", required=True, help="run directory")
+    p.set_defaults(fn=cmd_report)
+    p = stage("run", cmd_run, "all stages: zoo (if missing) -> optimize -> train -> evaluate -> report")
+    p.add_argument("--max-error-fraction", type=float, default=None,
+                   help="fail past this fraction of unreadable images (default from config: 0.05)")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

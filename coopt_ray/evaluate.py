@@ -112,3 +112,259 @@ def embed_arrays(model, preprocess, images_uint8: np.ndarray, batch_size: int = 
     finally:
         model.train(was_training)
     return np.concatenate(parts)
+
+
+# ---------------------------------------------------------------- the evaluate stage
+class EvalSkipped(Exception):
+    """No labeled probe/test split for this data source; the message says what to set."""
+
+
+def _seeded_take(n: int, limit: Optional[int], seed: int, shuffle: bool) -> np.ndarray:
+    idx = np.arange(n)
+    if shuffle:
+        idx = np.random.default_rng(seed).permutation(n)
+    return idx if limit is None else idx[:limit]
+
+
+def load_labeled(path: str, image_size: int, limit: Optional[int] = None, seed: int = 0):
+    """A labeled split from a folder with class subfolders, or Parquet (``image`` bytes + ``label``).
+
+    Returns ``(uint8 (N, S, S, 3) RGB images, int labels, class names)``; a seeded random ``limit``
+    rows are kept (a folder lists classes in order, so the first rows would be one class).
+    """
+    from pathlib import Path
+
+    from .data import decode_image, folder_classes, label_for, list_image_files
+    from .train import resize_rgb
+
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise EvalSkipped(f"labeled split not found: {p}")
+    if p.is_dir() and not any(p.rglob("*.parquet")):
+        classes = folder_classes(p)
+        if not classes:
+            raise EvalSkipped(f"{p} has no class subfolders, so it has no labels for the probe")
+        files = [f for f in list_image_files(p) if label_for(f, classes) >= 0]
+        take = _seeded_take(len(files), limit, seed, shuffle=True)
+        images, labels = [], []
+        for i in take:
+            try:
+                images.append(resize_rgb(decode_image((p / files[i]).read_bytes()), image_size))
+                labels.append(label_for(files[i], classes))
+            except ValueError:
+                continue
+    else:
+        import pyarrow.parquet as pq
+
+        t = pq.read_table(str(p), columns=["image", "label"])
+        take = _seeded_take(t.num_rows, limit, seed, shuffle=True)
+        raw, lab = t.column("image").to_pylist(), t.column("label").to_pylist()
+        images, labels = [], []
+        for i in take:
+            if lab[i] is None or lab[i] < 0:
+                continue
+            try:
+                images.append(resize_rgb(decode_image(raw[i]), image_size))
+                labels.append(int(lab[i]))
+            except ValueError:
+                continue
+        classes = [str(c) for c in sorted(set(labels))]
+    if not images:
+        raise EvalSkipped(f"no readable labeled images in {p}")
+    return np.stack(images), np.asarray(labels, dtype=np.int64), classes
+
+
+def labeled_splits(cfg) -> dict:
+    """The probe (train) and test splits for ``cfg``: images (uint8), labels and a description.
+
+    Fashion-MNIST: probe = public train[0:10k] (``eval.probe_limit`` trims it), test = t10k
+    (``eval.test_limit``). Other sources: ``eval.probe_path`` and ``eval.test_path`` (class
+    subfolders or labeled Parquet); without them the stage is skipped with :class:`EvalSkipped`.
+    """
+    e = cfg.eval
+    if e.probe_path or e.test_path:
+        if not (e.probe_path and e.test_path):
+            raise EvalSkipped("set both eval.probe_path and eval.test_path (labeled folders or Parquet)")
+        px, py, _ = load_labeled(e.probe_path, cfg.data.image_size, e.probe_limit, cfg.seed)
+        tx, ty, _ = load_labeled(e.test_path, cfg.data.image_size, e.test_limit, cfg.seed + 1)
+        return {"probe": (px, py), "test": (tx, ty),
+                "description": f"probe {e.probe_path} ({len(py)}), test {e.test_path} ({len(ty)})"}
+    if cfg.data.source == "fashion-mnist":
+        from .data import fashion_mnist_split
+
+        px, py = fashion_mnist_split("public", cfg.data.path)
+        tx, ty = fashion_mnist_split("test", cfg.data.path)
+        px, py = px[: e.probe_limit], py[: e.probe_limit]
+        tx, ty = tx[: e.test_limit], ty[: e.test_limit]
+        return {"probe": (px, py), "test": (tx, ty),
+                "description": f"Fashion-MNIST probe = public train[0:{len(py)}], test = t10k[0:{len(ty)}]"}
+    raise EvalSkipped(
+        f"data.source={cfg.data.source} has no labeled probe split: set eval.probe_path and eval.test_path "
+        "to folders with one subfolder per class (or Parquet with image and label columns)"
+    )
+
+
+@torch.no_grad()
+def backbone_features(backbone: torch.nn.Module, images_rgb: np.ndarray, batch_size: int = 256) -> np.ndarray:
+    """Pooled penultimate features of a timm backbone for uint8 (N, S, S, 3) images (no augmentation)."""
+    from .train import normalize_pixels, to_float_nchw
+
+    backbone.eval()
+    device = next(backbone.parameters()).device
+    out = []
+    for s in range(0, len(images_rgb), batch_size):
+        x = normalize_pixels(to_float_nchw(torch.as_tensor(images_rgb[s:s + batch_size]).to(device)))
+        out.append(backbone(x).float().cpu())
+    return torch.cat(out).numpy()
+
+
+def score_backbone(state: Optional[dict], arch: str, image_size: int, data: dict, epochs: int,
+                   seed: int = 0, use_gpu: bool = False) -> dict:
+    """Linear-probe accuracy of a student backbone (``state`` None: random init, seeded)."""
+    import time
+
+    from .train import build_backbone
+
+    t0 = time.time()
+    torch.manual_seed(seed)
+    backbone = build_backbone(arch, image_size)
+    if state is not None:
+        backbone.load_state_dict(state)
+    if use_gpu and torch.cuda.is_available():
+        backbone = backbone.cuda()
+    ftr = backbone_features(backbone, data["probe_rgb"])
+    fte = backbone_features(backbone, data["test_rgb"])
+    t1 = time.time()
+    acc = linear_probe(ftr, data["probe_y"], fte, data["test_y"], epochs=epochs, seed=seed)
+    return {"arch": arch, "probe_accuracy": acc, "feature_dim": int(ftr.shape[1]),
+            "seconds": round(time.time() - t0, 3), "embed_seconds": round(t1 - t0, 3)}
+
+
+def score_teacher(model: str, pretrained: Optional[str], data: dict, epochs: int, seed: int = 0,
+                  use_gpu: bool = False) -> dict:
+    """Linear-probe accuracy of a participant's open_clip image embeddings."""
+    import time
+
+    from .models import load_model, pick_device
+
+    t0 = time.time()
+    m, preprocess, dim = load_model(model, pretrained, pick_device(prefer_gpu=use_gpu))
+    ftr = embed_arrays(m, preprocess, data["probe_raw"])
+    fte = embed_arrays(m, preprocess, data["test_raw"])
+    t1 = time.time()
+    acc = linear_probe(ftr, data["probe_y"], fte, data["test_y"], epochs=epochs, seed=seed)
+    return {"model": model, "probe_accuracy": acc, "embed_dim": int(dim),
+            "seconds": round(time.time() - t0, 3), "embed_seconds": round(t1 - t0, 3)}
+
+
+def _score_task(kind: str, args: dict, data: dict) -> dict:
+    import os
+
+    threads = int(os.environ.get("COOPT_EVAL_THREADS", "0") or 0)
+    if threads:
+        torch.set_num_threads(threads)
+    fn = score_teacher if kind == "teacher" else score_backbone
+    return fn(data=data, **args)
+
+
+def eval_fingerprint(cfg, train_done: dict) -> str:
+    import dataclasses
+    import hashlib
+    import json
+
+    blob = json.dumps({"student": train_done.get("fingerprint"), "eval": dataclasses.asdict(cfg.eval),
+                       "participants": [dataclasses.asdict(p) for p in cfg.participants],
+                       "image_size": cfg.data.image_size, "data": cfg.data.path, "seed": cfg.seed},
+                      sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def run_evaluate(cfg, run, address: Optional[str] = None, log=print) -> dict:
+    """The evaluate stage: the same linear probe for the student, every teacher and a random-init
+    student of the same architecture; writes RUN/eval.json and returns its content.
+
+    Each scorer is one Ray task (1 CPU, or a GPU where the participant/student asks for one).
+    """
+    import json
+    import time
+    from pathlib import Path
+
+    import ray
+
+    from .config import resolve_model
+    from .optimize import read_done, write_json_atomic
+    from .pipeline import RunError, init_ray
+    from .train import arrays_to_rgb
+
+    run = Path(run)
+    done = read_done(run / "student")
+    if not done or not (run / "student" / "student.pt").exists():
+        raise RunError(f"{run} has no trained student; run `coopt train --config CFG --run {run}` first")
+    out_path = run / "eval.json"
+    fp = eval_fingerprint(cfg, done)
+    if out_path.exists():
+        old = json.loads(out_path.read_text())
+        if old.get("fingerprint") == fp:
+            log(f"[evaluate] already done: {out_path}; skipping")
+            return old
+    t_start = time.time()
+    meta = json.loads((run / "student" / "metrics.json").read_text())
+    try:
+        splits = labeled_splits(cfg)
+    except EvalSkipped as e:
+        log(f"[evaluate] skipped: {e}")
+        res = {"skipped": str(e), "student": {"arch": meta["arch"], "probe_accuracy": None},
+               "teachers": {}, "random_init": None, "seconds": {}, "fingerprint": fp}
+        write_json_atomic(out_path, res)
+        return res
+    (px, py), (tx, ty) = splits["probe"], splits["test"]
+    log(f"[evaluate] linear probe ({cfg.eval.probe_epochs} epochs): {splits['description']}")
+    size = int(meta["image_size"])
+    data = {"probe_raw": px, "test_raw": tx, "probe_y": py, "test_y": ty,
+            "probe_rgb": arrays_to_rgb(px, size), "test_rgb": arrays_to_rgb(tx, size)}
+    init_ray(address, log=log)
+    data_ref = ray.put(data)
+    from .train import load_student_backbone
+
+    backbone, _ = load_student_backbone(run)
+    state_ref = ray.put({k: v.cpu() for k, v in backbone.state_dict().items()})
+    epochs, seed, s_gpu = cfg.eval.probe_epochs, cfg.seed, cfg.student.use_gpu
+    remote = ray.remote(_score_task)
+    jobs = {}
+    sopts = {"num_cpus": 1, "num_gpus": 1 if s_gpu else 0}
+    bargs = {"arch": meta["arch"], "image_size": size, "epochs": epochs, "seed": seed, "use_gpu": s_gpu}
+    jobs[remote.options(name="probe_student", **sopts).remote("backbone", {**bargs, "state": state_ref},
+                                                              data_ref)] = ("student", None)
+    jobs[remote.options(name="probe_random_init", **sopts).remote("backbone", {**bargs, "state": None},
+                                                                  data_ref)] = ("random_init", None)
+    for p in cfg.participants:
+        opts = {"num_cpus": 1, "num_gpus": p.num_gpus}
+        args = {"model": resolve_model(cfg, p.model), "pretrained": p.pretrained, "epochs": epochs,
+                "seed": seed, "use_gpu": p.num_gpus > 0}
+        jobs[remote.options(name=f"probe_{p.name}", **opts).remote("teacher", args, data_ref)] = ("teacher", p.name)
+    results: dict = {}
+    pending = list(jobs)
+    while pending:
+        ready, pending = ray.wait(pending, num_returns=1)
+        kind, name = jobs[ready[0]]
+        r = ray.get(ready[0])
+        results[(kind, name)] = r
+        label = name or kind.replace("_", "-")
+        log(f"[evaluate] {label:<12} probe accuracy {r['probe_accuracy']:.4f}  ({r['seconds']:.1f}s)")
+    teachers = {p.name: results[("teacher", p.name)] for p in cfg.participants}
+    student = {**results[("student", None)], "epochs": meta["epochs"], "rows": meta["rows"]}
+    rnd = results[("random_init", None)]
+    best_t = max(teachers, key=lambda n: teachers[n]["probe_accuracy"])
+    res = {
+        "student": student, "teachers": teachers, "random_init": rnd,
+        "best_teacher": best_t,
+        "probe": {"description": splits["description"], "probe_rows": int(len(py)), "test_rows": int(len(ty)),
+                  "epochs": epochs, "classes": int(max(py.max(), ty.max()) + 1)},
+        "seconds": {"student": student["seconds"], "random_init": rnd["seconds"],
+                    **{n: t["seconds"] for n, t in teachers.items()}, "total": round(time.time() - t_start, 3)},
+        "fingerprint": fp,
+    }
+    write_json_atomic(out_path, res)
+    log(f"[evaluate] student {student['probe_accuracy']:.4f} vs random-init {rnd['probe_accuracy']:.4f} "
+        f"vs best teacher {best_t} {teachers[best_t]['probe_accuracy']:.4f} -> {out_path}")
+    return res

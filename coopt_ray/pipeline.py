@@ -115,3 +115,49 @@ def run_optimize(cfg: Config, run: str | os.PathLike, address: Optional[str] = N
     log(f"[optimize] done: best={man['best']} target_dim={man['target_dim']} optimized_rows={rows} "
         f"error_rows={error_rows} total_rows={total} in {time.time() - t_start:.1f}s -> {manifest_path}")
     return man
+
+
+def run_all(cfg: Config, run: str | os.PathLike, address: Optional[str] = None,
+            log: Callable[[str], None] = print) -> dict:
+    """`coopt run`: zoo (when missing) -> optimize -> train -> evaluate -> report; prints the probe table.
+
+    The offline teacher zoo is built only when a participant's ``local-dir:`` folder is missing and
+    ``zoo_dir`` is the default zoo; every stage skips itself when its done-marker matches.
+    """
+    import json
+
+    from .config import Config as _Config, check_paths, resolve_model, zoo_path
+    from .evaluate import run_evaluate
+    from .report import build_report, summary_table
+    from .train import run_train
+
+    run = Path(run)
+    t0 = time.time()
+    times = {}
+    missing = [p.name for p in cfg.participants if p.model.startswith("local-dir:")
+               and not Path(resolve_model(cfg, p.model)[len("local-dir:"):]).is_dir()]
+    if missing and Path(cfg.zoo_dir) == Path(_Config().zoo_dir):
+        from .zoo import build_zoo
+
+        log(f"[zoo] teacher folders missing for {', '.join(missing)}: building the zoo in {zoo_path(cfg)}")
+        t = time.time()
+        build_zoo(zoo_path(cfg), progress=log)
+        times["zoo"] = time.time() - t
+    check_paths(cfg)
+    for stage, fn in (("optimize", lambda: run_optimize(cfg, run, address=address, log=log)),
+                      ("train", lambda: run_train(cfg, run, address=address, log=log)),
+                      ("evaluate", lambda: run_evaluate(cfg, run, address=address, log=log)),
+                      ("report", lambda: build_report(run, log=log))):
+        t = time.time()
+        log(f"[run] ---- {stage} ----")
+        fn()
+        times[stage] = time.time() - t
+    man = json.loads((run / "manifest.json").read_text())
+    metrics = json.loads((run / "student" / "metrics.json").read_text())
+    ev = json.loads((run / "eval.json").read_text())
+    times["total"] = time.time() - t0
+    log("[run] linear-probe accuracy (test split) and timings:")
+    log(summary_table(man, metrics, ev))
+    log("[run] stage seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in times.items()))
+    log(f"[run] report: {run / 'report' / 'report.html'}")
+    return {"manifest": man, "metrics": metrics, "eval": ev, "seconds": times}

@@ -1,0 +1,198 @@
+"""Student training: the network, augmentations, target standardisation, the loop in-process
+(``ScalingConfig(num_workers=0)``) and the stage on Ray Train with 2 workers, including resume."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from coopt_ray.train import (
+    BatchAugment, Student, adapt_stem, build_backbone, latest_checkpoint, load_state, subset_ids,
+    target_transform, train_loop_per_worker,
+)
+
+ARCH = "resnet10t"  # the smallest timm ResNet: keeps the Ray tests quick on 2 cores
+
+
+# ---------------------------------------------------------------- network
+def test_resnet18_gets_small_image_stem():
+    m = build_backbone("resnet18", 32)
+    assert isinstance(m.conv1, torch.nn.Conv2d)
+    assert m.conv1.kernel_size == (3, 3) and m.conv1.stride == (1, 1)
+    assert isinstance(m.maxpool, torch.nn.Identity)
+    with torch.no_grad():
+        assert m.eval()(torch.zeros(2, 3, 32, 32)).shape == (2, 512)
+
+
+def test_large_images_keep_the_imagenet_stem():
+    m = build_backbone(ARCH, 96)
+    assert not isinstance(m.maxpool, torch.nn.Identity)
+    assert adapt_stem(torch.nn.Linear(2, 2)) is False  # not a ResNet: left alone
+
+
+def test_vit_is_built_for_the_image_size():
+    m = build_backbone("vit_tiny_patch16_224", 32)
+    with torch.no_grad():
+        assert m.eval()(torch.zeros(1, 3, 32, 32)).shape == (1, m.num_features)
+
+
+def test_unknown_arch_is_a_clear_error():
+    with pytest.raises(ValueError, match="unknown timm architecture 'no-such-net'"):
+        build_backbone("no-such-net", 32)
+
+
+def test_student_head_maps_to_target_dim():
+    s = Student(ARCH, 16, 7)
+    with torch.no_grad():
+        assert s.eval()(torch.zeros(3, 3, 16, 16)).shape == (3, 7)
+
+
+# ---------------------------------------------------------------- augmentation
+def test_augment_is_per_image_seeded_and_in_range():
+    aug = BatchAugment(32)
+    x = torch.rand(1, 3, 28, 28).repeat(16, 1, 1, 1)  # the same image 16 times
+    a = aug(x, torch.Generator().manual_seed(0))
+    b = aug(x, torch.Generator().manual_seed(0))
+    assert a.shape == (16, 3, 32, 32) and a.dtype == torch.float32
+    assert 0.0 <= float(a.min()) and float(a.max()) <= 1.0
+    assert torch.equal(a, b)
+    diffs = [(a[0] - a[i]).abs().mean().item() for i in range(1, 16)]
+    assert min(diffs) > 1e-4  # each copy got its own crop/flip/jitter
+
+
+def test_augment_grayscale_input_and_identity_crop():
+    aug = BatchAugment(8, scale=(1.0, 1.0), ratio=(1.0, 1.0), p_jitter=0.0, p_gray=0.0, p_flip=0.0)
+    x = torch.rand(4, 1, 8, 8)
+    out = aug(x, torch.Generator().manual_seed(1))
+    assert out.shape == (4, 3, 8, 8)
+    assert torch.allclose(out, x.expand(-1, 3, -1, -1), atol=1e-5)  # full-image crop is the identity
+
+
+# ---------------------------------------------------------------- targets
+def test_standardise_targets():
+    rng = np.random.default_rng(0)
+    y = rng.normal(3.0, 5.0, size=(500, 6))
+    mean, P = target_transform(y)
+    z = (y - mean) @ P
+    assert P.shape == (6, 6)
+    np.testing.assert_allclose(z.mean(0), 0, atol=1e-5)
+    np.testing.assert_allclose(z.std(0), 1, atol=1e-4)
+
+
+def test_whiten_targets_pca_to_student_dim():
+    rng = np.random.default_rng(1)
+    y = rng.normal(size=(2000, 5)) @ rng.normal(size=(5, 8))  # rank-5 targets in 8 dims
+    mean, P = target_transform(y, whiten=True, out_dim=4)
+    z = (y - mean) @ P
+    assert P.shape == (8, 4)
+    np.testing.assert_allclose(np.cov(z, rowvar=False), np.eye(4), atol=1e-2)
+
+
+def test_subset_ids_is_seeded_and_exact():
+    ids = [f"train/{i}" for i in range(1000)]
+    a, b = subset_ids(ids, 100, 0), subset_ids(ids, 100, 0)
+    assert a == b and len(a) == 100
+    assert subset_ids(ids, 100, 1) != a
+    assert subset_ids(ids, None, 0) is None and subset_ids(ids, 5000, 0) is None
+    assert max(int(i.split("/")[1]) for i in a) > 500  # spread over the data, not its head
+
+
+# ---------------------------------------------------------------- the loop, in-process
+def _tiny_dataset(n=48, size=16, dim=6):
+    import ray.data
+
+    rng = np.random.default_rng(0)
+    imgs = rng.integers(0, 255, size=(n, size, size, 3), dtype=np.uint8)
+    tgt = rng.normal(size=(n, dim)).astype(np.float32)
+    return ray.data.from_items([{"image": imgs[i], "target": tgt[i]} for i in range(n)]), tgt
+
+
+def _loop_config(tgt, tmp_path, epochs, **kw):
+    mean, P = target_transform(tgt)
+    return {"arch": ARCH, "image_size": 16, "target_dim": tgt.shape[1], "target_mean": mean.tolist(),
+            "target_proj": P.tolist(), "epochs": epochs, "batch_size": 16, "lr": 1e-3, "weight_decay": 0.01,
+            "seed": 0, "fingerprint": "t", "threads": 2, "local_checkpoint_dir": str(tmp_path / "ck"),
+            "log": False, **kw}
+
+
+def test_train_loop_in_process_reports_checkpoints_and_resumes(ray_session, tmp_path):
+    from ray.train import ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    ds, tgt = _tiny_dataset()
+
+    def fit(epochs, **kw):
+        return TorchTrainer(train_loop_per_worker, train_loop_config=_loop_config(tgt, tmp_path, epochs, **kw),
+                            scaling_config=ScalingConfig(num_workers=0), datasets={"train": ds}).fit()
+
+    r1 = fit(1)
+    assert r1.metrics["epoch"] == 1 and np.isfinite(r1.metrics["loss"]) and r1.metrics["images"] == 48
+    latest = latest_checkpoint(tmp_path / "ck")
+    assert latest is not None and latest[1] == {"epoch": 0, "fingerprint": "t"}
+    st = load_state(latest[0])
+    assert st["epoch"] == 0 and len(st["history"]) == 1 and "backbone.conv1.weight" in st["model"]
+
+    r2 = fit(3, resume_from=str(latest[0]))  # a rerun picks up after epoch 1 instead of starting over
+    assert r2.return_value["start_epoch"] == 1
+    assert [h["epoch"] for h in r2.return_value["history"]] == [1, 2, 3]
+    assert r2.metrics["epoch"] == 3
+    kept = sorted(p.name for p in (tmp_path / "ck").iterdir())
+    assert kept == ["checkpoint_epoch_0001", "checkpoint_epoch_0002"]  # older ones pruned
+
+
+# ---------------------------------------------------------------- the stage, 2 Ray Train workers
+@pytest.fixture(scope="module")
+def optimized_run(tmp_path_factory, tiny_models, ray_session):
+    from conftest import write_config
+    from coopt_ray.config import load_config
+    from coopt_ray.pipeline import run_optimize
+
+    root = tmp_path_factory.mktemp("train_run")
+    cfg_path = write_config(root / "c.yaml", tiny_models[:2], data={"source": "fashion-mnist", "limit": 200},
+                            student={"arch": ARCH, "epochs": 1, "batch_size": 32, "workers": 2})
+    cfg = load_config(cfg_path)
+    run_optimize(cfg, root / "run", log=lambda m: None)
+    return cfg, root / "run"
+
+
+def test_train_stage_two_workers_skip_and_resume(optimized_run):
+    import dataclasses
+
+    from coopt_ray.train import run_train
+
+    cfg, run = optimized_run
+    logs = []
+    m = run_train(cfg, run, log=logs.append)
+    out = run / "student"
+    assert (out / "student.pt").is_file() and (out / "_DONE.json").is_file()
+    assert m["workers"] == 2 and m["rows"] == 200 and len(m["history"]) == 1
+    assert m["history"][0]["images"] == 192  # 2 workers x 3 full batches of 32 (drop_last)
+    assert np.isfinite(m["loss"][0])
+    exp = out / "ray_results" / f"coopt-train-{run.name}"
+    assert (exp / "checkpoint_epoch_0000" / "state.pt").is_file()
+    sd = torch.load(out / "student.pt", weights_only=True)
+    assert sd["head.weight"].shape[0] == json.loads((run / "manifest.json").read_text())["target_dim"]
+
+    logs.clear()
+    assert run_train(cfg, run, log=logs.append)["fingerprint"] == m["fingerprint"]
+    assert any("already done" in line for line in logs)  # finished stage: skipped
+
+    cfg2 = dataclasses.replace(cfg, student=dataclasses.replace(cfg.student, epochs=2))
+    logs.clear()
+    m2 = run_train(cfg2, run, log=logs.append)
+    assert any("resuming after epoch 1" in line for line in logs)
+    assert [h["epoch"] for h in m2["history"]] == [1, 2]
+    assert m2["history"][0] == m["history"][0]  # epoch 1 came from the checkpoint, not a retrain
+
+
+def test_train_needs_an_optimized_run(tmp_path, tiny_models):
+    from conftest import write_config
+    from coopt_ray.config import load_config
+    from coopt_ray.pipeline import RunError
+    from coopt_ray.train import run_train
+
+    cfg = load_config(write_config(tmp_path / "c.yaml", tiny_models[:1]))
+    with pytest.raises(RunError, match="coopt optimize"):
+        run_train(cfg, tmp_path / "nothing")
