@@ -66,6 +66,7 @@ class StudentConfig:
     use_gpu: bool = False
     whiten: bool = False
     limit: Optional[int] = None
+    cpus_per_worker: Optional[float] = None
 
 
 @dataclass(frozen=True)
@@ -73,6 +74,8 @@ class EvalConfig:
     probe_epochs: int = 100
     probe_limit: Optional[int] = None
     test_limit: Optional[int] = None
+    probe_path: Optional[str] = None
+    test_path: Optional[str] = None
 
 
 @dataclass(frozen=True)
@@ -218,6 +221,11 @@ def _check_values(cfg: Config) -> None:
         raise ConfigError(f"'student.workers' must be >= 0, got {s.workers}")
     if s.lr <= 0:
         raise ConfigError(f"'student.lr' must be > 0, got {s.lr}")
+    if s.cpus_per_worker is not None and (isinstance(s.cpus_per_worker, bool) or
+                                          not isinstance(s.cpus_per_worker, (int, float)) or s.cpus_per_worker <= 0):
+        raise ConfigError(f"'student.cpus_per_worker' must be a number > 0, got {s.cpus_per_worker!r}")
+    if s.limit is not None and (isinstance(s.limit, bool) or not isinstance(s.limit, int) or s.limit < 2):
+        raise ConfigError(f"'student.limit' must be an integer >= 2, got {s.limit!r}")
     if cfg.eval.probe_epochs < 1:
         raise ConfigError(f"'eval.probe_epochs' must be >= 1, got {cfg.eval.probe_epochs}")
 
