@@ -214,7 +214,7 @@ def plan_waves(parts, resources: dict, reserve_cpus: float = 1.0, nodes: Optiona
         for k, v in dem.items():
             w[1][k] = w[1].get(k, 0.0) + v
     plan_waves_ = [w[0] for w in waves]
-    where = f" ({len(nodes)} nodes)" if nodes is not None else ""
+    where = f" ({len(nodes)} node{'s' if len(nodes) != 1 else ''})" if nodes is not None else ""
     if len(waves) == 1:
         msg = f"all {len(parts)} participant pools fit the cluster{where} at once"
     else:

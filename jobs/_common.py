@@ -36,14 +36,14 @@ def parse_args(description: str, argv=None) -> argparse.Namespace:
     return args
 
 
-def load(args):
+def load(args, check_models: bool = True):
     """Config from ``args`` with the zoo override and file checks; the absolute run directory."""
     from coopt_ray.config import check_paths, load_config
 
     cfg = load_config(args.config)
     if args.zoo:
         cfg = dataclasses.replace(cfg, zoo_dir=str(Path(args.zoo).expanduser().resolve()))
-    check_paths(cfg)
+    check_paths(cfg, check_models=check_models)
     out = Path(args.out).expanduser().resolve()
     if os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") and not Path(args.out).expanduser().is_absolute():
         log(f"[job] warning: --out {args.out} is relative, so it lands in this job's copy of the working dir "

@@ -11,7 +11,7 @@ from _common import load, log, main, parse_args
 
 def run(argv=None) -> None:
     args = parse_args("coopt run (all stages) as a Ray job", argv)
-    cfg, out = load(args)
+    cfg, out = load(args, check_models=False)  # run_all builds a missing default zoo, then checks
     from coopt_ray import pipeline
 
     if not hasattr(pipeline, "run_all"):  # the full pipeline lands in coopt_ray.pipeline.run_all
