@@ -218,10 +218,14 @@ class Source:
             ds = ray.data.read_parquet(str(self.path), file_extensions=["parquet"])
             if self.kind == "parquet":
                 ds = ds.map_batches(_normalise_parquet_batch, batch_format="pyarrow")
-                if self.cfg.limit is not None:
-                    ds = ds.limit(self.cfg.limit)
+                if self.cfg.limit is not None:  # exactly self.ids: ds.limit() keeps whichever rows come first
+                    ds = ds.map_batches(_keep_ids, batch_format="pyarrow", fn_kwargs=dict(keep=frozenset(self.ids)))
         ds.set_name(name)
         return ds
+
+
+def _keep_ids(batch: pa.Table, keep: frozenset) -> pa.Table:
+    return batch.filter(pa.array([i in keep for i in batch.column("id").to_pylist()], pa.bool_()))
 
 
 def _normalise_parquet_batch(batch: pa.Table) -> pa.Table:

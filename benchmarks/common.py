@@ -1,0 +1,101 @@
+"""Shared helpers for the benchmark scripts: configs for optimize runs, data, JSON, machine info."""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from coopt_ray.config import parse_config  # noqa: E402
+
+RESULTS = ROOT / "benchmarks" / "results"
+
+
+def log(msg: str) -> None:
+    print(f"{time.strftime('%H:%M:%S')} {msg}", flush=True)
+
+
+def machine() -> dict:
+    """What the numbers were measured on."""
+    import torch
+
+    info = {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
+            "torch": torch.__version__, "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+    try:
+        info["load_avg_at_start"] = [round(x, 1) for x in os.getloadavg()]
+    except OSError:
+        pass
+    try:
+        import ray
+
+        info["ray"] = ray.__version__
+    except ImportError:
+        pass
+    return info
+
+
+def zoo_teachers(zoo_dir: Path, quick: bool) -> list[dict]:
+    """The zoo's teacher records (built, or reused from cache, by ``coopt_ray.zoo.build_zoo``)."""
+    from coopt_ray.zoo import ZOO_JSON, build_zoo
+
+    zj = zoo_dir / ZOO_JSON
+    if zj.exists():
+        doc = json.loads(zj.read_text())
+        teachers = doc["teachers"]
+        for t in teachers:  # the folder may have moved since it was built
+            t["path"] = str((zoo_dir / t["name"]).resolve())
+            t["model"] = "local-dir:" + t["path"]
+        return teachers
+    if quick:  # do not race a full build of the shared zoo: a reduced one of our own
+        q = ROOT / "runs" / "bench-zoo-quick"
+        log(f"[bench] no {zj}: using a reduced zoo (2,000 public images) at {q}")
+        return build_zoo(q, n_train=2000, n_test=2000)
+    log(f"[bench] no {zj}: building the zoo there")
+    return build_zoo(zoo_dir)
+
+
+def optimize_config(teachers: list[dict], limit: Optional[int], seed: int = 0, shared_fraction: float = 0.0005,
+                    shared_min: int = 16, align: bool = True, ridge: float = 1e-2, actors: int = 1,
+                    batch_size: int = 512, num_cpus: float = 1.0):
+    """A validated Config for ``run_optimize``: one participant per teacher record, Fashion-MNIST source."""
+    raw = {
+        "seed": seed,
+        "data": {"source": "fashion-mnist", "image_size": 32, "limit": limit},
+        "participants": [{"name": f"p{i}", "model": t["model"], "batch_size": batch_size, "num_gpus": 0,
+                          "actors": actors, "num_cpus": num_cpus} for i, t in enumerate(teachers)],
+        "shared": {"fraction": shared_fraction, "min": shared_min},
+        "align": {"ridge": ridge, "enabled": align},
+        "student": {"arch": "resnet18", "epochs": 1, "batch_size": 256, "workers": 1},
+    }
+    return parse_config(raw, base_dir=str(ROOT))
+
+
+def fresh_dir(p: Path) -> Path:
+    shutil.rmtree(p, ignore_errors=True)
+    p.mkdir(parents=True)
+    return p
+
+
+def write_json(path: Path, obj) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=_default))
+    os.replace(tmp, path)
+
+
+def _default(o):
+    if isinstance(o, (np.floating, np.integer)):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    raise TypeError(type(o))

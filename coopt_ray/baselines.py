@@ -1,0 +1,271 @@
+"""Students trained in-process on arrays, for the benchmarks: CoOpt targets, BYOL, SimCLR, supervised.
+
+Every method shares one loop (:func:`fit`): the same timm backbone (``train.build_backbone``), AdamW
+with the same lr / weight decay, batch size and epochs, and the same per-epoch linear probe
+(``evaluate.linear_probe`` on frozen pooled features). Only the objective differs:
+
+* ``coopt``: ``train.Student`` regressing standardised targets (``train.target_transform``) with
+  ``1 - cos``, on ``train.BatchAugment`` views, exactly as ``train.train_loop_per_worker`` does;
+* ``byol`` / ``simclr``: lightly's heads, losses, momentum helpers and transforms;
+* ``supervised``: cross-entropy on the labels (an upper bound), on ``BatchAugment`` views.
+
+No Ray here: the benchmarks compare objectives, so all methods run the same plain loop.
+"""
+from __future__ import annotations
+
+import copy
+import time
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .evaluate import linear_probe
+from .train import (PIXEL_MEAN, PIXEL_STD, BatchAugment, Student, build_backbone, normalize_pixels,
+                    target_transform, to_float_nchw)
+
+METHODS = ("coopt", "byol", "simclr", "supervised")
+
+
+# ---------------------------------------------------------------- features and the probe
+@torch.no_grad()
+def backbone_features(backbone: torch.nn.Module, images: np.ndarray, batch_size: int = 512) -> np.ndarray:
+    """Pooled penultimate features of uint8 (N, S, S, 3) images, un-augmented, eval mode."""
+    was = backbone.training
+    backbone.eval()
+    out = []
+    for s in range(0, len(images), batch_size):
+        x = normalize_pixels(to_float_nchw(torch.from_numpy(images[s:s + batch_size])))
+        out.append(backbone(x).float())
+    backbone.train(was)
+    return torch.cat(out).numpy()
+
+
+class Prober:
+    """Linear-probe accuracy of a backbone: probe split -> classifier -> test split (RELA's protocol)."""
+
+    def __init__(self, probe_x: np.ndarray, probe_y: np.ndarray, test_x: np.ndarray, test_y: np.ndarray,
+                 epochs: int = 100, seed: int = 0):
+        self.px, self.py, self.tx, self.ty = probe_x, probe_y, test_x, test_y
+        self.epochs, self.seed = epochs, seed
+
+    def __call__(self, backbone: torch.nn.Module) -> float:
+        return linear_probe(backbone_features(backbone, self.px), self.py,
+                            backbone_features(backbone, self.tx), self.ty, epochs=self.epochs, seed=self.seed)
+
+
+# ---------------------------------------------------------------- the shared loop
+def fit(model: torch.nn.Module, backbone: torch.nn.Module, step: Callable[[np.ndarray, torch.Generator], torch.Tensor],
+        n: int, epochs: int, batch_size: int, lr: float, weight_decay: float, seed: int,
+        probe: Optional[Callable[[torch.nn.Module], float]] = None, after_step: Optional[Callable] = None,
+        log: Callable[[str], None] = print, name: str = "") -> list[dict]:
+    """Train ``model`` for ``epochs`` over ``n`` rows; ``step(idx, gen)`` returns the batch loss.
+
+    After every epoch (and once before training, epoch 0) ``probe(backbone)`` is recorded. Returns one
+    dict per epoch: epoch, loss, train_seconds (cumulative, probe time excluded), probe_accuracy.
+    """
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=weight_decay)
+    gen = torch.Generator().manual_seed(seed)
+    hist = [{"epoch": 0, "loss": None, "train_seconds": 0.0,
+             "probe_accuracy": probe(backbone) if probe else None}]
+    steps_per_epoch = max(1, n // batch_size)
+    total_steps, k, elapsed = steps_per_epoch * epochs, 0, 0.0
+    for epoch in range(1, epochs + 1):
+        model.train()
+        t0 = time.time()
+        perm = torch.randperm(n, generator=gen).numpy()
+        losses = []
+        for b in range(steps_per_epoch):
+            idx = perm[b * batch_size:(b + 1) * batch_size]
+            loss = step(idx, gen)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            k += 1
+            if after_step:
+                after_step(k, total_steps)
+            losses.append(float(loss.detach()))
+        elapsed += time.time() - t0
+        acc = probe(backbone) if probe else None
+        hist.append({"epoch": epoch, "loss": float(np.mean(losses)), "train_seconds": round(elapsed, 3),
+                     "probe_accuracy": acc})
+        log(f"[{name}] epoch {epoch}/{epochs} loss {hist[-1]['loss']:.4f} "
+            f"train {elapsed:.0f}s probe {acc if acc is None else round(acc, 4)}")
+    return hist
+
+
+def _aug_batch(images: np.ndarray, idx: np.ndarray, aug: BatchAugment, gen: torch.Generator) -> torch.Tensor:
+    return normalize_pixels(aug(to_float_nchw(torch.from_numpy(images[idx])), gen))
+
+
+# ---------------------------------------------------------------- the methods
+def train_coopt(arch: str, images: np.ndarray, targets: np.ndarray, epochs: int, batch_size: int = 256,
+                lr: float = 1e-3, weight_decay: float = 0.01, seed: int = 0, whiten: bool = False,
+                probe=None, log=print) -> tuple[torch.nn.Module, list[dict]]:
+    """CoOpt student: regress standardised targets with ``1 - cos`` (the train stage's objective)."""
+    torch.manual_seed(seed)
+    size = images.shape[1]
+    fdim = int(build_backbone(arch, size).num_features)
+    mean, proj = target_transform(targets, whiten=whiten, out_dim=fdim)
+    y = torch.from_numpy((targets.astype(np.float32) - mean) @ proj)
+    torch.manual_seed(seed)
+    student = Student(arch, size, y.shape[1])
+    aug = BatchAugment(size)
+
+    def step(idx, gen):
+        return (1 - F.cosine_similarity(student(_aug_batch(images, idx, aug, gen)), y[idx], dim=1)).mean()
+
+    hist = fit(student, student.backbone, step, len(images), epochs, batch_size, lr, weight_decay, seed,
+               probe, log=log, name=f"coopt/{arch}")
+    return student.backbone, hist
+
+
+def train_supervised(arch: str, images: np.ndarray, labels: np.ndarray, epochs: int, batch_size: int = 256,
+                     lr: float = 1e-3, weight_decay: float = 0.01, seed: int = 0, probe=None,
+                     log=print) -> tuple[torch.nn.Module, list[dict]]:
+    """Supervised upper bound: cross-entropy on the true labels, same augmentations as CoOpt."""
+    torch.manual_seed(seed)
+    size = images.shape[1]
+    labels_t = torch.as_tensor(np.asarray(labels, dtype=np.int64))
+    student = Student(arch, size, int(labels_t.max()) + 1)
+    aug = BatchAugment(size)
+
+    def step(idx, gen):
+        return F.cross_entropy(student(_aug_batch(images, idx, aug, gen)), labels_t[idx])
+
+    hist = fit(student, student.backbone, step, len(images), epochs, batch_size, lr, weight_decay, seed,
+               probe, log=log, name=f"supervised/{arch}")
+    return student.backbone, hist
+
+
+def lightly_normalize() -> dict:
+    """The student's pixel normalisation, in lightly's transform format."""
+    return {"mean": list(PIXEL_MEAN), "std": list(PIXEL_STD)}
+
+
+def byol_transform(size: int):
+    """lightly's BYOLTransform at small-image settings (no blur: 32 px images, as lightly's CIFAR setup)."""
+    from lightly.transforms import BYOLTransform, BYOLView1Transform, BYOLView2Transform
+
+    return BYOLTransform(
+        view_1_transform=BYOLView1Transform(input_size=size, gaussian_blur=0.0, normalize=lightly_normalize()),
+        view_2_transform=BYOLView2Transform(input_size=size, gaussian_blur=0.0, normalize=lightly_normalize()),
+    )
+
+
+def simclr_transform(size: int):
+    """lightly's SimCLRTransform at small-image settings (no blur: 32 px images)."""
+    from lightly.transforms import SimCLRTransform
+
+    return SimCLRTransform(input_size=size, gaussian_blur=0.0, normalize=lightly_normalize())
+
+
+def _two_views(images: np.ndarray, idx: np.ndarray, transform, gen: torch.Generator):
+    """Both views of each image, from lightly's (PIL, per-image) transform, seeded from ``gen``."""
+    from PIL import Image
+
+    torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))  # torchvision draws globally
+    pairs = [transform(Image.fromarray(images[i])) for i in idx]
+    return torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
+
+
+class BYOL(torch.nn.Module):
+    """BYOL from lightly's modules: online backbone+projector+predictor, momentum backbone+projector."""
+
+    def __init__(self, backbone: torch.nn.Module, hidden: int = 1024, out: int = 256):
+        super().__init__()
+        from lightly.models.modules import BYOLPredictionHead, BYOLProjectionHead
+        from lightly.models.utils import deactivate_requires_grad
+
+        self.backbone = backbone
+        self.projection_head = BYOLProjectionHead(backbone.num_features, hidden, out)
+        self.prediction_head = BYOLPredictionHead(out, hidden, out)
+        self.backbone_momentum = copy.deepcopy(backbone)
+        self.projection_head_momentum = copy.deepcopy(self.projection_head)
+        deactivate_requires_grad(self.backbone_momentum)
+        deactivate_requires_grad(self.projection_head_momentum)
+
+    def forward(self, x):
+        return self.prediction_head(self.projection_head(self.backbone(x)))
+
+    def forward_momentum(self, x):
+        return self.projection_head_momentum(self.backbone_momentum(x)).detach()
+
+
+def train_byol(arch: str, images: np.ndarray, epochs: int, batch_size: int = 256, lr: float = 1e-3,
+               weight_decay: float = 0.01, seed: int = 0, probe=None, log=print,
+               momentum=(0.99, 1.0)) -> tuple[torch.nn.Module, list[dict]]:
+    """BYOL baseline with lightly's heads, NegativeCosineSimilarity, update_momentum and BYOLTransform."""
+    from lightly.loss import NegativeCosineSimilarity
+    from lightly.models.utils import update_momentum
+    from lightly.utils.scheduler import cosine_schedule
+
+    torch.manual_seed(seed)
+    model = BYOL(build_backbone(arch, images.shape[1]))
+    crit = NegativeCosineSimilarity()
+    transform = byol_transform(images.shape[1])
+    m = [momentum[0]]
+
+    def step(idx, gen):
+        x0, x1 = _two_views(images, idx, transform, gen)
+        p0, p1 = model(x0), model(x1)
+        z0, z1 = model.forward_momentum(x0), model.forward_momentum(x1)
+        return 0.5 * (crit(p0, z1) + crit(p1, z0))
+
+    def after_step(k, total):
+        m[0] = cosine_schedule(k, total, momentum[0], momentum[1])
+        update_momentum(model.backbone, model.backbone_momentum, m=m[0])
+        update_momentum(model.projection_head, model.projection_head_momentum, m=m[0])
+
+    hist = fit(model, model.backbone, step, len(images), epochs, batch_size, lr, weight_decay, seed,
+               probe, after_step=after_step, log=log, name=f"byol/{arch}")
+    return model.backbone, hist
+
+
+def train_simclr(arch: str, images: np.ndarray, epochs: int, batch_size: int = 256, lr: float = 1e-3,
+                 weight_decay: float = 0.01, seed: int = 0, probe=None, log=print,
+                 temperature: float = 0.5) -> tuple[torch.nn.Module, list[dict]]:
+    """SimCLR baseline with lightly's SimCLRProjectionHead, NTXentLoss and SimCLRTransform."""
+    from lightly.loss import NTXentLoss
+    from lightly.models.modules import SimCLRProjectionHead
+
+    torch.manual_seed(seed)
+    backbone = build_backbone(arch, images.shape[1])
+    head = SimCLRProjectionHead(backbone.num_features, backbone.num_features, 128)
+    model = torch.nn.ModuleDict({"backbone": backbone, "head": head})
+    crit = NTXentLoss(temperature=temperature)
+    transform = simclr_transform(images.shape[1])
+
+    def step(idx, gen):
+        x0, x1 = _two_views(images, idx, transform, gen)
+        return crit(head(backbone(x0)), head(backbone(x1)))
+
+    hist = fit(model, backbone, step, len(images), epochs, batch_size, lr, weight_decay, seed,
+               probe, log=log, name=f"simclr/{arch}")
+    return backbone, hist
+
+
+def random_init_accuracy(arch: str, image_size: int, seed: int, probe) -> float:
+    """Probe accuracy of an untrained backbone (the floor every method must beat)."""
+    torch.manual_seed(seed)
+    return probe(build_backbone(arch, image_size))
+
+
+def register_small_vit() -> str:
+    """Register ``vit_tiny_patch4_32`` (timm's ViT-Tiny with 4 px patches) and return its name.
+
+    ``train.build_backbone`` passes ``img_size`` only; a ViT-Tiny/16 at 32 px would see 2x2 patches,
+    so the small-image variant the benchmarks use is registered under its own timm name.
+    """
+    import timm
+    from timm.models import register_model
+
+    name = "vit_tiny_patch4_32"
+    if not timm.is_model(name):
+        def vit_tiny_patch4_32(pretrained: bool = False, **kwargs):
+            kwargs.setdefault("img_size", 32)
+            return timm.create_model("vit_tiny_patch16_224", pretrained=pretrained, patch_size=4, **kwargs)
+
+        register_model(vit_tiny_patch4_32)
+    return name

@@ -1,0 +1,34 @@
+"""Smoke test for the benchmark pieces: every method trains one tiny epoch and the summary is complete."""
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+
+def test_methods_train_and_summarise():
+    import fidelity
+
+    from coopt_ray import baselines as B
+
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (32, 32, 32, 3), dtype=np.uint8)
+    labels = np.arange(32) % 4
+    targets = rng.normal(size=(32, 8)).astype(np.float32)
+    probe = B.Prober(images[:16], labels[:16], images[16:], labels[16:], epochs=2)
+    kw = dict(epochs=1, batch_size=16, probe=probe, log=lambda m: None)
+    runs = {
+        "coopt": B.train_coopt("test_vit", images, targets, **kw)[1],
+        "byol": B.train_byol("test_vit", images, **kw)[1],
+        "simclr": B.train_simclr("test_vit", images, **kw)[1],
+        "supervised": B.train_supervised("test_vit", images, labels, **kw)[1],
+    }
+    for hist in runs.values():
+        assert [h["epoch"] for h in hist] == [0, 1]
+        assert 0.0 <= hist[-1]["probe_accuracy"] <= 1.0 and np.isfinite(hist[-1]["loss"])
+    res = fidelity.summarise({"runs": {k: {"0": h} for k, h in runs.items()}}, None)
+    for k in runs:
+        assert set(res[k]) == {"mean", "std", "n"}
+    assert set(res["time_to_byol_final"]) >= {"byol", "coopt", "byol_final_accuracy"}
+    assert "coopt_minus_byol_points" in res["goals"]
