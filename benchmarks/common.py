@@ -99,3 +99,22 @@ def _default(o):
     if isinstance(o, np.ndarray):
         return o.tolist()
     raise TypeError(type(o))
+
+
+def start_ray(tries: int = 5) -> None:
+    """Start (or join) Ray via ``pipeline.init_ray``, retrying: on an overloaded machine the raylet can miss
+    Ray's fixed 30 s start-up window."""
+    import ray
+
+    from coopt_ray.pipeline import init_ray
+
+    for i in range(tries):
+        try:
+            init_ray(None, log=log)
+            return
+        except Exception as e:  # noqa: BLE001 - Ray raises a bare Exception on start-up timeouts
+            if i == tries - 1:
+                raise
+            log(f"[bench] Ray did not start ({str(e)[:80]}...); retry {i + 2}/{tries}")
+            ray.shutdown()
+            time.sleep(5)

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common import RESULTS, ROOT, log, machine, optimize_config, write_json, zoo_teachers
+from common import RESULTS, ROOT, log, machine, optimize_config, start_ray, write_json, zoo_teachers
 
 from coopt_ray import baselines as B  # noqa: E402
 from coopt_ray.data import PUBLIC_SIZE, fashion_mnist_split  # noqa: E402
@@ -279,7 +279,11 @@ def main(argv=None) -> dict:
            "machine": machine(), "runs": {}, "optimize": {}}
     res["uniformity_vs_accuracy"] = uniformity_vs_accuracy(teachers)
 
+    start_ray()
     runs = optimize_runs(a, teachers)
+    import ray
+
+    ray.shutdown()  # free the CPUs for the students
     for name, (run, man) in runs.items():
         res["optimize"][name] = {"run": str(run), "best": man["best"], "participants": [
             {k: p[k] for k in ("name", "model", "uniformity", "aligned", "align_r2", "align_heldout_r2", "shared_rows")}

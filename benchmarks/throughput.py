@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common import RESULTS, ROOT, fresh_dir, log, machine, optimize_config, write_json, zoo_teachers
+from common import RESULTS, ROOT, fresh_dir, log, machine, optimize_config, start_ray, write_json, zoo_teachers
 
 
 def parse_args(argv=None):
@@ -126,6 +126,7 @@ def rss_child(teachers_json: str, size: int, work: str) -> None:
     teachers = json.loads(teachers_json)
     cfg = optimize_config(teachers, limit=size)
     run = fresh_dir(Path(work))
+    start_ray()
     t0 = time.time()
     man = run_optimize(cfg, run, log=lambda m: None)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
@@ -155,8 +156,6 @@ def main(argv=None) -> dict:
     a = parse_args(argv)
     import ray
 
-    from coopt_ray.pipeline import init_ray
-
     os.environ.setdefault("COOPT_PROGRESS", "0")
     teachers = zoo_teachers(Path(a.zoo), a.quick)
     k4 = teachers[:4]
@@ -167,7 +166,7 @@ def main(argv=None) -> dict:
     def save():
         write_json(a.out, res)
 
-    init_ray(None, log=log)
+    start_ray()
     res["machine"]["ray_resources"] = ray.cluster_resources()
     cfg1 = optimize_config(k4, limit=a.images)
     if "optimize" not in a.skip:
@@ -210,9 +209,11 @@ def main(argv=None) -> dict:
     ray.shutdown()
     if "rss" not in a.skip:
         rss = {}
+        # quick: the smallest teacher(s) (the zoo lists them largest first), the driver's work is the same
+        rss_t = teachers[-a.rss_teachers:] if a.quick else teachers[:a.rss_teachers]
         for size in a.rss_sizes:
             log(f"[throughput] driver peak RSS: run_optimize on {size} images, K={a.rss_teachers} (subprocess)")
-            cmd = [sys.executable, __file__, "--_rss-child", json.dumps(teachers[:a.rss_teachers]), str(size),
+            cmd = [sys.executable, __file__, "--_rss-child", json.dumps(rss_t), str(size),
                    str(a.work / f"rss_{size}")]
             p = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "COOPT_PROGRESS": "0"},
                                cwd=str(Path(__file__).parent))
@@ -221,7 +222,7 @@ def main(argv=None) -> dict:
                 raise RuntimeError(f"memory run on {size} images failed:\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
             rss[size] = json.loads(line.split(" ", 1)[1])
             log(f"[throughput]   {rss[size]}")
-        res["rss"] = {"teachers": a.rss_teachers, "by_size": rss,
+        res["rss"] = {"teachers": [t["name"] for t in rss_t], "by_size": rss,
                       "note": "data.limit None is the 50,000-image unlabeled split (train[10k:60k]); "
                               "'60k' in the issue is measured as 50k"}
         sizes = sorted(rss)
