@@ -213,7 +213,7 @@ def backbone_features(backbone: torch.nn.Module, images_rgb: np.ndarray, batch_s
     device = next(backbone.parameters()).device
     out = []
     for s in range(0, len(images_rgb), batch_size):
-        x = normalize_pixels(to_float_nchw(torch.as_tensor(images_rgb[s:s + batch_size]).to(device)))
+        x = normalize_pixels(to_float_nchw(torch.from_numpy(np.array(images_rgb[s:s + batch_size])).to(device)))
         out.append(backbone(x).float().cpu())
     return torch.cat(out).numpy()
 
@@ -257,14 +257,16 @@ def score_teacher(model: str, pretrained: Optional[str], data: dict, epochs: int
             "seconds": round(time.time() - t0, 3), "embed_seconds": round(t1 - t0, 3)}
 
 
-def _score_task(kind: str, args: dict, data: dict) -> dict:
+def _score_task(kind: str, args: dict, data: dict, state: Optional[dict] = None) -> dict:
     import os
 
     threads = int(os.environ.get("COOPT_EVAL_THREADS", "0") or 0)
     if threads:
         torch.set_num_threads(threads)
-    fn = score_teacher if kind == "teacher" else score_backbone
-    return fn(data=data, **args)
+    data = {**data, "probe_y": np.array(data["probe_y"]), "test_y": np.array(data["test_y"])}  # writable
+    if kind == "teacher":
+        return score_teacher(data=data, **args)
+    return score_backbone(state, data=data, **args)
 
 
 def eval_fingerprint(cfg, train_done: dict) -> str:
@@ -333,10 +335,10 @@ def run_evaluate(cfg, run, address: Optional[str] = None, log=print) -> dict:
     jobs = {}
     sopts = {"num_cpus": 1, "num_gpus": 1 if s_gpu else 0}
     bargs = {"arch": meta["arch"], "image_size": size, "epochs": epochs, "seed": seed, "use_gpu": s_gpu}
-    jobs[remote.options(name="probe_student", **sopts).remote("backbone", {**bargs, "state": state_ref},
-                                                              data_ref)] = ("student", None)
-    jobs[remote.options(name="probe_random_init", **sopts).remote("backbone", {**bargs, "state": None},
-                                                                  data_ref)] = ("random_init", None)
+    jobs[remote.options(name="probe_student", **sopts).remote("backbone", bargs, data_ref, state_ref)] = \
+        ("student", None)
+    jobs[remote.options(name="probe_random_init", **sopts).remote("backbone", bargs, data_ref, None)] = \
+        ("random_init", None)
     for p in cfg.participants:
         opts = {"num_cpus": 1, "num_gpus": p.num_gpus}
         args = {"model": resolve_model(cfg, p.model), "pretrained": p.pretrained, "epochs": epochs,

@@ -312,7 +312,7 @@ def train_loop_per_worker(config: dict) -> dict:
     if state is not None and "optimizer" in state:
         opt.load_state_dict(state["optimizer"])
     if state is not None and rank == 0 and config.get("log", True):
-        print(f"[train] resumed from epoch {start} checkpoint ({resume_dir})", flush=True)
+        _say(f"[train] resumed after epoch {start} from {resume_dir}")
 
     aug = BatchAugment(int(config["image_size"]))
     shard = ray.train.get_dataset_shard("train")
@@ -349,8 +349,8 @@ def train_loop_per_worker(config: dict) -> dict:
         history.append(metrics)
         name = f"{CKPT_PREFIX}{epoch:04d}"
         if rank == 0 and config.get("log", True):
-            print(f"[train] epoch {epoch + 1}/{epochs}  loss {metrics['loss']:.4f}  "
-                  f"{metrics['images']} images in {dt:.1f}s ({metrics['images_per_s']:.1f} img/s)", flush=True)
+            _say(f"[train] epoch {epoch + 1}/{epochs}  loss {metrics['loss']:.4f}  "
+                 f"{metrics['images']} images in {dt:.1f}s ({metrics['images_per_s']:.1f} img/s)")
         local_root = config.get("local_checkpoint_dir")
         if local_root:  # in-process run: Ray Train keeps no copy, so keep it ourselves
             d = Path(local_root) / name
@@ -366,6 +366,14 @@ def train_loop_per_worker(config: dict) -> dict:
                     ck = Checkpoint.from_directory(tmp)
                 ray.train.report(metrics, checkpoint=ck, checkpoint_dir_name=name)
     return {"start_epoch": start, "history": history}
+
+
+def _say(line: str) -> None:
+    """One progress line from a worker (Ray Train patches ``print``, which would log it twice)."""
+    import sys
+
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
 
 
 def _prune(root: Path, keep: int) -> None:
@@ -430,7 +438,7 @@ def training_dataset(opt_dir: Path, image_size: int, keep: Optional[frozenset] =
     """RUN/optimized as a Ray Dataset of decoded images + targets, globally shuffled each epoch."""
     import ray.data
 
-    ds = ray.data.read_parquet(str(opt_dir), file_extensions=["parquet"], columns=["id", "image", "target"])
+    ds = ray.data.read_parquet(str(opt_dir), file_extensions=["parquet"]).select_columns(["id", "image", "target"])
     if keep is not None:
         ds = ds.map_batches(_keep_ids, batch_format="pyarrow", fn_kwargs={"ids": keep})
     ds = ds.random_shuffle(seed=shuffle_seed)  # merged parts are grouped by participant

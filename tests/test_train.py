@@ -1,5 +1,5 @@
 """Student training: the network, augmentations, target standardisation, the loop in-process
-(``ScalingConfig(num_workers=0)``) and the stage on Ray Train with 2 workers, including resume."""
+(``ScalingConfig(num_workers=0)``), including resume. The stage on 2 Ray Train workers is in test_run.py."""
 from __future__ import annotations
 
 import json
@@ -142,51 +142,8 @@ def test_train_loop_in_process_reports_checkpoints_and_resumes(ray_session, tmp_
     assert kept == ["checkpoint_epoch_0001", "checkpoint_epoch_0002"]  # older ones pruned
 
 
-# ---------------------------------------------------------------- the stage, 2 Ray Train workers
-@pytest.fixture(scope="module")
-def optimized_run(tmp_path_factory, tiny_models, ray_session):
-    from conftest import write_config
-    from coopt_ray.config import load_config
-    from coopt_ray.pipeline import run_optimize
-
-    root = tmp_path_factory.mktemp("train_run")
-    cfg_path = write_config(root / "c.yaml", tiny_models[:2], data={"source": "fashion-mnist", "limit": 200},
-                            student={"arch": ARCH, "epochs": 1, "batch_size": 32, "workers": 2})
-    cfg = load_config(cfg_path)
-    run_optimize(cfg, root / "run", log=lambda m: None)
-    return cfg, root / "run"
-
-
-def test_train_stage_two_workers_skip_and_resume(optimized_run):
-    import dataclasses
-
-    from coopt_ray.train import run_train
-
-    cfg, run = optimized_run
-    logs = []
-    m = run_train(cfg, run, log=logs.append)
-    out = run / "student"
-    assert (out / "student.pt").is_file() and (out / "_DONE.json").is_file()
-    assert m["workers"] == 2 and m["rows"] == 200 and len(m["history"]) == 1
-    assert m["history"][0]["images"] == 192  # 2 workers x 3 full batches of 32 (drop_last)
-    assert np.isfinite(m["loss"][0])
-    exp = out / "ray_results" / f"coopt-train-{run.name}"
-    assert (exp / "checkpoint_epoch_0000" / "state.pt").is_file()
-    sd = torch.load(out / "student.pt", weights_only=True)
-    assert sd["head.weight"].shape[0] == json.loads((run / "manifest.json").read_text())["target_dim"]
-
-    logs.clear()
-    assert run_train(cfg, run, log=logs.append)["fingerprint"] == m["fingerprint"]
-    assert any("already done" in line for line in logs)  # finished stage: skipped
-
-    cfg2 = dataclasses.replace(cfg, student=dataclasses.replace(cfg.student, epochs=2))
-    logs.clear()
-    m2 = run_train(cfg2, run, log=logs.append)
-    assert any("resuming after epoch 1" in line for line in logs)
-    assert [h["epoch"] for h in m2["history"]] == [1, 2]
-    assert m2["history"][0] == m["history"][0]  # epoch 1 came from the checkpoint, not a retrain
-
-
+# ---------------------------------------------------------------- the stage
+# (2 Ray Train workers, skip and resume: tests/test_run.py, on the run `coopt run` makes there)
 def test_train_needs_an_optimized_run(tmp_path, tiny_models):
     from conftest import write_config
     from coopt_ray.config import load_config

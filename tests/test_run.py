@@ -1,0 +1,144 @@
+"""`coopt run` end to end on a local Ray (tiny open_clip teachers, 200 images, a 2-worker student),
+rerun skipping, `coopt report`, resuming training on 2 workers, stage commands in the wrong order,
+and the zoo hook."""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import sys
+import types
+
+import pytest
+
+from coopt_ray.cli import main
+
+ARCH = "resnet10t"
+
+
+def _main(argv) -> tuple[int, str, str]:
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        rc = main([str(a) for a in argv])
+    return rc, out.getvalue(), err.getvalue()
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory, tiny_models, ray_session):
+    from conftest import write_config
+
+    root = tmp_path_factory.mktemp("full")
+    cfg = write_config(root / "c.yaml", tiny_models, data={"source": "fashion-mnist", "limit": 200},
+                       student={"arch": ARCH, "epochs": 1, "batch_size": 32, "workers": 2},
+                       eval={"probe_epochs": 5, "probe_limit": 200, "test_limit": 100})
+    rc, out, err = _main(["run", "--config", cfg, "--out", root / "run"])
+    assert rc == 0, err
+    return cfg, root / "run", out
+
+
+def test_run_writes_every_stage_and_prints_the_table(full_run):
+    _, run, out = full_run
+    for rel in ("manifest.json", "optimized", "student/student.pt", "student/metrics.json", "student/_DONE.json",
+                "eval.json", "report/report.html"):
+        assert (run / rel).exists(), rel
+    for png in ("uniformity", "align_r2", "shared_pca", "loss", "probe"):
+        assert (run / "report" / f"{png}.png").stat().st_size > 1000
+    ev = json.loads((run / "eval.json").read_text())
+    assert set(ev["teachers"]) == {"p0", "p1", "p2"}
+    table = out[out.index("linear-probe accuracy"):]
+    for name in ("p0", "p1", "p2"):
+        acc = ev["teachers"][name]["probe_accuracy"]
+        assert any(line.strip().startswith(name) and f"{acc:.4f}" in line for line in table.splitlines())
+    assert f"student {ARCH}" in table and f"{ev['student']['probe_accuracy']:.4f}" in table
+    assert f"random-init {ARCH}" in table and f"{ev['random_init']['probe_accuracy']:.4f}" in table
+    assert "train " in table and "probe " in table  # timings
+    for stage in ("optimize", "train", "evaluate", "report"):
+        assert f"---- {stage} ----" in out
+
+
+def test_rerun_skips_finished_stages(full_run):
+    cfg, run, _ = full_run
+    before = (run / "student" / "student.pt").stat().st_mtime_ns
+    rc, out, err = _main(["run", "--config", cfg, "--out", run])
+    assert rc == 0, err
+    assert "[optimize] already done" in out and "[train] already done" in out and "[evaluate] already done" in out
+    assert (run / "student" / "student.pt").stat().st_mtime_ns == before
+
+
+def test_report_command_rebuilds_the_page(full_run):
+    import shutil
+
+    _, run, _ = full_run
+    shutil.rmtree(run / "report")
+    rc, out, err = _main(["report", "--run", run])
+    assert rc == 0, err
+    page = (run / "report" / "report.html").read_text()
+    assert "Linear probe" in page and f"student {ARCH}" in page and 'src="shared_pca.png"' in page
+    assert all(f">{n}" in page for n in ("p0", "p1", "p2"))
+
+
+def test_train_stage_on_two_workers_resumes_from_its_checkpoint(full_run):
+    import dataclasses
+
+    import numpy as np
+    import torch
+
+    from coopt_ray.config import load_config
+    from coopt_ray.train import run_train
+
+    cfg_path, run, _ = full_run
+    m = json.loads((run / "student" / "metrics.json").read_text())
+    assert m["workers"] == 2 and m["rows"] == 200 and len(m["history"]) == 1
+    assert m["history"][0]["images"] == 192  # 2 workers x 6 full batches of 16 (drop_last)
+    assert np.isfinite(m["loss"][0])
+    exp = run / "student" / "ray_results" / f"coopt-train-{run.name}"
+    assert (exp / "checkpoint_epoch_0000" / "state.pt").is_file()
+    assert (exp / "checkpoint_manager_snapshot.json").is_file()  # Ray Train's own record of the run
+    sd = torch.load(run / "student" / "student.pt", weights_only=True)
+    assert sd["head.weight"].shape[0] == json.loads((run / "manifest.json").read_text())["target_dim"]
+
+    cfg = load_config(cfg_path)
+    cfg2 = dataclasses.replace(cfg, student=dataclasses.replace(cfg.student, epochs=2))
+    logs = []
+    m2 = run_train(cfg2, run, log=logs.append)
+    assert any("resuming after epoch 1" in line for line in logs)
+    assert [h["epoch"] for h in m2["history"]] == [1, 2]
+    assert m2["history"][0] == m["history"][0]  # epoch 1 came from the checkpoint, not a retrain
+    assert (exp / "checkpoint_epoch_0001" / "state.pt").is_file()
+
+
+def test_stages_in_the_wrong_order_fail_with_a_hint(tmp_path, tiny_models):
+    from conftest import write_config
+
+    cfg = write_config(tmp_path / "c.yaml", tiny_models[:1], student={"arch": ARCH})
+    rc, _, err = _main(["train", "--config", cfg, "--run", tmp_path / "empty"])
+    assert rc == 1 and "coopt optimize" in err
+    rc, _, err = _main(["evaluate", "--config", cfg, "--run", tmp_path / "empty"])
+    assert rc == 1 and "coopt train" in err
+    rc, _, err = _main(["report", "--run", tmp_path / "empty"])
+    assert rc == 1 and "manifest.json" in err
+
+
+def test_run_builds_the_default_zoo_only_when_a_teacher_is_missing(tmp_path, tiny_models, monkeypatch):
+    from conftest import write_config
+
+    calls = []
+
+    class Stop(Exception):
+        pass
+
+    def fake_build_zoo(out_dir, progress=print, **kw):
+        calls.append(str(out_dir))
+        raise Stop()
+
+    monkeypatch.setitem(sys.modules, "coopt_ray.zoo", types.SimpleNamespace(build_zoo=fake_build_zoo))
+    monkeypatch.chdir(tmp_path)
+    cfg = write_config(tmp_path / "c.yaml", tiny_models[:1], student={"arch": ARCH})
+    text = (tmp_path / "c.yaml").read_text().replace(tiny_models[0], "local-dir:clip-missing")
+    (tmp_path / "c.yaml").write_text(text)
+    with pytest.raises(Stop):
+        _main(["run", "--config", cfg, "--out", tmp_path / "run"])
+    assert calls == [str(tmp_path / "zoo")]
+    calls.clear()
+    rc, _, err = _main(["run", "--config", cfg, "--out", tmp_path / "run", "--zoo", tmp_path / "elsewhere"])
+    assert rc == 2 and "model folder not found" in err and calls == []  # a non-default zoo is never built
