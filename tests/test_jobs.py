@@ -183,3 +183,31 @@ def test_pipeline_job_runs_all_stages(head, tmp_path, tiny_models):
     status, logs = _wait(client, job_id)
     assert status == JobStatus.SUCCEEDED, logs[-4000:]
     assert (run / "eval.json").exists() and f"[job] evaluation: {run / 'eval.json'}" in logs
+
+
+# ------------------------------------------------------------------ the entrypoints themselves (no Ray)
+def test_entrypoints_parse_arguments_and_connect_to_the_job_cluster(monkeypatch):
+    sys.path.insert(0, str(REPO / "jobs"))
+    try:
+        import _common
+    finally:
+        sys.path.remove(str(REPO / "jobs"))
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    assert _common.parse_args("x", ["--config", "c", "--out", "o"]).address is None  # local Ray
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")  # set by the job supervisor for the driver
+    assert _common.parse_args("x", ["--config", "c", "--out", "o"]).address == "auto"
+    assert _common.parse_args("x", ["--config", "c", "--out", "o", "--address", "ray://h:10001"]).address \
+        == "ray://h:10001"
+
+
+@pytest.mark.parametrize("job", ["optimize", "pipeline"])
+def test_entrypoint_bad_config_exits_2_before_ray_starts(job, tmp_path):
+    cfg = write_config(tmp_path / "bad.yaml", ["local-dir:/nonexistent"], seed="zero")
+    env = dict(os.environ)
+    env.pop("RAY_ADDRESS", None)
+    t0 = time.time()
+    out = subprocess.run([sys.executable, str(REPO / "jobs" / f"{job}.py"), "--config", str(cfg), "--out",
+                          str(tmp_path / "run")], capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert "coopt job: config error: 'seed' must be an integer" in out.stderr
+    assert time.time() - t0 < 60 and not (tmp_path / "run").exists()
