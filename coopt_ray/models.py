@@ -21,6 +21,20 @@ def pick_device(prefer_gpu: bool = True) -> str:
     return "cuda" if prefer_gpu and torch.cuda.is_available() else "cpu"
 
 
+def check_weights_file(path: Path) -> None:
+    """Refuse a torch checkpoint that holds pickled objects besides weights (a static scan of its pickle, before
+    any work starts; the load itself uses ``weights_only=True`` as well). Safetensors hold no code."""
+    if path.suffix in (".safetensors", ".npz", ".npy"):
+        return
+    try:
+        unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
+    except Exception:  # not a zip-format torch checkpoint: the weights_only load decides
+        return
+    if unsafe:
+        raise ModelSpecError(f"checkpoint {path} holds pickled objects, not only weights "
+                             f"({', '.join(unsafe[:3])}); refused (weights load with weights_only=True)")
+
+
 def check_model_spec(model: str, pretrained: Optional[str] = None) -> None:
     """Cheap checks that ``model``/``pretrained`` name something loadable; raise ModelSpecError."""
     import open_clip
@@ -33,6 +47,8 @@ def check_model_spec(model: str, pretrained: Optional[str] = None) -> None:
             raise ModelSpecError(f"{d} has no open_clip_config.json")
         if not any(d.glob("*.safetensors")) and not any(d.glob("*.bin")) and not any(d.glob("*.pth")):
             raise ModelSpecError(f"{d} has no weights file (*.safetensors, *.bin or *.pth)")
+        for f in sorted(d.glob("*.bin")) + sorted(d.glob("*.pt")) + sorted(d.glob("*.pth")):
+            check_weights_file(f)
         return
     if model.startswith("hf-hub:"):
         return  # resolved by open_clip at load time (needs internet)
@@ -45,6 +61,7 @@ def check_model_spec(model: str, pretrained: Optional[str] = None) -> None:
     if os.path.sep in pretrained or pretrained.endswith((".pt", ".pth", ".bin", ".safetensors")):
         if not Path(pretrained).is_file():
             raise ModelSpecError(f"checkpoint file not found: {pretrained}")
+        check_weights_file(Path(pretrained))
         return
     tags = open_clip.list_pretrained_tags_by_model(model)
     raise ModelSpecError(
