@@ -216,7 +216,8 @@ def plan_waves(parts, resources: dict, reserve_cpus: float = 1.0, nodes: Optiona
     plan_waves_ = [w[0] for w in waves]
     where = f" ({len(nodes)} node{'s' if len(nodes) != 1 else ''})" if nodes is not None else ""
     if len(waves) == 1:
-        msg = f"all {len(parts)} participant pools fit the cluster{where} at once"
+        msg = (f"all {len(parts)} participant pools fit the cluster{where} at once" if len(parts) > 1
+               else f"the participant pool fits the cluster{where}")
     else:
         msg = (f"the cluster{where} fits {max(len(w) for w in plan_waves_)} of {len(parts)} participant pools "
                f"at once; running them in {len(waves)} waves: "

@@ -127,8 +127,9 @@ class GpuCluster:
         """Add or remove GPU worker nodes until there are ``n``; return their node ids."""
         import ray
 
-        while len(self.workers) < n:
-            self.workers.append(self.cluster.add_node(num_cpus=1, num_gpus=1))
+        while len(self.workers) < n:  # each GPU node carries a label naming it (for node_labels tests)
+            self.workers.append(self.cluster.add_node(num_cpus=1, num_gpus=1,
+                                                      labels={"coopt-test-node": f"gpu{len(self.workers)}"}))
         while len(self.workers) > n:
             self.cluster.remove_node(self.workers.pop())
         deadline = time.time() + 60
@@ -265,6 +266,20 @@ def test_adding_a_gpu_node_lets_more_pools_run_at_once(gpu_cluster):
     assert after.waves == [[0, 1, 2, 3]] and "all 4 participant pools fit the cluster (5 nodes)" in after.message
 
 
+def test_node_labels_of_the_live_cluster_select_the_node(gpu_cluster):
+    import ray
+
+    from coopt_ray.optimize import cluster_nodes
+
+    gpu_cluster.gpu_nodes(4)
+    nodes = cluster_nodes()
+    want = next(n["id"] for n in nodes if n["labels"].get("coopt-test-node") == "gpu2")
+    parts = [ParticipantConfig(name=f"l{i}", model="m", num_gpus=1.0, node_labels={"coopt-test-node": "gpu2"})
+             for i in range(2)]
+    plan = plan_waves(parts, ray.cluster_resources(), nodes=nodes)
+    assert plan.waves == [[0], [1]] and plan.placement == [{0: [want]}, {1: [want]}]
+
+
 @pytest.mark.slow
 def test_fourth_gpu_node_runs_a_fourth_participant_alongside(gpu_cluster, tmp_path, tiny_models, short_actor_wait):
     gpu_ids = gpu_cluster.gpu_nodes(4)
@@ -278,3 +293,30 @@ def test_fourth_gpu_node_runs_a_fourth_participant_alongside(gpu_cluster, tmp_pa
     print(f"4 GPU nodes, {secs:.1f}s: " + ", ".join(f"{n}->{sorted(v)}" for n, v in where.items()))
     nodes = [next(iter(v)) for v in where.values()]
     assert all(len(v) == 1 for v in where.values()) and len(set(nodes)) == 4 and set(nodes) <= set(gpu_ids)
+
+
+@pytest.mark.slow
+def test_node_labels_put_the_pool_on_the_labelled_node(gpu_cluster, tmp_path, tiny_models, short_actor_wait):
+    import yaml
+
+    from coopt_ray.optimize import cluster_nodes
+
+    gpu_cluster.gpu_nodes(4)
+    want = next(n["id"] for n in cluster_nodes() if n["labels"].get("coopt-test-node") == "gpu3")
+    from coopt_ray.data import Source, shared_subset
+    from coopt_ray.optimize import embed_all
+
+    cfg_path = write_config(tmp_path / "c.yaml", tiny_models[:1], data={"limit": 100})
+    raw = yaml.safe_load(cfg_path.read_text())
+    raw["participants"][0].update(name="lab", num_gpus=1, node_labels={"coopt-test-node": "gpu3"})
+    cfg_path.write_text(yaml.safe_dump(raw))
+    cfg = load_config(cfg_path)
+    run = tmp_path / "run"
+    run.mkdir()
+    source = Source(cfg.data, run)
+    shared = frozenset(shared_subset(source.ids, cfg.shared.fraction, cfg.shared.min, cfg.seed))
+    import ray
+
+    stats = embed_all(cfg, run, source, shared, ray.cluster_resources(), log=print)
+    assert stats[0]["rows"] == 100
+    assert _actor_nodes(["lab"])["lab"] == {want}
