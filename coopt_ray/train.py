@@ -487,7 +487,7 @@ def run_train(cfg: Config, run: str | os.PathLike, address: Optional[str] = None
               log: Callable[[str], None] = print) -> dict:
     """The train stage: RUN/student/{student.pt, metrics.json, _DONE.json}; returns metrics.json content."""
     import ray
-    from ray.train import CheckpointConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from .optimize import DONE, read_done, write_json_atomic
@@ -558,7 +558,9 @@ def run_train(cfg: Config, run: str | os.PathLike, address: Optional[str] = None
             train_loop_per_worker, train_loop_config=loop_cfg, scaling_config=scaling,
             torch_config=TorchConfig(backend="nccl" if s.use_gpu else "gloo"),
             run_config=RunConfig(name=name, storage_path=str(storage),
-                                 checkpoint_config=CheckpointConfig(num_to_keep=2)),
+                                 checkpoint_config=CheckpointConfig(num_to_keep=2),
+                                 # a dead worker restarts the group from the last epoch's checkpoint
+                                 failure_config=FailureConfig(max_failures=3)),
             datasets={"train": ds},
         )
         trainer.fit()
