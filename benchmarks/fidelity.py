@@ -50,6 +50,8 @@ def parse_args(argv=None):
     ap.add_argument("--work", default=None, help="optimize runs go here (default runs/bench-fidelity[-quick])")
     ap.add_argument("--out", default=None, help="result JSON (default benchmarks/results/fidelity[_quick].json)")
     ap.add_argument("--skip", default="", help="comma list of parts to skip: ablations,cross")
+    ap.add_argument("--replot", action="store_true",
+                    help="only re-summarise and re-plot the result JSON (e.g. a run still in progress)")
     a = ap.parse_args(argv)
     q = a.quick
     d = dict(seeds=1 if q else 3, images=2000 if q else None, epochs=4 if q else 20, batch_size=128 if q else 256,
@@ -69,27 +71,41 @@ def parse_args(argv=None):
 
 
 # ---------------------------------------------------------------- optimized datasets
-def optimize_runs(a, teachers: list[dict]) -> dict:
-    """``{name: (run dir, manifest)}`` for every optimized dataset the benchmark trains on."""
+def optimize_specs(a, teachers: list[dict]) -> dict:
+    """``{name: optimize_config kwargs}`` for every optimized dataset the benchmark trains on."""
     from coopt_ray.pipeline import run_optimize
 
     by_acc = sorted(teachers[:4], key=lambda t: t["probe_accuracy"])
     worst, best = by_acc[0], by_acc[-1]
     specs = {"coopt": dict(teachers=teachers[:4])}
     if "ablations" not in a.skip:
-        specs["noalign"] = dict(teachers=teachers[:4], align=False)
         specs["central"] = dict(teachers=[best])
         specs["worst"] = dict(teachers=[worst])
         for name, frac in SHARED_FRACTIONS.items():
             specs[name] = dict(teachers=teachers[:4], shared_fraction=frac, shared_min=2)
-    runs, by_fp, by_emb = {}, {}, {}
-    for name, spec in specs.items():
+    return specs
+
+
+class OptimizedSets:
+    """Runs ``run_optimize`` for a dataset the first time it is needed (main methods train first)."""
+
+    def __init__(self, a, specs: dict):
+        self.a, self.specs, self.runs, self.by_fp, self.by_emb = a, specs, {}, {}, {}
+
+    def __getitem__(self, name: str):
+        if name not in self.runs:
+            self.runs[name] = self._optimize(name, self.specs[name])
+        return self.runs[name]
+
+    def _optimize(self, name: str, spec: dict):
+        from coopt_ray.pipeline import run_optimize
+
+        a, runs, by_fp, by_emb = self.a, self.runs, self.by_fp, self.by_emb
         cfg = optimize_config(limit=a.images, **spec)
         fp = cfg.fingerprint("seed", "data", "participants", "shared", "align")
         if fp in by_fp:  # e.g. in quick mode the 0.05 % subset may equal the default one
-            runs[name] = runs[by_fp[fp]]
             log(f"[fidelity] {name}: same optimized dataset as {by_fp[fp]}")
-            continue
+            return runs[by_fp[fp]]
         run = a.work / name
         emb_fp = cfg.fingerprint("seed", "data", "participants", "shared")
         donor = by_emb.get(emb_fp)
@@ -100,9 +116,34 @@ def optimize_runs(a, teachers: list[dict]) -> dict:
         t0 = time.time()
         man = run_optimize(cfg, run, log=lambda m: None)
         log(f"[fidelity] optimize {name}: best {man['best']} in {time.time() - t0:.0f}s")
-        runs[name] = (run, man)
         by_fp[fp], by_emb[emb_fp] = name, run
-    return runs
+        return run, man
+
+
+def unaligned_targets(run: Path, manifest: dict) -> tuple[np.ndarray, np.ndarray]:
+    """The "no alignment" ablation from the aligned run's own embeddings: every participant's raw
+    psi_k(x) as the target, cut or zero-padded to the best model's width so the shards can be merged
+    (the teachers' widths differ; ``merge`` itself needs one width, so ``align.enabled: false`` cannot
+    merge this zoo)."""
+    import pyarrow.parquet as pq
+
+    from coopt_ray.optimize import column_matrix
+
+    d = manifest["target_dim"]
+    idx, ys = [], []
+    for p in manifest["participants"]:
+        t = pq.read_table(run / "embeddings" / p["name"], columns=["id", "embedding", "owned", "error"])
+        keep = np.asarray(t.column("owned").to_numpy(zero_copy_only=False)) & np.array(
+            [e == "" for e in t.column("error").to_pylist()])
+        x = column_matrix(t.column("embedding"))[keep]
+        y = np.zeros((len(x), d), np.float32)
+        y[:, :min(d, x.shape[1])] = x[:, :d]
+        ids = [i for i, k in zip(t.column("id").to_pylist(), keep) if k]
+        idx.append(np.array([int(i.split("/")[1]) - PUBLIC_SIZE for i in ids]))
+        ys.append(y)
+    idx, y = np.concatenate(idx), np.concatenate(ys)
+    order = np.argsort(idx)
+    return idx[order], y[order]
 
 
 def load_targets(run: Path, n_unlabeled: int) -> tuple[np.ndarray, np.ndarray]:
@@ -266,10 +307,13 @@ def main(argv=None) -> dict:
     import torch
 
     a = parse_args(argv)
+    tag = "_quick" if a.quick else ""
+    if a.replot:
+        res = json.loads(a.out.read_text())
+        return finish(res, a, tag, time.time() - res.get("seconds_total", 0))
     if a.threads:
         torch.set_num_threads(a.threads)
     t_start = time.time()
-    tag = "_quick" if a.quick else ""
     if any(x.startswith("vit_tiny_patch4") for x in a.cross_archs + [a.arch]):
         B.register_small_vit()
     teachers = zoo_teachers(Path(a.zoo), a.quick)
@@ -279,17 +323,7 @@ def main(argv=None) -> dict:
            "machine": machine(), "runs": {}, "optimize": {}}
     res["uniformity_vs_accuracy"] = uniformity_vs_accuracy(teachers)
 
-    start_ray()
-    runs = optimize_runs(a, teachers)
-    import ray
-
-    ray.shutdown()  # free the CPUs for the students
-    for name, (run, man) in runs.items():
-        res["optimize"][name] = {"run": str(run), "best": man["best"], "participants": [
-            {k: p[k] for k in ("name", "model", "uniformity", "aligned", "align_r2", "align_heldout_r2", "shared_rows")}
-            for p in man["participants"]], "shared_rows": len(man.get("shared_ids", [])),
-            "timings": man["timings"]}
-
+    sets = OptimizedSets(a, optimize_specs(a, teachers))
     x_unl, y_unl = fashion_mnist_split("unlabeled")
     n = a.images or len(x_unl)
     images = arrays_to_rgb(x_unl[:n], 32)
@@ -299,11 +333,26 @@ def main(argv=None) -> dict:
     probe_x, probe_y = arrays_to_rgb(x_pub[:a.probe_images], 32), y_pub[:a.probe_images]
     test_x, test_y = arrays_to_rgb(x_te[:a.test_images], 32), y_te[:a.test_images]
     targets = {}
-    for name, (run, _) in runs.items():
-        idx, y = load_targets(run, n)
-        if len(idx) != n or not np.array_equal(idx, np.arange(n)):
-            log(f"[fidelity] {name}: {n - len(idx)} images had no target; training on the {len(idx)} that do")
-        targets[name] = (idx, y)
+
+    def targets_for(name: str):
+        """(row indices, targets) of an optimized dataset, optimizing it first when needed."""
+        if name not in targets:
+            start_ray()
+            run, man = sets["coopt" if name == "noalign" else name]
+            res["optimize"][name] = {"run": str(run), "best": man["best"], "participants": [
+                {k: p[k] for k in ("name", "model", "uniformity", "aligned", "align_r2", "align_heldout_r2",
+                                   "shared_rows")} for p in man["participants"]],
+                "shared_rows": len(man.get("shared_ids", [])), "timings": man["timings"]}
+            if name == "noalign":
+                targets[name] = unaligned_targets(run, man)
+                res["optimize"][name]["note"] = ("coopt's embeddings, unaligned, cut/zero-padded to the best "
+                                                 "model's width")
+            else:
+                targets[name] = load_targets(run, n)
+            idx = targets[name][0]
+            if len(idx) != n:
+                log(f"[fidelity] {name}: {n - len(idx)} images had no target; training on the {len(idx)} that do")
+        return targets[name]
 
     def save():
         write_json(a.out, summarise(json.loads(json.dumps(res, default=float)), a))
@@ -330,7 +379,7 @@ def main(argv=None) -> dict:
             acc = B.random_init_accuracy(arch, 32, seed, prober)
             hist = [{"epoch": e, "loss": None, "train_seconds": 0.0, "probe_accuracy": acc} for e in range(a.epochs + 1)]
         elif method == "coopt":
-            idx, y = targets[data]
+            idx, y = targets_for(data)
             _, hist = B.train_coopt(arch, images[idx], y, seed=seed, probe=prober, log=log, **common)
         elif method == "byol":
             _, hist = B.train_byol(arch, images, seed=seed, probe=prober, log=log, **common)
@@ -341,6 +390,11 @@ def main(argv=None) -> dict:
         res["runs"].setdefault(key, {})[str(seed)] = hist
         log(f"[fidelity] {key} seed {seed}: final {hist[-1]['probe_accuracy']:.4f} ({time.time() - t0:.0f}s)")
         save()
+    return finish(res, a, tag, t_start)
+
+
+def finish(res: dict, a, tag: str, t_start: float) -> dict:
+    """Summary, cross-architecture table and plots; writes the result JSON."""
     res = summarise(json.loads(json.dumps(res, default=float)), a)
     cross = {}
     for arch in a.cross_archs:
