@@ -42,6 +42,13 @@ def _stat(pid: int) -> list[str]:
     return stat[stat.rindex(")") + 2:].split()
 
 
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
 def session_pids(sid: int) -> set[int]:
     """Pids of live processes in session ``sid``: a driver started with start_new_session and all it spawned
     (Ray's GCS, raylet, dashboard and workers keep the driver's session)."""
@@ -125,7 +132,7 @@ def done_marks(run: Path) -> dict:
 LIMIT = 2000
 
 
-def test_driver_killed_mid_optimize_resumes_without_loss(tmp_path, tiny_models, ray_session):
+def test_driver_killed_mid_optimize_resumes_without_loss(tmp_path, tiny_models):
     cfg_path = write_config(tmp_path / "c.yaml", tiny_models, data={"source": "fashion-mnist", "limit": LIMIT},
                             shared={"fraction": 0.05, "min": 16})
     run, log = tmp_path / "run", tmp_path / "killed.log"
@@ -140,9 +147,12 @@ def test_driver_killed_mid_optimize_resumes_without_loss(tmp_path, tiny_models, 
             break
         assert "timed out during startup" in log.read_text(), log.read_text()[-3000:]  # only Ray's start may fail
     assert p.poll() is None, "the driver exited before it could be killed:\n" + log.read_text()[-3000:]
+    dashboards = [_cmdline(pid) for pid in session_pids(p.pid) if "dashboard/dashboard.py" in _cmdline(pid)]
     ray_pids = kill_group(p)
     t_kill = time.time() - t0
     assert len(ray_pids) > 3, "expected the driver's local Ray processes in its session"
+    # Safety, in passing: the local Ray the CLI starts keeps its dashboard on localhost.
+    assert all("--host=127.0.0.1" in c for c in dashboards), dashboards
 
     # A killed driver's local Ray dies with it: GCS, raylet, dashboard, workers (checked by pid, no `ray stop`).
     left = wait_gone(ray_pids | session_pids(p.pid), timeout=60)
@@ -174,7 +184,8 @@ def test_driver_killed_mid_optimize_resumes_without_loss(tmp_path, tiny_models, 
     # Same ids and targets (within 1e-6) as an uninterrupted run with the same seed, to a second --out.
     t2 = time.time()
     ref_run = tmp_path / "reference"
-    ref = run_optimize(load_config(cfg_path), ref_run, log=lambda s: None)
+    assert run_cli(cfg_path, ref_run, tmp_path / "ref.log") == 0, (tmp_path / "ref.log").read_text()[-3000:]
+    ref = json.loads((ref_run / "manifest.json").read_text())
     t_ref = time.time() - t2
     got, want = optimized_by_id(run), optimized_by_id(ref_run)
     assert len(got) == LIMIT and got.keys() == want.keys()
@@ -287,3 +298,69 @@ def test_participant_actor_killed_mid_stream(tmp_path, tiny_models, ray_session,
     assert len(got) == len(set(got)) and set(got) == want
     print(f"\nactor kill: killed pid {victim[1]} at {t_kill:.0f}s after {victim[2]:.1f} CPU-s of embedding; "
           f"actor restarts recorded: {restarts}; run finished in {time.time() - t0:.0f}s")
+
+
+# ---------------------------------------------------------------- 3. train worker killed mid-epoch
+def _my_train_workers() -> dict[str, tuple[str, int]]:
+    """{actor id: (state, pid)} of this Ray cluster's Ray Train worker actors, dead or alive."""
+    import ray._private.state as state
+
+    return {aid: (a.get("State"), int(a.get("Pid") or 0)) for aid, a in state.actors().items()
+            if "RayTrainWorker" in a.get("ActorClassName", "")}
+
+
+def test_train_worker_killed_resumes_from_checkpoint(tmp_path, tiny_models, ray_session):
+    """A Ray Train worker is SIGKILLed after an epoch's checkpoint, while the next epoch runs: FailureConfig
+    restarts the worker group from that checkpoint and training ends with the configured number of epochs,
+    the finished epochs not trained again."""
+    from coopt_ray.train import latest_checkpoint, load_state, run_train
+
+    epochs = 4
+    cfg = load_config(write_config(tmp_path / "c.yaml", tiny_models[:2], data={"source": "fashion-mnist", "limit": 400},
+                                   student={"arch": "resnet10t", "epochs": epochs, "batch_size": 32, "workers": 2}))
+    run = tmp_path / "run"
+    run_optimize(cfg, run, log=lambda s: None)
+    exp = run / "student" / "ray_results" / f"coopt-train-{run.resolve().name}"
+    before_ids = set(_my_train_workers())
+    result: dict = {}
+
+    def work():
+        try:
+            result["metrics"] = run_train(cfg, run, log=lambda s: None)
+        except BaseException as e:  # noqa: BLE001 - re-raised in the test thread
+            result["error"] = e
+
+    t0 = time.time()
+    th = threading.Thread(target=work, daemon=True)
+    th.start()
+    victim = ckpt_history = None
+    while victim is None and th.is_alive() and time.time() - t0 < 900:
+        latest = latest_checkpoint(exp)
+        if latest is not None and latest[1]["epoch"] + 1 < epochs:
+            alive = {aid: pid for aid, (st, pid) in _my_train_workers().items()
+                     if aid not in before_ids and st == "ALIVE" and pid}
+            if len(alive) == 2:
+                try:
+                    ckpt_history = load_state(latest[0])["history"]
+                except (OSError, RuntimeError, EOFError):
+                    continue  # the checkpoint is still being written or pruned: look again
+                aid, pid = sorted(alive.items())[-1]
+                os.kill(pid, signal.SIGKILL)  # mid-epoch: the next epoch started after this checkpoint
+                victim = (aid, pid, latest[1]["epoch"] + 1)
+                break
+        time.sleep(0.05)
+    th.join(timeout=900)
+    assert not th.is_alive(), "training did not finish after a worker was killed"
+    if "error" in result:
+        raise result["error"]
+    assert victim is not None, "training finished before a worker could be killed"
+    assert wait_gone({victim[1]}, 10) == set()
+
+    m = result["metrics"]
+    assert [h["epoch"] for h in m["history"]] == list(range(1, epochs + 1))
+    assert m["history"][:len(ckpt_history)] == ckpt_history, "epochs before the checkpoint were trained again"
+    assert (run / "student" / "student.pt").is_file() and (run / "student" / DONE).is_file()
+    workers = {aid for aid in _my_train_workers() if aid not in before_ids}
+    assert len(workers) >= 4, f"expected a second worker group after the kill, saw {len(workers)} workers"
+    print(f"\ntrain worker kill: killed pid {victim[1]} after epoch {victim[2]}'s checkpoint; "
+          f"{len(workers)} worker actors in all; finished {epochs} epochs in {time.time() - t0:.0f}s")
