@@ -6,7 +6,7 @@ FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 RUN ?= runs/demo
 PYTEST_ARGS ?=
 
-.PHONY: setup test test-all demo zoo data clean
+.PHONY: setup test test-fast demo zoo data clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,11 +26,13 @@ data:
 
 setup: $(VENV)/.installed data
 
+# Every test, the multi-node, job and kill tests included (~13 min on 2 idle cores).
 test: setup
-	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
+	$(PY) -m pytest -q --durations=15 $(PYTEST_ARGS)
 
-test-all: setup
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+# Without the tests marked slow (the longest multi-node and job tests).
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
 zoo: setup
 	$(VENV)/bin/coopt zoo build --out zoo

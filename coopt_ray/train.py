@@ -263,7 +263,8 @@ def train_loop_per_worker(config: dict) -> dict:
 
     ``config`` keys: arch, image_size, target_dim, target_mean (d), target_proj (d x k), epochs,
     batch_size (per worker), lr, weight_decay, seed, fingerprint; optional threads, use_gpu,
-    resume_from (a checkpoint folder used when Ray Train has none), local_checkpoint_dir
+    resume_from (a checkpoint folder used when Ray Train has none), checkpoint_root (the run's
+    checkpoint folder: its newest complete checkpoint wins when newer than Ray Train's), local_checkpoint_dir
     (in-process runs: where checkpoints are kept), log (print per-epoch lines on rank 0).
     """
     import ray.train
@@ -287,13 +288,7 @@ def train_loop_per_worker(config: dict) -> dict:
     proj = torch.as_tensor(np.asarray(config["target_proj"], dtype=np.float32), device=device)
     student = Student(config["arch"], int(config["image_size"]), proj.shape[1])
 
-    ckpt = ray.train.get_checkpoint()
-    resume_dir = None
-    if ckpt is not None:
-        resume_dir = ckpt.path  # local filesystem storage (shared on multi-node clusters)
-    elif config.get("resume_from"):
-        resume_dir = config["resume_from"]
-    state = load_state(resume_dir) if resume_dir else None
+    state, resume_dir = _resume_state(ray.train.get_checkpoint(), config)
     history: list = []
     start = 0
     if state is not None:
@@ -368,6 +363,27 @@ def train_loop_per_worker(config: dict) -> dict:
                     ck = Checkpoint.from_directory(tmp)
                 ray.train.report(metrics, checkpoint=ck, checkpoint_dir_name=name)
     return {"start_epoch": start, "history": history}
+
+
+def _resume_state(ckpt, config: dict) -> tuple[Optional[dict], Optional[str]]:
+    """The newest readable checkpoint: Ray Train's own, ``resume_from``, or the newest complete one in
+    ``checkpoint_root`` (a worker killed right after its checkpoint was persisted, before Ray Train
+    registered it, must not cost that epoch again). Returns ``(state, folder)`` or ``(None, None)``."""
+    dirs = [d for d in (ckpt.path if ckpt is not None else None, config.get("resume_from")) if d]
+    root = config.get("checkpoint_root")
+    if root:
+        found = latest_checkpoint(Path(root))
+        if found is not None and found[1].get("fingerprint") == config.get("fingerprint"):
+            dirs.append(str(found[0]))
+    best = (None, None)
+    for d in dirs:
+        try:
+            st = load_state(d)
+        except (OSError, RuntimeError, EOFError, KeyError, ValueError):
+            continue  # a checkpoint still being copied: take the next one
+        if best[0] is None or int(st["epoch"]) > int(best[0]["epoch"]):
+            best = (st, d)
+    return best
 
 
 def _say(line: str) -> None:
@@ -561,7 +577,7 @@ def run_train(cfg: Config, run: str | os.PathLike, address: Optional[str] = None
             "batch_size": per_worker, "lr": s.lr, "weight_decay": s.weight_decay, "seed": cfg.seed,
             "fingerprint": rfp, "threads": threads, "use_gpu": s.use_gpu,
             "resume_from": str(latest[0]) if latest else None,
-            "local_checkpoint_dir": str(exp) if workers == 0 else None,
+            "local_checkpoint_dir": str(exp) if workers == 0 else None, "checkpoint_root": str(exp),
         }
         ds = training_dataset(run / "optimized", cfg.data.image_size, keep, shuffle_seed=cfg.seed)
         scaling = ScalingConfig(num_workers=workers, use_gpu=s.use_gpu,
