@@ -106,7 +106,7 @@ def train_coopt(arch: str, images: np.ndarray, targets: np.ndarray, epochs: int,
     """CoOpt student: regress standardised targets with ``1 - cos`` (the train stage's objective)."""
     torch.manual_seed(seed)
     size = images.shape[1]
-    fdim = int(build_backbone(arch, size).num_features)
+    fdim = int(build_backbone(arch, size).feature_width)
     mean, proj = target_transform(targets, whiten=whiten, out_dim=fdim)
     y = torch.from_numpy((targets.astype(np.float32) - mean) @ proj)
     torch.manual_seed(seed)
@@ -179,7 +179,7 @@ class BYOL(torch.nn.Module):
         from lightly.models.utils import deactivate_requires_grad
 
         self.backbone = backbone
-        self.projection_head = BYOLProjectionHead(backbone.num_features, hidden, out)
+        self.projection_head = BYOLProjectionHead(backbone.feature_width, hidden, out)
         self.prediction_head = BYOLPredictionHead(out, hidden, out)
         self.backbone_momentum = copy.deepcopy(backbone)
         self.projection_head_momentum = copy.deepcopy(self.projection_head)
@@ -232,7 +232,7 @@ def train_simclr(arch: str, images: np.ndarray, epochs: int, batch_size: int = 2
 
     torch.manual_seed(seed)
     backbone = build_backbone(arch, images.shape[1])
-    head = SimCLRProjectionHead(backbone.num_features, backbone.num_features, 128)
+    head = SimCLRProjectionHead(backbone.feature_width, backbone.feature_width, 128)
     model = torch.nn.ModuleDict({"backbone": backbone, "head": head})
     crit = NTXentLoss(temperature=temperature)
     transform = simclr_transform(images.shape[1])

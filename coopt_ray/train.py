@@ -52,7 +52,18 @@ def build_backbone(arch: str, image_size: int, in_chans: int = 3) -> torch.nn.Mo
         model = timm.create_model(arch, pretrained=False, num_classes=0, in_chans=in_chans)
     if image_size <= 64:
         adapt_stem(model, in_chans)
+    model.feature_width = output_width(model, image_size, in_chans)
     return model
+
+
+def output_width(model: torch.nn.Module, image_size: int, in_chans: int = 3) -> int:
+    """Width of what ``model`` returns for one image (``num_features`` is not always it: timm's
+    MobileNetV3 returns its ``conv_head`` width, 1024, with ``num_classes=0``)."""
+    was = model.training
+    with torch.no_grad():
+        w = int(model.eval()(torch.zeros(1, in_chans, image_size, image_size)).shape[-1])
+    model.train(was)
+    return w
 
 
 def adapt_stem(model: torch.nn.Module, in_chans: int = 3) -> bool:
@@ -77,7 +88,7 @@ class Student(torch.nn.Module):
     def __init__(self, arch: str, image_size: int, out_dim: int):
         super().__init__()
         self.backbone = build_backbone(arch, image_size)
-        self.head = torch.nn.Linear(self.backbone.num_features, out_dim)
+        self.head = torch.nn.Linear(self.backbone.feature_width, out_dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.backbone(x))
@@ -85,7 +96,7 @@ class Student(torch.nn.Module):
 
 def feature_dim(arch: str, image_size: int) -> int:
     """Width of the pooled penultimate features of ``arch``."""
-    return int(build_backbone(arch, image_size).num_features)
+    return int(build_backbone(arch, image_size).feature_width)
 
 
 # ---------------------------------------------------------------- pixels and augmentation

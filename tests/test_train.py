@@ -35,7 +35,16 @@ def test_large_images_keep_the_imagenet_stem():
 def test_vit_is_built_for_the_image_size():
     m = build_backbone("vit_tiny_patch16_224", 32)
     with torch.no_grad():
-        assert m.eval()(torch.zeros(1, 3, 32, 32)).shape == (1, m.num_features)
+        assert m.eval()(torch.zeros(1, 3, 32, 32)).shape == (1, m.feature_width)
+
+
+def test_student_head_takes_the_backbone_output_width():
+    """MobileNetV3 returns its 1024-wide conv_head output, not num_features (288): the head must fit it."""
+    m = build_backbone("mobilenetv3_small_050", 32)
+    assert m.feature_width == 1024 != m.num_features
+    s = Student("mobilenetv3_small_050", 32, 16)
+    with torch.no_grad():
+        assert s.eval()(torch.zeros(2, 3, 32, 32)).shape == (2, 16)
 
 
 def test_unknown_arch_is_a_clear_error():
