@@ -110,7 +110,7 @@ def start_ray(tries: int = 5) -> None:
 
     for i in range(tries):
         try:
-            init_ray(None, log=log)
+            init_ray("local", log=log)  # a fresh Ray of its own, never a `ray start` cluster on the machine
             return
         except Exception as e:  # noqa: BLE001 - Ray raises a bare Exception on start-up timeouts
             if i == tries - 1:

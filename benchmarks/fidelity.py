@@ -49,7 +49,8 @@ def parse_args(argv=None):
     ap.add_argument("--zoo", default=str(ROOT / "zoo"), help="teacher zoo folder (built if missing)")
     ap.add_argument("--work", default=None, help="optimize runs go here (default runs/bench-fidelity[-quick])")
     ap.add_argument("--out", default=None, help="result JSON (default benchmarks/results/fidelity[_quick].json)")
-    ap.add_argument("--skip", default="", help="comma list of parts to skip: ablations,cross")
+    ap.add_argument("--skip", default="", help="comma list of parts to skip: main (the --arch methods), "
+                    "ablations, cross")
     ap.add_argument("--replot", action="store_true",
                     help="only re-summarise and re-plot the result JSON (e.g. a run still in progress)")
     a = ap.parse_args(argv)
@@ -360,9 +361,10 @@ def main(argv=None) -> dict:
     common = dict(epochs=a.epochs, batch_size=a.batch_size, lr=a.lr)
     jobs = []  # (key, arch, method, data name)
     for seed in range(a.seeds):
-        jobs.append(("random_init", a.arch, "random_init", None, seed))
-        jobs += [("coopt", a.arch, "coopt", "coopt", seed), ("byol", a.arch, "byol", None, seed),
-                 ("simclr", a.arch, "simclr", None, seed), ("supervised", a.arch, "supervised", None, seed)]
+        if "main" not in a.skip:  # skipped e.g. to add cross-architecture runs to an earlier result
+            jobs.append(("random_init", a.arch, "random_init", None, seed))
+            jobs += [("coopt", a.arch, "coopt", "coopt", seed), ("byol", a.arch, "byol", None, seed),
+                     ("simclr", a.arch, "simclr", None, seed), ("supervised", a.arch, "supervised", None, seed)]
         if "ablations" not in a.skip:
             for k in ("noalign", "central", "worst", *SHARED_FRACTIONS):
                 jobs.append((k, a.arch, "coopt", k, seed))
@@ -370,7 +372,8 @@ def main(argv=None) -> dict:
             for arch in a.cross_archs:
                 if arch == a.arch:
                     continue
-                jobs += [(f"cross/{arch}/coopt", arch, "coopt", "coopt", seed),
+                jobs += [(f"cross/{arch}/random_init", arch, "random_init", None, seed),
+                         (f"cross/{arch}/coopt", arch, "coopt", "coopt", seed),
                          (f"cross/{arch}/byol", arch, "byol", None, seed)]
     for key, arch, method, data, seed in jobs:
         prober = B.Prober(probe_x, probe_y, test_x, test_y, epochs=a.probe_epochs, seed=seed)
@@ -398,7 +401,7 @@ def finish(res: dict, a, tag: str, t_start: float) -> dict:
     res = summarise(json.loads(json.dumps(res, default=float)), a)
     cross = {}
     for arch in a.cross_archs:
-        for meth in ("coopt", "byol"):
+        for meth in ("coopt", "byol", "random_init"):
             key = meth if arch == a.arch else f"cross/{arch}/{meth}"
             if res.get(key):
                 cross.setdefault(arch, {})[meth] = res[key]

@@ -49,10 +49,11 @@ def fidelity_tables(r: dict) -> str:
         lines += [f"| {t['name']} | {t['uniformity']:.3f} | {100 * t['probe_accuracy']:.2f} |" for t in uv["teachers"]]
     cross = r.get("cross_arch")
     if cross:
-        lines += ["", "| student architecture | CoOpt % | BYOL % | CoOpt − BYOL (points) |", "| --- | --- | --- | --- |"]
+        lines += ["", "| student architecture | CoOpt % | BYOL % | random init % | CoOpt − BYOL (points) |",
+                  "| --- | --- | --- | --- | --- |"]
         for arch, v in cross.items():
             d = (f"{100 * (v['coopt']['mean'] - v['byol']['mean']):+.2f}" if v.get("coopt") and v.get("byol") else "")
-            lines.append(f"| {arch} | {pct(v.get('coopt'))} | {pct(v.get('byol'))} | {d} |")
+            lines.append(f"| {arch} | {pct(v.get('coopt'))} | {pct(v.get('byol'))} | {pct(v.get('random_init'))} | {d} |")
     return "\n".join(lines)
 
 
