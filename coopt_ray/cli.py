@@ -61,7 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_)
         p.add_argument("--config", required=True, help="YAML config (see configs/)")
         p.add_argument(out_flag, required=True, dest="out", help="run directory")
-        p.add_argument("--address", default=None, help="Ray cluster address (auto, ray://host:10001); default local")
+        p.add_argument("--address", default=None, help="Ray cluster address (auto, ray://host:10001); default: $RAY_ADDRESS, else a cluster started "
+                       "with `ray start` on this machine, else a new local Ray")
         p.add_argument("--zoo", default=None, help="teacher zoo directory (overrides zoo_dir in the config)")
         p.set_defaults(fn=fn)
         return p
