@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from .evaluate import linear_probe
-from .train import (PIXEL_MEAN, PIXEL_STD, BatchAugment, Student, build_backbone, normalize_pixels,
+from .train import (PIXEL_MEAN, PIXEL_STD, BatchAugment, Student, build_backbone, feature_dim, normalize_pixels,
                     target_transform, to_float_nchw)
 
 METHODS = ("coopt", "byol", "simclr", "supervised")
@@ -106,7 +106,7 @@ def train_coopt(arch: str, images: np.ndarray, targets: np.ndarray, epochs: int,
     """CoOpt student: regress standardised targets with ``1 - cos`` (the train stage's objective)."""
     torch.manual_seed(seed)
     size = images.shape[1]
-    fdim = int(build_backbone(arch, size).feature_width)
+    fdim = feature_dim(arch, size)
     mean, proj = target_transform(targets, whiten=whiten, out_dim=fdim)
     y = torch.from_numpy((targets.astype(np.float32) - mean) @ proj)
     torch.manual_seed(seed)

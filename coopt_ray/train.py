@@ -30,6 +30,7 @@ from .config import Config
 STATE = "state.pt"           # inside a checkpoint dir: model/optimizer state + history (torch.save)
 META = "meta.json"           # inside a checkpoint dir: epoch + fingerprint, readable without torch
 CKPT_PREFIX = "checkpoint_epoch_"
+SHUFFLE_BUFFER = 2048       # rows in each worker's local shuffle buffer (reseeded every epoch)
 PIXEL_MEAN = (0.5, 0.5, 0.5)
 PIXEL_STD = (0.5, 0.5, 0.5)
 
@@ -334,7 +335,7 @@ def train_loop_per_worker(config: dict) -> dict:
         seen = 0
         for batch in shard.iter_torch_batches(batch_size=bs, drop_last=True,
                                               dtypes={"image": torch.uint8, "target": torch.float32},
-                                              local_shuffle_buffer_size=int(config.get("shuffle_buffer", 2048)),
+                                              local_shuffle_buffer_size=SHUFFLE_BUFFER,
                                               local_shuffle_seed=seed * 100_003 + epoch * 1_009 + rank):
             x = to_float_nchw(batch["image"].to(device))
             x = normalize_pixels(aug(x, gen))
@@ -379,22 +380,27 @@ def train_loop_per_worker(config: dict) -> dict:
 def _resume_state(ckpt, config: dict) -> tuple[Optional[dict], Optional[str]]:
     """The newest readable checkpoint: Ray Train's own, ``resume_from``, or the newest complete one in
     ``checkpoint_root`` (a worker killed right after its checkpoint was persisted, before Ray Train
-    registered it, must not cost that epoch again). Returns ``(state, folder)`` or ``(None, None)``."""
+    registered it, must not cost that epoch again). Candidates are ranked by their ``meta.json`` epoch and
+    only the newest loadable ``state.pt`` is read. Returns ``(state, folder)`` or ``(None, None)``."""
     dirs = [d for d in (ckpt.path if ckpt is not None else None, config.get("resume_from")) if d]
     root = config.get("checkpoint_root")
     if root:
         found = latest_checkpoint(Path(root))
         if found is not None and found[1].get("fingerprint") == config.get("fingerprint"):
             dirs.append(str(found[0]))
-    best = (None, None)
-    for d in dirs:
+
+    def epoch_of(d: str) -> int:
         try:
-            st = load_state(d)
+            return int(json.loads((Path(d) / META).read_text())["epoch"])
+        except (OSError, ValueError, KeyError):
+            return -1
+
+    for d in sorted(dirs, key=epoch_of, reverse=True):
+        try:
+            return load_state(d), d
         except (OSError, RuntimeError, EOFError, KeyError, ValueError):
             continue  # a checkpoint still being copied: take the next one
-        if best[0] is None or int(st["epoch"]) > int(best[0]["epoch"]):
-            best = (st, d)
-    return best
+    return None, None
 
 
 def _say(line: str) -> None:
@@ -463,8 +469,7 @@ def subset_ids(ids: list[str], limit: Optional[int], seed: int) -> Optional[froz
     return frozenset(ids[j] for j in np.argsort(h, kind="stable")[:limit])
 
 
-def training_dataset(opt_dir: Path, image_size: int, keep: Optional[frozenset] = None, shuffle_seed=None,
-                     materialize: bool = True):
+def training_dataset(opt_dir: Path, image_size: int, keep: Optional[frozenset] = None, shuffle_seed=None):
     """RUN/optimized as a Ray Dataset of decoded uint8 images + targets.
 
     The merged parts are grouped by participant, so the rows are globally shuffled once (seeded); the
@@ -480,10 +485,8 @@ def training_dataset(opt_dir: Path, image_size: int, keep: Optional[frozenset] =
     ds = ds.random_shuffle(seed=shuffle_seed)
     ds = ds.map_batches(decode_batch, batch_format="numpy", fn_kwargs={"image_size": image_size},
                         batch_size=256)
+    ds = ds.materialize()
     ds.set_name("student_train")
-    if materialize:
-        ds = ds.materialize()
-        ds.set_name("student_train")
     return ds
 
 
