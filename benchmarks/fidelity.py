@@ -27,6 +27,19 @@ from coopt_ray.data import PUBLIC_SIZE, fashion_mnist_split  # noqa: E402
 from coopt_ray.train import arrays_to_rgb, read_targets  # noqa: E402
 
 SHARED_FRACTIONS = {"shared_0.05": 0.0005, "shared_0.2": 0.002, "shared_1": 0.01}
+ABLATIONS = ("noalign", "central", "worst", *SHARED_FRACTIONS)
+
+
+class FinalProbe:
+    """Probes only after the last epoch (the ablations report final accuracy; a probe costs about as much
+    as an epoch of a small student on 2 CPU cores). ``fit`` calls it before training and after each epoch."""
+
+    def __init__(self, prober, epochs: int):
+        self.prober, self.epochs, self.calls = prober, epochs, 0
+
+    def __call__(self, backbone):
+        self.calls += 1
+        return self.prober(backbone) if self.calls == self.epochs + 1 else None
 
 
 def parse_args(argv=None):
@@ -34,6 +47,8 @@ def parse_args(argv=None):
     ap.add_argument("--quick", action="store_true", help="1 seed, small data, tiny student")
     ap.add_argument("--seeds", type=int, help="number of seeds (default 3, quick 1)")
     ap.add_argument("--images", type=int, help="unlabeled training images (default all 50k, quick 2,000)")
+    ap.add_argument("--pool", type=int, help="unlabeled images the optimize stage runs on (default: --images); "
+                    "the students train on the first --images of them, so shared-subset fractions are of the pool")
     ap.add_argument("--epochs", type=int, help="student epochs (default 20, quick 4)")
     ap.add_argument("--batch-size", type=int, default=None, help="default 256, quick 128")
     ap.add_argument("--arch", help="student architecture (default resnet18, quick test_vit)")
@@ -45,6 +60,10 @@ def parse_args(argv=None):
     ap.add_argument("--test-images", type=int, help="test images (default 10,000, quick 1,000)")
     ap.add_argument("--probe-epochs", type=int, help="linear-probe epochs (default 100, quick 30)")
     ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--whiten", action="store_true", help="CoOpt students regress PCA-whitened targets "
+                    "(student.whiten) instead of per-dimension standardised ones")
+    ap.add_argument("--methods", default="", help="comma list: train only these result keys (e.g. "
+                    "coopt,byol,shared_0.05; default all)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     ap.add_argument("--zoo", default=str(ROOT / "zoo"), help="teacher zoo folder (built if missing)")
     ap.add_argument("--work", default=None, help="optimize runs go here (default runs/bench-fidelity[-quick])")
@@ -68,6 +87,9 @@ def parse_args(argv=None):
     a.out = Path(a.out or RESULTS / f"fidelity{tag}.json")
     a.cross_archs = [s for s in a.cross_archs.split(",") if s]
     a.skip = {s for s in a.skip.split(",") if s}
+    a.methods = {s for s in a.methods.split(",") if s}
+    if a.pool is not None and a.images is not None and a.pool < a.images:
+        ap.error(f"--pool {a.pool} is smaller than --images {a.images}")
     return a
 
 
@@ -102,7 +124,7 @@ class OptimizedSets:
         from coopt_ray.pipeline import run_optimize
 
         a, runs, by_fp, by_emb = self.a, self.runs, self.by_fp, self.by_emb
-        cfg = optimize_config(limit=a.images, **spec)
+        cfg = optimize_config(limit=a.pool or a.images, **spec)
         fp = cfg.fingerprint("seed", "data", "participants", "shared", "align")
         if fp in by_fp:  # e.g. in quick mode the 0.05 % subset may equal the default one
             log(f"[fidelity] {name}: same optimized dataset as {by_fp[fp]}")
@@ -169,6 +191,8 @@ def summarise(res: dict, a) -> dict:
     for key, per_seed in runs.items():
         finals = [h[-1]["probe_accuracy"] for h in per_seed.values()]
         out[key] = mean_std(finals)
+        if any(e["probe_accuracy"] is None for h in per_seed.values() for e in h):
+            continue  # probed after the last epoch only: no curve
         ep = min(len(h) for h in per_seed.values())
         curves[key] = {
             "epoch": list(range(ep)),
@@ -350,6 +374,8 @@ def main(argv=None) -> dict:
                                                  "model's width")
             else:
                 targets[name] = load_targets(run, n)
+            idx, y = targets[name]
+            targets[name] = idx[idx < n], y[idx < n]  # the pool may be larger than the training images
             idx = targets[name][0]
             if len(idx) != n:
                 log(f"[fidelity] {name}: {n - len(idx)} images had no target; training on the {len(idx)} that do")
@@ -366,7 +392,7 @@ def main(argv=None) -> dict:
             jobs += [("coopt", a.arch, "coopt", "coopt", seed), ("byol", a.arch, "byol", None, seed),
                      ("simclr", a.arch, "simclr", None, seed), ("supervised", a.arch, "supervised", None, seed)]
         if "ablations" not in a.skip:
-            for k in ("noalign", "central", "worst", *SHARED_FRACTIONS):
+            for k in ABLATIONS:
                 jobs.append((k, a.arch, "coopt", k, seed))
         if "cross" not in a.skip:
             for arch in a.cross_archs:
@@ -375,15 +401,20 @@ def main(argv=None) -> dict:
                 jobs += [(f"cross/{arch}/random_init", arch, "random_init", None, seed),
                          (f"cross/{arch}/coopt", arch, "coopt", "coopt", seed),
                          (f"cross/{arch}/byol", arch, "byol", None, seed)]
+    if a.methods:
+        jobs = [j for j in jobs if j[0] in a.methods]
     for key, arch, method, data, seed in jobs:
         prober = B.Prober(probe_x, probe_y, test_x, test_y, epochs=a.probe_epochs, seed=seed)
+        if key in ABLATIONS:
+            prober = FinalProbe(prober, a.epochs)
         t0 = time.time()
         if method == "random_init":
             acc = B.random_init_accuracy(arch, 32, seed, prober)
             hist = [{"epoch": e, "loss": None, "train_seconds": 0.0, "probe_accuracy": acc} for e in range(a.epochs + 1)]
         elif method == "coopt":
             idx, y = targets_for(data)
-            _, hist = B.train_coopt(arch, images[idx], y, seed=seed, probe=prober, log=log, **common)
+            _, hist = B.train_coopt(arch, images[idx], y, seed=seed, whiten=a.whiten, probe=prober, log=log,
+                                   **common)
         elif method == "byol":
             _, hist = B.train_byol(arch, images, seed=seed, probe=prober, log=log, **common)
         elif method == "simclr":

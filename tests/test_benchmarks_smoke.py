@@ -23,7 +23,10 @@ def test_methods_train_and_summarise():
         "byol": B.train_byol("test_vit", images, **kw)[1],
         "simclr": B.train_simclr("test_vit", images, **kw)[1],
         "supervised": B.train_supervised("test_vit", images, labels, **kw)[1],
+        # an ablation: probed after its last epoch only
+        "noalign": B.train_coopt("test_vit", images, targets, **{**kw, "probe": fidelity.FinalProbe(probe, 1)})[1],
     }
+    assert runs["noalign"][0]["probe_accuracy"] is None and runs["noalign"][-1]["probe_accuracy"] is not None
     for hist in runs.values():
         assert [h["epoch"] for h in hist] == [0, 1]
         assert 0.0 <= hist[-1]["probe_accuracy"] <= 1.0 and np.isfinite(hist[-1]["loss"])
@@ -32,3 +35,4 @@ def test_methods_train_and_summarise():
         assert set(res[k]) == {"mean", "std", "n"}
     assert set(res["time_to_byol_final"]) >= {"byol", "coopt", "byol_final_accuracy"}
     assert "coopt_minus_byol_points" in res["goals"]
+    assert "coopt" in res["curves"] and "noalign" not in res["curves"]
