@@ -24,7 +24,9 @@ def pct(v):
 
 def fidelity_tables(r: dict) -> str:
     s = r["settings"]
-    lines = [f"Student `{s['arch']}`, {s['images'] or 50000} unlabeled images, {s['epochs']} epochs, batch "
+    pool = s.get("pool") or s["images"] or 50000
+    lines = [f"Student `{s['arch']}`, trained on {s['images'] or 50000} unlabeled images (optimize stage over "
+             f"{pool}), {s['epochs']} epochs, batch "
              f"{s['batch_size']}, AdamW lr {s['lr']:g}, {s['seeds']} seed(s); probe: {s['probe_images']} labeled "
              f"public images -> {s['test_images']} test images, {s['probe_epochs']} probe epochs.", "",
              "| method | final probe accuracy % (mean ± std) | shared images |", "| --- | --- | --- |"]
@@ -54,6 +56,26 @@ def fidelity_tables(r: dict) -> str:
         for arch, v in cross.items():
             d = (f"{100 * (v['coopt']['mean'] - v['byol']['mean']):+.2f}" if v.get("coopt") and v.get("byol") else "")
             lines.append(f"| {arch} | {pct(v.get('coopt'))} | {pct(v.get('byol'))} | {pct(v.get('random_init'))} | {d} |")
+    return "\n".join(lines)
+
+
+def levers_table(files) -> str:
+    """One row per lever run (benchmarks/results/levers/*.json): its settings and final accuracies."""
+    keys = ("coopt", "byol", "noalign", "central", "worst", "shared_0.05", "shared_0.2", "shared_1")
+    lines = ["| run | pool | targets | epochs | probe / test | seeds | " + " | ".join(keys) + " |",
+             "| --- " * (6 + len(keys)) + "|"]
+    for f in files:
+        r = json.loads(f.read_text())
+        s = r["settings"]
+        rows = [(f.stem, s["seeds"], [r[k]["mean"] if r.get(k) else None for k in keys])]
+        if s["seeds"] > 1:  # the lever runs are seed 0: its row of this run is the paired comparison
+            seed0 = [r["runs"].get(k, {}).get("0", [{}])[-1].get("probe_accuracy") for k in keys]
+            rows.append((f"{f.stem} (seed 0 only)", 1, seed0))
+        for name, seeds, vals in rows:
+            cells = ["" if v is None else f"{100 * v:.2f}" for v in vals]
+            lines.append(f"| {name} | {s.get('pool') or s['images']} | "
+                         f"{'whitened' if s.get('whiten') else 'standardised'} | {s['epochs']} | "
+                         f"{s['probe_images']} / {s['test_images']} | {seeds} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -100,6 +122,9 @@ def main():
         p = RESULTS / f"{name}{tag}.json"
         if p.exists():
             print(f"### {name}{tag}\n\n{fn(json.loads(p.read_text()))}\n")
+    levers = sorted((RESULTS / "levers").glob("*.json"))
+    if levers and not a.quick:
+        print(f"### levers (final probe accuracy %)\n\n{levers_table(levers)}\n")
 
 
 if __name__ == "__main__":
