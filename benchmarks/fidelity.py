@@ -7,6 +7,12 @@ run per ablation config, shared by all seeds); only the student training is repe
 
     python benchmarks/fidelity.py --quick          # 1 seed, small data, tiny student (~15 min idle CPU)
     python benchmarks/fidelity.py                  # 3 seeds, 50k images, resnet18 (GPU-sized)
+    python benchmarks/fidelity.py --seeds 3 --images 1500 --pool 50000 --epochs 6 --arch resnet10t \
+        --batch-size 64 --probe-images 1000 --test-images 1000 --probe-epochs 50 \
+        --cross-archs resnet10t,mobilenetv3_small_100,test_vit   # the committed CPU-sized run (~80 min)
+
+With ``--pool`` the optimize stage runs on that many unlabeled images (so the shared subset is a fraction
+of the whole pool, as in the method) and every method trains on the first ``--images`` of them.
 
 Writes benchmarks/results/fidelity[_quick].json and PNG plots next to it.
 """
