@@ -381,10 +381,10 @@ def main(argv=None) -> dict:
             else:
                 targets[name] = load_targets(run, n)
             idx, y = targets[name]
-            targets[name] = idx[idx < n], y[idx < n]  # the pool may be larger than the training images
-            idx = targets[name][0]
-            if len(idx) != n:
-                log(f"[fidelity] {name}: {n - len(idx)} images had no target; training on the {len(idx)} that do")
+            keep = idx < n  # the pool may be larger than the training images
+            targets[name] = idx[keep], y[keep]
+            if keep.sum() != n:
+                log(f"[fidelity] {name}: {n - keep.sum()} images had no target; training on the {keep.sum()} that do")
         return targets[name]
 
     def save():
