@@ -29,7 +29,7 @@ import numpy as np
 from common import RESULTS, ROOT, log, machine, optimize_config, start_ray, write_json, zoo_teachers
 
 from coopt_ray import baselines as B  # noqa: E402
-from coopt_ray.data import PUBLIC_SIZE, fashion_mnist_split  # noqa: E402
+from coopt_ray.data import PUBLIC_SIZE, fashion_mnist_split, shared_size  # noqa: E402
 from coopt_ray.train import arrays_to_rgb, read_targets  # noqa: E402
 
 SHARED_FRACTIONS = {"shared_0.05": 0.0005, "shared_0.2": 0.002, "shared_1": 0.01}
@@ -118,8 +118,8 @@ def optimize_specs(a, teachers: list[dict]) -> dict:
 class OptimizedSets:
     """Runs ``run_optimize`` for a dataset the first time it is needed (main methods train first)."""
 
-    def __init__(self, a, specs: dict):
-        self.a, self.specs, self.runs, self.by_fp, self.by_emb = a, specs, {}, {}, {}
+    def __init__(self, a, specs: dict, pool_size: int):
+        self.a, self.specs, self.pool_size, self.runs, self.by_fp, self.by_emb = a, specs, pool_size, {}, {}, {}
 
     def __getitem__(self, name: str):
         if name not in self.runs:
@@ -131,8 +131,11 @@ class OptimizedSets:
 
         a, runs, by_fp, by_emb = self.a, self.runs, self.by_fp, self.by_emb
         cfg = optimize_config(limit=a.pool or a.images, **spec)
-        fp = cfg.fingerprint("seed", "data", "participants", "shared", "align")
-        if fp in by_fp:  # e.g. in quick mode the 0.05 % subset may equal the default one
+        # S is fixed by the seed and its size alone (data.shared_subset), so two configs whose fraction/min
+        # resolve to the same size (e.g. 0.05 % of 50k and the default) are the same optimized dataset
+        s = shared_size(self.pool_size, cfg.shared.fraction, cfg.shared.min)
+        fp = f"{cfg.fingerprint('seed', 'data', 'participants', 'align')}/S{s}"
+        if fp in by_fp:
             log(f"[fidelity] {name}: same optimized dataset as {by_fp[fp]}")
             return runs[by_fp[fp]]
         run = a.work / name
@@ -175,7 +178,7 @@ def unaligned_targets(run: Path, manifest: dict) -> tuple[np.ndarray, np.ndarray
     return idx[order], y[order]
 
 
-def load_targets(run: Path, n_unlabeled: int) -> tuple[np.ndarray, np.ndarray]:
+def load_targets(run: Path) -> tuple[np.ndarray, np.ndarray]:
     """(indices into the unlabeled split, target matrix) of RUN/optimized, sorted by index."""
     ids, y = read_targets(run / "optimized")
     idx = np.array([int(i.split("/")[1]) - PUBLIC_SIZE for i in ids])
@@ -354,8 +357,8 @@ def main(argv=None) -> dict:
            "machine": machine(), "runs": {}, "optimize": {}}
     res["uniformity_vs_accuracy"] = uniformity_vs_accuracy(teachers)
 
-    sets = OptimizedSets(a, optimize_specs(a, teachers))
     x_unl, y_unl = fashion_mnist_split("unlabeled")
+    sets = OptimizedSets(a, optimize_specs(a, teachers), a.pool or a.images or len(x_unl))
     n = a.images or len(x_unl)
     images = arrays_to_rgb(x_unl[:n], 32)
     labels = y_unl[:n]
@@ -379,7 +382,7 @@ def main(argv=None) -> dict:
                 res["optimize"][name]["note"] = ("coopt's embeddings, unaligned, cut/zero-padded to the best "
                                                  "model's width")
             else:
-                targets[name] = load_targets(run, n)
+                targets[name] = load_targets(run)
             idx, y = targets[name]
             keep = idx < n  # the pool may be larger than the training images
             targets[name] = idx[keep], y[keep]
