@@ -142,7 +142,7 @@ for n in sorted(ray.nodes(), key=lambda n: n["Resources"].get("GPU", 0)):
     if n["Alive"]:
         r = n["Resources"]
         print(f"node {n['NodeID'][:12]}  CPU {r.get('CPU', 0):g}  GPU {r.get('GPU', 0):g}")
-print("cluster:", {k: v for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU")})
+print("cluster:", {k: ray.cluster_resources().get(k, 0.0) for k in ("CPU", "GPU")})  # fixed key order
 EOF
 }
 
