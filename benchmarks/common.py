@@ -106,7 +106,7 @@ def start_ray(tries: int = 5) -> None:
     Ray's fixed 30 s start-up window."""
     import ray
 
-    from coopt_ray.pipeline import init_ray
+    from coopt_ray.cluster import init_ray
 
     for i in range(tries):
         try:

@@ -30,7 +30,8 @@ from common import RESULTS, ROOT, log, machine, optimize_config, start_ray, writ
 
 from coopt_ray import baselines as B  # noqa: E402
 from coopt_ray.data import PUBLIC_SIZE, fashion_mnist_split, shared_size  # noqa: E402
-from coopt_ray.train import arrays_to_rgb, read_targets  # noqa: E402
+from coopt_ray.images import arrays_to_rgb  # noqa: E402
+from coopt_ray.train import read_targets  # noqa: E402
 
 SHARED_FRACTIONS = {"shared_0.05": 0.0005, "shared_0.2": 0.002, "shared_1": 0.01}
 ABLATIONS = ("noalign", "central", "worst", *SHARED_FRACTIONS)
@@ -102,7 +103,6 @@ def parse_args(argv=None):
 # ---------------------------------------------------------------- optimized datasets
 def optimize_specs(a, teachers: list[dict]) -> dict:
     """``{name: optimize_config kwargs}`` for every optimized dataset the benchmark trains on."""
-    from coopt_ray.pipeline import run_optimize
 
     by_acc = sorted(teachers[:4], key=lambda t: t["probe_accuracy"])
     worst, best = by_acc[0], by_acc[-1]
@@ -159,7 +159,7 @@ def unaligned_targets(run: Path, manifest: dict) -> tuple[np.ndarray, np.ndarray
     merge this zoo)."""
     import pyarrow.parquet as pq
 
-    from coopt_ray.optimize import column_matrix
+    from coopt_ray.embeddings import column_matrix
 
     d = manifest["target_dim"]
     idx, ys = [], []

@@ -57,7 +57,8 @@ def plain_optimize(cfg, run: Path, threads: int) -> dict:
     import torch
 
     from coopt_ray.config import resolve_model
-    from coopt_ray.data import decode_image, owner_of, shared_subset
+    from coopt_ray.data import owner_of, shared_subset
+    from coopt_ray.images import decode_image
     from coopt_ray.models import load_model
 
     old = torch.get_num_threads()
@@ -243,7 +244,8 @@ def train_compare(a, cfg) -> dict:
     import dataclasses
 
     from coopt_ray.data import PUBLIC_SIZE, fashion_mnist_split
-    from coopt_ray.train import arrays_to_rgb, read_targets, run_train, subset_ids
+    from coopt_ray.images import arrays_to_rgb
+    from coopt_ray.train import read_targets, run_train, subset_ids
 
     run = a.work / "opt_1actor"
     if not (run / "manifest.json").exists():
@@ -268,7 +270,7 @@ def train_compare(a, cfg) -> dict:
         ids, y = [i for i, k in zip(ids, sel) if k], y[sel]
     x_unl, _ = fashion_mnist_split("unlabeled")
     images = arrays_to_rgb(x_unl[[int(i.split("/")[1]) - PUBLIC_SIZE for i in ids]], 32)
-    log(f"[throughput] train: plain loop, same model/rows/batch, 1 thread")
+    log("[throughput] train: plain loop, same model/rows/batch, 1 thread")
     plain = plain_train(a.train_arch, images, y, a.train_epochs, a.batch_size, threads=1)
     out = {"arch": a.train_arch, "rows": len(ids),
            "ray": {"history": hist, "samples_per_s": ray_rate, "samples_per_s_mean": round(ray_mean, 2),

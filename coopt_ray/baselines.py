@@ -2,10 +2,10 @@
 
 Every method shares one loop (:func:`fit`): the same timm backbone (``train.build_backbone``), AdamW
 with the same lr / weight decay, batch size and epochs, and the same per-epoch linear probe
-(``evaluate.linear_probe`` on frozen pooled features). Only the objective differs:
+(``probe.linear_probe`` on frozen pooled features). Only the objective differs:
 
 * ``coopt``: ``train.Student`` regressing standardised targets (``train.target_transform``) with
-  ``1 - cos``, on ``train.BatchAugment`` views, exactly as ``train.train_loop_per_worker`` does;
+  ``1 - cos``, on ``images.BatchAugment`` views, exactly as ``train.train_loop_per_worker`` does;
 * ``byol`` / ``simclr``: lightly's heads, losses, momentum helpers and transforms;
 * ``supervised``: cross-entropy on the labels (an upper bound), on ``BatchAugment`` views.
 
@@ -21,27 +21,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .evaluate import linear_probe
-from .train import (PIXEL_MEAN, PIXEL_STD, BatchAugment, Student, build_backbone, feature_dim, normalize_pixels,
-                    target_transform, to_float_nchw)
+from .images import PIXEL_MEAN, PIXEL_STD, BatchAugment, normalize_pixels, to_float_nchw
+from .probe import backbone_features, linear_probe
+from .student import Student, build_backbone, feature_dim, target_transform
 
 METHODS = ("coopt", "byol", "simclr", "supervised")
 
 
 # ---------------------------------------------------------------- features and the probe
-@torch.no_grad()
-def backbone_features(backbone: torch.nn.Module, images: np.ndarray, batch_size: int = 512) -> np.ndarray:
-    """Pooled penultimate features of uint8 (N, S, S, 3) images, un-augmented, eval mode."""
-    was = backbone.training
-    backbone.eval()
-    out = []
-    for s in range(0, len(images), batch_size):
-        x = normalize_pixels(to_float_nchw(torch.from_numpy(images[s:s + batch_size])))
-        out.append(backbone(x).float())
-    backbone.train(was)
-    return torch.cat(out).numpy()
-
-
 class Prober:
     """Linear-probe accuracy of a backbone: probe split -> classifier -> test split (RELA's protocol)."""
 

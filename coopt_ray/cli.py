@@ -7,7 +7,9 @@ import os
 import sys
 from typing import Optional, Sequence
 
-from .config import Config, ConfigError, check_paths, load_config
+from .config import Config, ConfigError, load_config
+from .preflight import check_paths
+from .rundir import RunError
 
 
 def _log(msg: str) -> None:
@@ -127,8 +129,6 @@ def _register_more(sub, stage) -> None:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point: returns the process exit code (2 for config errors)."""
-    from .pipeline import RunError
-
     args = build_parser().parse_args(argv)
     try:
         return args.fn(args)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-import io
 import math
 import os
 import struct
@@ -20,6 +19,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .config import DEFAULT_FASHION_MNIST_DIR, ConfigError, DataConfig
+from .images import encode_png
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 FASHION_MNIST_CLASSES = (
@@ -82,15 +82,6 @@ def fashion_mnist_split(name: str, path: Optional[str] = None) -> tuple[np.ndarr
     raise ValueError(f"unknown Fashion-MNIST split {name!r}")
 
 
-def encode_png(arr: np.ndarray) -> bytes:
-    """PNG bytes of a uint8 HxW or HxWx3 array."""
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.fromarray(arr).save(buf, format="PNG", compress_level=1)
-    return buf.getvalue()
-
-
 def write_array_source(images: np.ndarray, labels: np.ndarray, ids: Sequence[str], out: Path,
                        rows_per_file: int = 10_000) -> None:
     """Write arrays as a Parquet source (id, PNG image, label) under ``out``."""
@@ -102,33 +93,6 @@ def write_array_source(images: np.ndarray, labels: np.ndarray, ids: Sequence[str
             schema=SOURCE_SCHEMA,
         )
         pq.write_table(table, out / f"part-{start // rows_per_file:05d}.parquet")
-
-
-# ---------------------------------------------------------------- image decoding
-def decode_image(data: bytes) -> "PIL.Image.Image":  # noqa: F821
-    """Decode encoded image bytes to an RGB PIL image; raise ValueError with a reason."""
-    from PIL import Image, UnidentifiedImageError
-
-    if data is None or len(data) == 0:
-        raise ValueError("empty file (0 bytes)")
-    try:
-        img = Image.open(io.BytesIO(data))
-        img.draft("RGB", (512, 512))  # JPEG: decode huge images at reduced size
-        img.load()
-    except UnidentifiedImageError:
-        raise ValueError("not a recognised image format") from None
-    except (OSError, SyntaxError, Image.DecompressionBombError) as e:
-        raise ValueError(f"unreadable image: {e}") from None
-    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        a = np.asarray(img, dtype=np.float64)
-        lo, hi = float(a.min()), float(a.max())
-        a = (a - lo) / (hi - lo) * 255.0 if hi > lo else np.zeros_like(a)
-        img = Image.fromarray(a.astype(np.uint8))
-    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
-        img = img.convert("RGBA")
-        bg = Image.new("RGBA", img.size, (255, 255, 255, 255))
-        img = Image.alpha_composite(bg, img)
-    return img.convert("RGB")
 
 
 # ---------------------------------------------------------------- listing ids

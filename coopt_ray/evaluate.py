@@ -1,117 +1,26 @@
-"""Linear-probe evaluation (DESIGN.md §1 step 7): frozen features -> linear classifier -> test accuracy.
-
-The same probe scores teachers (zoo), baselines and the student, so all numbers are comparable.
-"""
+"""The evaluate stage (DESIGN.md §1 step 7): the same linear probe (probe.py) scores the student, every
+teacher and a random-init student on a labeled split, one Ray task each; writes RUN/eval.json."""
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
+import os
+import time
+from pathlib import Path
 from typing import Optional
 
 import numpy as np
 import torch
 
-
-# ---------------------------------------------------------------- the probe (pure torch, CPU)
-def linear_probe(train_x, train_y, test_x, test_y, epochs: int = 100, lr: float = 1e-3,
-                 batch_size: int = 256, seed: int = 0, last_k: int = 5) -> float:
-    """Test accuracy of a linear classifier trained on frozen features.
-
-    Features are standardised with the train split's mean/std; an ``nn.Linear`` is trained with
-    Adam and cross-entropy on shuffled mini-batches for ``epochs`` epochs. Returns the mean test
-    accuracy over the last ``last_k`` epochs (as RELA does), which smooths epoch-to-epoch noise.
-    Labels are ints in ``[0, C)``; C is taken from both splits. Seeded and deterministic on CPU.
-    """
-    xtr = torch.as_tensor(np.asarray(train_x, dtype=np.float32))
-    xte = torch.as_tensor(np.asarray(test_x, dtype=np.float32))
-    ytr = torch.as_tensor(np.asarray(train_y, dtype=np.int64))
-    yte = torch.as_tensor(np.asarray(test_y, dtype=np.int64))
-    if xtr.ndim != 2 or xte.ndim != 2 or xtr.shape[1] != xte.shape[1]:
-        raise ValueError(f"linear_probe needs 2-D features of equal width, got {tuple(xtr.shape)} and {tuple(xte.shape)}")
-    if len(xtr) != len(ytr) or len(xte) != len(yte):
-        raise ValueError("linear_probe: features and labels differ in length")
-    if len(xtr) == 0 or len(xte) == 0:
-        raise ValueError("linear_probe needs non-empty train and test splits")
-    mean = xtr.mean(0, keepdim=True)
-    std = xtr.std(0, keepdim=True, unbiased=False).clamp_min(1e-6)
-    xtr = (xtr - mean) / std
-    xte = (xte - mean) / std
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny matmuls: one thread is fastest and immune to CPU contention
-    try:
-        return _fit_probe(xtr, ytr, xte, yte, epochs, lr, batch_size, seed, last_k)
-    finally:
-        torch.set_num_threads(threads)
-
-
-def _fit_probe(xtr, ytr, xte, yte, epochs, lr, batch_size, seed, last_k) -> float:
-    n_classes = int(max(ytr.max().item(), yte.max().item())) + 1
-    gen = torch.Generator().manual_seed(seed)
-    clf = torch.nn.Linear(xtr.shape[1], n_classes)
-    with torch.no_grad():  # seeded init, independent of the global RNG
-        bound = 1.0 / xtr.shape[1] ** 0.5
-        clf.weight.copy_(torch.rand(clf.weight.shape, generator=gen) * 2 * bound - bound)
-        clf.bias.zero_()
-    opt = torch.optim.Adam(clf.parameters(), lr=lr)
-    last_k = max(1, min(last_k, epochs))
-    accs = []
-    for epoch in range(epochs):
-        perm = torch.randperm(len(xtr), generator=gen)
-        for start in range(0, len(xtr), batch_size):
-            idx = perm[start:start + batch_size]
-            loss = torch.nn.functional.cross_entropy(clf(xtr[idx]), ytr[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-        if epoch >= epochs - last_k:
-            with torch.no_grad():
-                accs.append((clf(xte).argmax(1) == yte).float().mean().item())
-    return float(np.mean(accs))
-
-
-# ---------------------------------------------------------------- embedding arrays with a model
-def _to_pil_rgb(arr: np.ndarray):
-    from PIL import Image
-
-    return Image.fromarray(np.ascontiguousarray(arr)).convert("RGB")
-
-
-def preprocess_arrays(preprocess, images_uint8: np.ndarray) -> torch.Tensor:
-    """Apply a model's own (PIL) ``preprocess`` to every (H,W) or (H,W,3) uint8 image; stack to NCHW."""
-    images = np.asarray(images_uint8)
-    if images.dtype != np.uint8 or images.ndim not in (3, 4) or (images.ndim == 4 and images.shape[-1] != 3):
-        raise ValueError(f"expected uint8 images of shape (N,H,W) or (N,H,W,3), got {images.dtype} {images.shape}")
-    if len(images) == 0:
-        raise ValueError("no images to preprocess")
-    return torch.stack([preprocess(_to_pil_rgb(a)) for a in images])
-
-
-@torch.no_grad()
-def embed_tensors(model, pixels: torch.Tensor, batch_size: int = 512,
-                  device: Optional[str] = None) -> np.ndarray:
-    """``model.encode_image`` over preprocessed NCHW tensors in batches -> float32 (N, D) array."""
-    if device is None:
-        device = next(model.parameters()).device
-    out = []
-    for start in range(0, len(pixels), batch_size):
-        out.append(model.encode_image(pixels[start:start + batch_size].to(device)).float().cpu())
-    return torch.cat(out).numpy()
-
-
-def embed_arrays(model, preprocess, images_uint8: np.ndarray, batch_size: int = 512) -> np.ndarray:
-    """Embed uint8 (N,H,W) grayscale or (N,H,W,3) RGB images with an open_clip model.
-
-    Each image goes through the model's own ``preprocess`` exactly as participants do (grayscale is
-    converted to RGB PIL first), then ``encode_image``; returns the raw float32 (N, D) embeddings.
-    """
-    was_training = model.training
-    model.eval()
-    try:
-        chunk = max(batch_size, 4096)  # preprocess in chunks to bound memory for big inputs
-        parts = [embed_tensors(model, preprocess_arrays(preprocess, images_uint8[s:s + chunk]), batch_size)
-                 for s in range(0, len(images_uint8), chunk)]
-    finally:
-        model.train(was_training)
-    return np.concatenate(parts)
+from .cluster import check_tasks_fit, cluster_nodes, init_ray
+from .config import resolve_model
+from .data import fashion_mnist_split, folder_classes, label_for, list_image_files
+from .images import arrays_to_rgb, decode_image, resize_rgb
+from .models import load_model, pick_device
+from .probe import backbone_features, embed_arrays, linear_probe
+from .rundir import EVAL, STUDENT, RunError, read_done, write_json_atomic
+from .student import WEIGHTS, build_backbone, load_student_backbone
 
 
 # ---------------------------------------------------------------- the evaluate stage
@@ -132,11 +41,6 @@ def load_labeled(path: str, image_size: int, limit: Optional[int] = None, seed: 
     Returns ``(uint8 (N, S, S, 3) RGB images, int labels, class names)``; a seeded random ``limit``
     rows are kept (a folder lists classes in order, so the first rows would be one class).
     """
-    from pathlib import Path
-
-    from .data import decode_image, folder_classes, label_for, list_image_files
-    from .train import resize_rgb
-
     p = Path(path).expanduser()
     if not p.exists():
         raise EvalSkipped(f"labeled split not found: {p}")
@@ -190,8 +94,6 @@ def labeled_splits(cfg) -> dict:
         return {"probe": (px, py), "test": (tx, ty),
                 "description": f"probe {e.probe_path} ({len(py)}), test {e.test_path} ({len(ty)})"}
     if cfg.data.source == "fashion-mnist":
-        from .data import fashion_mnist_split
-
         px, py = fashion_mnist_split("public", cfg.data.path)
         tx, ty = fashion_mnist_split("test", cfg.data.path)
         px, py = px[: e.probe_limit], py[: e.probe_limit]
@@ -204,27 +106,9 @@ def labeled_splits(cfg) -> dict:
     )
 
 
-@torch.no_grad()
-def backbone_features(backbone: torch.nn.Module, images_rgb: np.ndarray, batch_size: int = 256) -> np.ndarray:
-    """Pooled penultimate features of a timm backbone for uint8 (N, S, S, 3) images (no augmentation)."""
-    from .train import normalize_pixels, to_float_nchw
-
-    backbone.eval()
-    device = next(backbone.parameters()).device
-    out = []
-    for s in range(0, len(images_rgb), batch_size):
-        x = normalize_pixels(to_float_nchw(torch.from_numpy(np.array(images_rgb[s:s + batch_size])).to(device)))
-        out.append(backbone(x).float().cpu())
-    return torch.cat(out).numpy()
-
-
 def score_backbone(state: Optional[dict], arch: str, image_size: int, data: dict, epochs: int,
                    seed: int = 0, use_gpu: bool = False) -> dict:
     """Linear-probe accuracy of a student backbone (``state`` None: random init, seeded)."""
-    import time
-
-    from .train import build_backbone
-
     t0 = time.time()
     torch.manual_seed(seed)
     backbone = build_backbone(arch, image_size)
@@ -243,10 +127,6 @@ def score_backbone(state: Optional[dict], arch: str, image_size: int, data: dict
 def score_teacher(model: str, pretrained: Optional[str], data: dict, epochs: int, seed: int = 0,
                   use_gpu: bool = False) -> dict:
     """Linear-probe accuracy of a participant's open_clip image embeddings."""
-    import time
-
-    from .models import load_model, pick_device
-
     t0 = time.time()
     m, preprocess, dim = load_model(model, pretrained, pick_device(prefer_gpu=use_gpu))
     ftr = embed_arrays(m, preprocess, data["probe_raw"])
@@ -258,8 +138,6 @@ def score_teacher(model: str, pretrained: Optional[str], data: dict, epochs: int
 
 
 def _score_task(kind: str, args: dict, data: dict, state: Optional[dict] = None) -> dict:
-    import os
-
     threads = int(os.environ.get("COOPT_EVAL_THREADS", "0") or 0)
     if threads:
         torch.set_num_threads(threads)
@@ -270,15 +148,15 @@ def _score_task(kind: str, args: dict, data: dict, state: Optional[dict] = None)
 
 
 def eval_fingerprint(cfg, train_done: dict) -> str:
-    import dataclasses
-    import hashlib
-    import json
-
     blob = json.dumps({"student": train_done.get("fingerprint"), "eval": dataclasses.asdict(cfg.eval),
                        "participants": [dataclasses.asdict(p) for p in cfg.participants],
                        "image_size": cfg.data.image_size, "data": cfg.data.path, "seed": cfg.seed},
                       sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _demand(opts: dict) -> dict:
+    return {"CPU": float(opts["num_cpus"]), **({"GPU": float(opts["num_gpus"])} if opts["num_gpus"] else {})}
 
 
 def run_evaluate(cfg, run, address: Optional[str] = None, log=print) -> dict:
@@ -287,22 +165,13 @@ def run_evaluate(cfg, run, address: Optional[str] = None, log=print) -> dict:
 
     Each scorer is one Ray task (1 CPU, or a GPU where the participant/student asks for one).
     """
-    import json
-    import time
-    from pathlib import Path
-
     import ray
 
-    from .config import resolve_model
-    from .optimize import read_done, write_json_atomic
-    from .pipeline import RunError, init_ray
-    from .train import arrays_to_rgb
-
     run = Path(run)
-    done = read_done(run / "student")
-    if not done or not (run / "student" / "student.pt").exists():
+    done = read_done(run / STUDENT)
+    if not done or not (run / STUDENT / WEIGHTS).exists():
         raise RunError(f"{run} has no trained student; run `coopt train --config CFG --run {run}` first")
-    out_path = run / "eval.json"
+    out_path = run / EVAL
     fp = eval_fingerprint(cfg, done)
     if out_path.exists():
         old = json.loads(out_path.read_text())
@@ -310,7 +179,7 @@ def run_evaluate(cfg, run, address: Optional[str] = None, log=print) -> dict:
             log(f"[evaluate] already done: {out_path}; skipping")
             return old
     t_start = time.time()
-    meta = json.loads((run / "student" / "metrics.json").read_text())
+    backbone, meta = load_student_backbone(run / STUDENT)
     try:
         splits = labeled_splits(cfg)
     except EvalSkipped as e:
@@ -324,16 +193,16 @@ def run_evaluate(cfg, run, address: Optional[str] = None, log=print) -> dict:
     size = int(meta["image_size"])
     data = {"probe_raw": px, "test_raw": tx, "probe_y": py, "test_y": ty,
             "probe_rgb": arrays_to_rgb(px, size), "test_rgb": arrays_to_rgb(tx, size)}
-    init_ray(address, log=log)
-    data_ref = ray.put(data)
-    from .train import load_student_backbone
-
-    backbone, _ = load_student_backbone(run)
-    state_ref = ray.put({k: v.cpu() for k, v in backbone.state_dict().items()})
     epochs, seed, s_gpu = cfg.eval.probe_epochs, cfg.seed, cfg.student.use_gpu
+    sopts = {"num_cpus": 1, "num_gpus": 1 if s_gpu else 0}
+    init_ray(address, log=log)
+    check_tasks_fit([("student.use_gpu", _demand(sopts))] + [
+        (f"participants[{i}].num_gpus", _demand({"num_cpus": 1, "num_gpus": p.num_gpus}))
+        for i, p in enumerate(cfg.participants)], cluster_nodes())  # a task no node holds would wait forever
+    data_ref = ray.put(data)
+    state_ref = ray.put({k: v.cpu() for k, v in backbone.state_dict().items()})
     remote = ray.remote(_score_task)
     jobs = {}
-    sopts = {"num_cpus": 1, "num_gpus": 1 if s_gpu else 0}
     bargs = {"arch": meta["arch"], "image_size": size, "epochs": epochs, "seed": seed, "use_gpu": s_gpu}
     jobs[remote.options(name="probe_student", **sopts).remote("backbone", bargs, data_ref, state_ref)] = \
         ("student", None)

@@ -1,5 +1,5 @@
-"""Score, align and merge: the shared subset's embeddings pick the best model, every other
-participant's targets are mapped into its space, and all shards become one optimized dataset."""
+"""The merge stage: score, align and merge. The shared subset's embeddings pick the best model, every other
+participant's targets are mapped into its space, and all shards become one optimized dataset + manifest."""
 from __future__ import annotations
 
 import math
@@ -16,31 +16,13 @@ import pyarrow.parquet as pq
 
 from .align import Alignment, fit_with_stats
 from .config import Config, resolve_model
-from .optimize import DONE, column_matrix, read_done, write_json_atomic
+from .embeddings import column_matrix, shared_matrices
+from .rundir import (ALIGN, EMBEDDINGS, ERRORS, MANIFEST, OPTIMIZE_SECTIONS, OPTIMIZED, RunError, read_json,
+                     write_json_atomic)
 from .uniformity import best_participant, uniformity
 
 ERROR_SCHEMA = pa.schema([("id", pa.string()), ("participant", pa.string()), ("stage", pa.string()),
                           ("error", pa.string())])
-
-
-def read_shared(emb_dir: Path) -> tuple[list[str], np.ndarray]:
-    """Ids and embeddings of the readable shared rows S of one participant."""
-    t = pq.read_table(emb_dir, columns=["id", "embedding", "is_shared", "error"],
-                      filters=[("is_shared", "==", True)])
-    t = t.filter(pc.equal(t.column("error"), ""))
-    return t.column("id").to_pylist(), column_matrix(t.column("embedding"))
-
-
-def shared_matrices(cfg: Config, run: Path) -> tuple[list[str], dict[str, np.ndarray]]:
-    """S's embeddings for every participant, restricted to ids every participant could read, same order."""
-    per = {}
-    for p in cfg.participants:
-        ids, x = read_shared(run / "embeddings" / p.name)
-        per[p.name] = dict(zip(ids, x))
-    common = sorted(set.intersection(*(set(d) for d in per.values())))
-    if len(common) < 2:
-        raise RuntimeError(f"only {len(common)} shared images were readable by every participant; need >= 2")
-    return common, {n: np.stack([d[i] for i in common]) for n, d in per.items()}
 
 
 def score_and_align(cfg: Config, run: Path) -> dict:
@@ -53,14 +35,14 @@ def score_and_align(cfg: Config, run: Path) -> dict:
     t1 = time.time()
     aligns: dict[str, Optional[Alignment]] = {}
     r2: dict[str, tuple] = {}
-    (run / "align").mkdir(exist_ok=True)
+    (run / ALIGN).mkdir(exist_ok=True)
     for n, x in mats.items():
         if n == best or not cfg.align.enabled:
             aligns[n], r2[n] = None, (None, None)
             continue
         t, fit_r2, held = fit_with_stats(x, mats[best], cfg.align.ridge, cfg.shared.heldout, cfg.seed)
         aligns[n], r2[n] = t, (fit_r2, held)
-        np.savez(run / "align" / f"{n}.npz", W=t.W, b=t.b)
+        np.savez(run / ALIGN / f"{n}.npz", W=t.W, b=t.b)
     return {"shared_ids": ids, "uniformity": values, "best": best, "alignments": aligns, "r2": r2,
             "score_seconds": t_score, "align_seconds": time.time() - t1}
 
@@ -94,11 +76,11 @@ def _merge_batch(batch: pa.Table, maps: dict) -> pa.Table:
 
 def write_errors(cfg: Config, run: Path) -> int:
     """Write RUN/errors/<participant>.parquet from the owned rows that failed; return their count."""
-    err_dir = run / "errors"
+    err_dir = run / ERRORS
     err_dir.mkdir(exist_ok=True)
     total = 0
     for p in cfg.participants:
-        t = pq.read_table(run / "embeddings" / p.name, columns=["id", "owned", "error"])
+        t = pq.read_table(run / EMBEDDINGS / p.name, columns=["id", "owned", "error"])
         t = t.filter(pc.and_(t.column("owned"), pc.not_equal(t.column("error"), "")))
         n = t.num_rows
         out = pa.table({"id": t.column("id"), "participant": pa.array([p.name] * n, pa.string()),
@@ -113,14 +95,14 @@ def merge(cfg: Config, run: Path, aligns: dict, target_dim: int, log: Callable[[
     """Write RUN/optimized/ (Parquet parts) in one Ray Data pass over all participants; return its rows."""
     import ray.data
 
-    out, tmp = run / "optimized", run / "optimized.tmp"
+    out, tmp = run / OPTIMIZED, run / (OPTIMIZED + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     maps = {}
     for p in cfg.participants:
         t = aligns.get(p.name)
         maps[p.name] = (None if t is None else t.W, None if t is None else t.b,
                         resolve_model(cfg, p.model), target_dim)
-    dirs = [str(run / "embeddings" / p.name) for p in cfg.participants]
+    dirs = [str(run / EMBEDDINGS / p.name) for p in cfg.participants]
     ds = ray.data.read_parquet(dirs, file_extensions=["parquet"], include_paths=True)
     ds = ds.map_batches(_merge_batch, batch_format="pyarrow", fn_kwargs=dict(maps=maps))
     ds.set_name("merge")
@@ -156,7 +138,7 @@ def build_manifest(cfg: Config, emb_stats: list[dict], scored: dict, total_rows:
         "shared_ids": scored["shared_ids"], "total_rows": total_rows,
         "optimized_rows": optimized_rows, "error_rows": error_rows,
         "timings": {k: round(v, 3) for k, v in timings.items()},
-        "fingerprint": cfg.fingerprint("seed", "data", "participants", "shared", "align"),
+        "fingerprint": cfg.fingerprint(*OPTIMIZE_SECTIONS),
         "versions": {"ray": ray.__version__, "torch": torch.__version__, "open_clip": open_clip.__version__},
     }
 
@@ -165,5 +147,39 @@ def _num(v):
     return None if v is None or (isinstance(v, float) and math.isnan(v)) else round(float(v), 6)
 
 
-__all__ = ["score_and_align", "merge", "write_errors", "build_manifest", "read_shared", "shared_matrices",
-           "DONE", "read_done", "write_json_atomic"]
+def finished_manifest(cfg: Config, run: Path) -> Optional[dict]:
+    """RUN's manifest when it was made with this config's optimize sections (the stage is done), else None."""
+    man = read_json(run / MANIFEST)
+    return man if man and man.get("fingerprint") == cfg.fingerprint(*OPTIMIZE_SECTIONS) else None
+
+
+def run_merge(cfg: Config, run: Path, embedded: dict, t_start: float, log: Callable[[str], None] = print) -> dict:
+    """Errors table, score, align, merge and manifest from the embed stage's output (``embedded``: see
+    ``optimize.run_embed``); checks that every image is an optimized row or an error row."""
+    total, stats = embedded["total"], embedded["participants"]
+    error_rows = write_errors(cfg, run)
+    if total and error_rows / total > cfg.max_error_fraction:
+        raise RunError(
+            f"{error_rows} of {total} images ({error_rows / total:.1%}) could not be read, more than "
+            f"max_error_fraction={cfg.max_error_fraction:g}; see {run / ERRORS} for each id and reason"
+        )
+    scored = score_and_align(cfg, run)
+    for n, v in scored["uniformity"].items():
+        r2, held = scored["r2"][n]
+        extra = "best" if n == scored["best"] else (f"align R2 {r2:.3f} (held-out {held:.3f})"
+                                                     if r2 is not None and held is not None else "not aligned")
+        log(f"[optimize] {n}: uniformity {v:.4f}  {extra}")
+    t0 = time.time()
+    best_dim = stats[[p.name for p in cfg.participants].index(scored["best"])]["embed_dim"]
+    rows = merge(cfg, run, scored["alignments"], best_dim, log=log)
+    t_merge = time.time() - t0
+    if rows + error_rows != total:
+        raise RunError(f"row accounting failed: {rows} optimized + {error_rows} errors != {total} images")
+    man = build_manifest(cfg, stats, scored, total, rows, error_rows, {
+        "optimize": embedded["seconds"], "score": scored["score_seconds"], "align": scored["align_seconds"],
+        "merge": t_merge, "total": time.time() - t_start,
+    })
+    write_json_atomic(run / MANIFEST, man)
+    log(f"[optimize] done: best={man['best']} target_dim={man['target_dim']} optimized_rows={rows} "
+        f"error_rows={error_rows} total_rows={total} in {time.time() - t_start:.1f}s -> {run / MANIFEST}")
+    return man

@@ -1,13 +1,12 @@
-"""Ray Data embedding pipelines: one named actor pool per participant, streaming D(k) ∪ S to Parquet."""
+"""The optimize stage: split the images, then one named Ray Data actor pool per participant streams D(k) ∪ S
+through its model and writes every embedding (the image's new target) to RUN/embeddings/<name>/ (Parquet)."""
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -15,10 +14,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .config import Config, ConfigError, ParticipantConfig, resolve_model
-from .data import Source, decode_image, owner_of
-
-DONE = "_DONE.json"
+from .cluster import init_ray, live_nodes, plan_waves
+from .config import Config, resolve_model
+from .data import Source, owner_of, shared_subset
+from .embeddings import embedding_dim
+from .images import decode_image
+from .rundir import DONE, EMBEDDINGS, read_done, write_json_atomic
 
 
 class ParticipantEmbedder:
@@ -71,178 +72,6 @@ def select_rows(batch: pa.Table, index: int, k: int, seed: int, shared_ids: froz
     return out.filter(pa.array(keep))
 
 
-@dataclass
-class Plan:
-    """Which participants run together (waves) and why."""
-
-    waves: list
-    message: str
-    placement: Optional[list] = None  # per wave: {participant index: [node id per actor]} (per-node plans)
-
-
-def actor_demand(p: ParticipantConfig) -> dict:
-    """Resources one actor of a participant's pool asks Ray for (all on one node)."""
-    d = {"CPU": float(p.num_cpus)}
-    if p.num_gpus:
-        d["GPU"] = float(p.num_gpus)
-    if p.accelerator_type:
-        d[f"accelerator_type:{p.accelerator_type}"] = 0.001  # what Ray's accelerator_type= asks for
-    for key, val in (p.resources or {}).items():
-        d[key] = float(val)
-    return d
-
-
-def pool_demand(p: ParticipantConfig) -> dict:
-    """Resources the minimum size of a participant's pool needs (cluster-wide)."""
-    return {k: v * p.actors for k, v in actor_demand(p).items()}
-
-
-def label_matches(labels: dict, selector: Optional[dict]) -> bool:
-    """Whether a node's ``labels`` satisfy a Ray label selector (``v``, ``!v``, ``in(a,b)``, ``!in(a,b)``)."""
-    for key, want in (selector or {}).items():
-        want = str(want).strip()
-        neg = want.startswith("!")
-        want = want[1:] if neg else want
-        if want.startswith("in(") and want.endswith(")"):
-            ok = labels.get(key) in {v.strip() for v in want[3:-1].split(",")}
-        else:
-            ok = labels.get(key) == want
-        if ok == neg:
-            return False
-    return True
-
-
-def cluster_nodes() -> list[dict]:
-    """Alive nodes of the connected Ray cluster: ``{"id", "resources", "labels"}`` (totals, not free)."""
-    import ray
-
-    return [{"id": n["NodeID"], "resources": dict(n.get("Resources") or {}), "labels": dict(n.get("Labels") or {})}
-            for n in ray.nodes() if n.get("Alive")]
-
-
-def _fits(free: dict, dem: dict) -> bool:
-    return all(free.get(k, 0.0) + 1e-9 >= v for k, v in dem.items())
-
-
-def _place_pool(p: ParticipantConfig, free: list) -> Optional[list]:
-    """First-fit the pool's minimum actors onto nodes (``free``: per-node resources, updated in place).
-
-    GPU actors try GPU nodes first, CPU-only actors try nodes without GPUs first (as Ray's scheduler
-    does). Returns the node index of each actor, or None (``free`` untouched) when they do not all fit.
-    """
-    dem = actor_demand(p)
-    sel = getattr(p, "node_labels", None)
-    gpu = "GPU" in dem
-    order = sorted(range(len(free)), key=lambda j: (bool(free[j]["res"].get("GPU")) != gpu, j))
-    trial = [dict(n["res"]) for n in free]
-    where = []
-    for _ in range(p.actors):
-        for j in order:
-            if label_matches(free[j]["labels"], sel) and _fits(trial[j], dem):
-                for k, v in dem.items():
-                    trial[j][k] = trial[j].get(k, 0.0) - v
-                where.append(j)
-                break
-        else:
-            return None
-    for j, res in enumerate(trial):
-        free[j]["res"] = res
-    return where
-
-
-def _no_node_error(i: int, p: ParticipantConfig, nodes: list) -> ConfigError:
-    dem = actor_demand(p)
-    sel = getattr(p, "node_labels", None)
-    want = ", ".join(f"{k}={v:g}" for k, v in dem.items())
-    matching = [n for n in nodes if label_matches(n["labels"], sel)]
-    if sel and not matching:
-        return ConfigError(
-            f"'participants[{i}].node_labels' ({p.name}): no node of the cluster carries labels {dict(sel)} "
-            f"(node labels: {[{k: v for k, v in n['labels'].items() if not k.startswith('ray.io/node-id')} for n in nodes]})")
-    best = max((sum(1 for k, v in dem.items() if n["resources"].get(k, 0.0) + 1e-9 >= v) for n in matching), default=0)
-    sizes = "; ".join(
-        ", ".join(f"{k}={n['resources'].get(k, 0.0):g}" for k in dem) for n in matching) or "none"
-    return ConfigError(
-        f"'participants[{i}]' ({p.name}) needs {p.actors} actor(s) of {{{want}}} each, and one actor must fit "
-        f"on one node, but {'no node has that' if best < len(dem) else 'the nodes cannot hold them all'} "
-        f"({len(matching)} node(s){' with matching labels' if sel else ''}: {sizes})")
-
-
-def plan_waves(parts, resources: dict, reserve_cpus: float = 1.0, nodes: Optional[list] = None,
-               indices: Optional[list] = None) -> Plan:
-    """Group participants into waves whose pool minimums fit the cluster at once.
-
-    ``resources`` are the cluster totals; one CPU is held back for the read/select tasks. With
-    ``nodes`` (see :func:`cluster_nodes`) every actor must also fit on one node (bin-packing the pools'
-    minimums onto nodes, honouring ``node_labels``). A participant that cannot fit even alone is a
-    configuration error (e.g. ``num_gpus`` on a cluster with no GPUs), raised at once, before any work.
-    Participants go into the first wave they fit (first-fit), so waves are as few as this greedy finds.
-    ``indices`` are the config positions of ``parts`` (for error messages naming the key).
-    """
-    avail = dict(resources)
-    avail["CPU"] = max(avail.get("CPU", 0.0) - reserve_cpus, 0.0)
-    for j, p in enumerate(parts):
-        i = indices[j] if indices is not None else j
-        for key, val in pool_demand(p).items():
-            have = avail.get(key, 0.0)
-            if val > have + 1e-9:
-                what = "GPUs" if key == "GPU" else ("CPUs (one is kept for reading)" if key == "CPU" else key)
-                raise ConfigError(
-                    f"'participants[{i}]' ({p.name}) needs {val:g} {what} for {p.actors} actor(s), "
-                    f"but the cluster has {have:g}"
-                )
-        if nodes is not None and _place_pool(p, _fresh(nodes)) is None:
-            raise _no_node_error(i, p, nodes)
-    waves: list = []  # each: [indices, used (cluster-wide), per-node free, placement]
-    for i, p in enumerate(parts):
-        dem = pool_demand(p)
-        for w in waves:
-            if not all(w[1].get(k, 0.0) + v <= avail.get(k, 0.0) + 1e-9 for k, v in dem.items()):
-                continue
-            if nodes is not None:
-                where = _place_pool(p, w[2])
-                if where is None:
-                    continue
-                w[3][i] = [nodes[j]["id"] for j in where]
-            break
-        else:
-            w = [[], {}, _fresh(nodes) if nodes is not None else None, {}]
-            if nodes is not None:
-                w[3][i] = [nodes[j]["id"] for j in _place_pool(p, w[2])]
-            waves.append(w)
-        w[0].append(i)
-        for k, v in dem.items():
-            w[1][k] = w[1].get(k, 0.0) + v
-    plan_waves_ = [w[0] for w in waves]
-    where = f" ({len(nodes)} node{'s' if len(nodes) != 1 else ''})" if nodes is not None else ""
-    if len(waves) == 1:
-        msg = (f"all {len(parts)} participant pools fit the cluster{where} at once" if len(parts) > 1
-               else f"the participant pool fits the cluster{where}")
-    else:
-        msg = (f"the cluster{where} fits {max(len(w) for w in plan_waves_)} of {len(parts)} participant pools "
-               f"at once; running them in {len(waves)} waves: "
-               + " | ".join(",".join(parts[i].name for i in w) for w in plan_waves_))
-    return Plan(waves=plan_waves_, message=msg,
-                placement=[w[3] for w in waves] if nodes is not None else None)
-
-
-def _fresh(nodes: list) -> list:
-    return [{"res": dict(n["resources"]), "labels": n.get("labels") or {}} for n in nodes]
-
-
-def write_json_atomic(path: Path, obj) -> None:
-    """Write JSON via a temporary file and rename, so readers never see half a file."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=float))
-    os.replace(tmp, path)
-
-
-def read_done(d: Path) -> Optional[dict]:
-    """The done-marker of a finished stage folder, or None."""
-    f = d / DONE
-    return json.loads(f.read_text()) if f.exists() else None
-
-
 def embed_participant(cfg: Config, index: int, source: Source, shared_ids: frozenset, out_dir: Path) -> dict:
     """Stream D(index) ∪ S through participant ``index``'s actor pool into ``out_dir`` (Parquet)."""
     import ray.data
@@ -291,37 +120,10 @@ def embed_participant(cfg: Config, index: int, source: Source, shared_ids: froze
     return stats
 
 
-def embedding_dim(d: Path) -> int:
-    """Embedding width stored in a participant's Parquet folder."""
-    for f in sorted(d.glob("*.parquet")):
-        t = pq.read_table(f, columns=["embedding"])
-        if t.num_rows:
-            return int(column_matrix(t.column("embedding")).shape[1])
-    raise RuntimeError(f"{d} holds no embedding rows")
-
-
-def column_matrix(col) -> np.ndarray:
-    """A Parquet/Arrow tensor or list column as a float32 (n, d) matrix."""
-    if isinstance(col, pa.ChunkedArray):
-        col = col.combine_chunks()
-    n = len(col)
-    if n == 0:
-        return np.zeros((0, 0), dtype=np.float32)
-    if isinstance(col.type, pa.ExtensionType):  # Ray tensor types (fixed or variable shape)
-        arr = col.to_numpy()
-        if arr.dtype == object:
-            arr = np.stack([np.asarray(a, dtype=np.float32).ravel() for a in arr])
-        return np.asarray(arr, dtype=np.float32).reshape(n, -1)
-    flat = col.flatten()
-    while pa.types.is_list(flat.type) or pa.types.is_large_list(flat.type) or pa.types.is_fixed_size_list(flat.type):
-        flat = flat.flatten()
-    return np.asarray(flat.to_numpy(zero_copy_only=False), dtype=np.float32).reshape(n, -1)
-
-
 def embed_all(cfg: Config, run: Path, source: Source, shared_ids: frozenset, resources: dict,
               log: Callable[[str], None] = print) -> list[dict]:
     """Run every participant's pool (waves planned from ``resources``), skipping finished ones."""
-    emb_root = run / "embeddings"
+    emb_root = run / EMBEDDINGS
     emb_root.mkdir(parents=True, exist_ok=True)
     fp = cfg.fingerprint("seed", "data", "participants", "shared")
     stats: dict[int, dict] = {}
@@ -334,7 +136,7 @@ def embed_all(cfg: Config, run: Path, source: Source, shared_ids: frozenset, res
         else:
             todo.append(i)
     if todo:
-        nodes = _live_nodes()
+        nodes = live_nodes()
         plan = plan_waves([cfg.participants[i] for i in todo], resources, nodes=nodes, indices=todo)
         log(f"[optimize] {plan.message}")
         lock = threading.Lock()
@@ -359,7 +161,7 @@ def embed_all(cfg: Config, run: Path, source: Source, shared_ids: frozenset, res
                     for i, s in zip(wave_ids, ex.map(one, wave_ids)):
                         stats[i] = s
             if waves and nodes is not None:  # nodes joined or left meanwhile: plan the rest again
-                now = _live_nodes()
+                now = live_nodes()
                 if now is not None and sorted(n["id"] for n in now) != sorted(n["id"] for n in nodes):
                     import ray
 
@@ -371,11 +173,18 @@ def embed_all(cfg: Config, run: Path, source: Source, shared_ids: frozenset, res
     return [stats[i] for i in range(len(cfg.participants))]
 
 
-def _live_nodes() -> Optional[list]:
-    """Per-node resources when connected to Ray (None otherwise: plan from cluster totals only)."""
-    try:
-        import ray
+def run_embed(cfg: Config, run: Path, address: Optional[str] = None, log: Callable[[str], None] = print) -> dict:
+    """Split the source and embed every participant's D(k) ∪ S (finished participants are skipped).
 
-        return cluster_nodes() if ray.is_initialized() else None
-    except Exception:  # e.g. a Ray Client connection without node listing
-        return None
+    Returns ``{"total": images in the source, "participants": per-participant stats, "seconds": embed time}``.
+    """
+    import ray
+
+    source = Source(cfg.data, run)
+    total = len(source.ids)
+    shared = frozenset(shared_subset(source.ids, cfg.shared.fraction, cfg.shared.min, cfg.seed))
+    log(f"[optimize] {total} images, K={len(cfg.participants)} participants, |S|={len(shared)} shared images")
+    init_ray(address, log=log)
+    t0 = time.time()
+    stats = embed_all(cfg, run, source, shared, ray.cluster_resources(), log=log)
+    return {"total": total, "participants": stats, "seconds": time.time() - t0}

@@ -7,12 +7,14 @@ accuracies. Every input is optional except manifest.json; missing parts are note
 from __future__ import annotations
 
 import html
-import json
 import os
 from pathlib import Path
 from typing import Callable, Optional
 
 import numpy as np
+
+from .embeddings import read_shared
+from .rundir import ALIGN, EMBEDDINGS, EVAL, MANIFEST, REPORT, STUDENT, RunError, read_json
 
 COLORS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
           "#bcbd22", "#17becf"]
@@ -25,10 +27,6 @@ def _plt():
     import matplotlib.pyplot as plt
 
     return plt
-
-
-def _read_json(p: Path) -> Optional[dict]:
-    return json.loads(p.read_text()) if p.exists() else None
 
 
 def pca_2d(x: np.ndarray) -> np.ndarray:
@@ -47,13 +45,11 @@ def shared_targets(run: Path, manifest: dict) -> tuple[dict, dict]:
 
     Rows are restricted to the ids every participant read (``manifest['shared_ids']``), same order.
     """
-    from .merge import read_shared
-
     ids = manifest.get("shared_ids")
     before, after = {}, {}
     for p in manifest["participants"]:
         name = p["name"]
-        d = run / "embeddings" / name
+        d = run / EMBEDDINGS / name
         if not d.exists():
             continue
         got, x = read_shared(d)
@@ -61,7 +57,7 @@ def shared_targets(run: Path, manifest: dict) -> tuple[dict, dict]:
         order = [pos[i] for i in (ids or got) if i in pos]
         x = x[order]
         before[name] = x
-        npz = run / "align" / f"{name}.npz"
+        npz = run / ALIGN / f"{name}.npz"
         if name == manifest["best"] or not p.get("aligned"):
             if name == manifest["best"]:
                 after[name] = x
@@ -95,15 +91,14 @@ def _scatter(ax, groups: dict, title: str, best: str) -> None:
 
 def build_report(run: str | os.PathLike, log: Callable[[str], None] = print) -> Path:
     """Write RUN/report/*.png and RUN/report/report.html; return the HTML path."""
-    from .pipeline import RunError
 
     run = Path(run)
-    manifest = _read_json(run / "manifest.json")
+    manifest = read_json(run / MANIFEST)
     if manifest is None:
         raise RunError(f"{run} has no manifest.json; run `coopt optimize` (or `coopt run`) first")
-    ev = _read_json(run / "eval.json")
-    metrics = _read_json(run / "student" / "metrics.json")
-    out = run / "report"
+    ev = read_json(run / EVAL)
+    metrics = read_json(run / STUDENT / "metrics.json")
+    out = run / REPORT
     out.mkdir(parents=True, exist_ok=True)
     plt = _plt()
     parts = manifest["participants"]

@@ -24,8 +24,9 @@ import numpy as np
 import torch
 
 from .data import FASHION_MNIST_CLASSES, fashion_mnist_split
-from .evaluate import embed_tensors, linear_probe, preprocess_arrays
+from .probe import embed_tensors, linear_probe, preprocess_arrays
 from .models import LOCAL_DIR, load_model, save_local_dir
+from .rundir import write_json_atomic
 from .uniformity import uniformity
 
 ZOO_FORMAT = 1  # bump when training/scoring code changes in a way that invalidates cached zoos
@@ -95,12 +96,6 @@ def specs_hash(specs: Sequence[dict], n_train: Optional[int], n_test: Optional[i
     blob = json.dumps({"format": ZOO_FORMAT, "specs": [_full_spec(s) for s in specs],
                        "n_train": n_train, "n_test": n_test, "probe_epochs": probe_epochs}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-
-def _write_json_atomic(path: Path, obj) -> None:
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2))
-    os.replace(tmp, path)
 
 
 def _has_weights(folder: Path) -> bool:
@@ -273,7 +268,7 @@ def build_zoo(out_dir: str | os.PathLike = "zoo", specs: Optional[Sequence[dict]
         teachers = _build(out, specs, n_train, n_test, force, progress, data_path, device, probe_epochs)
     finally:
         torch.set_num_threads(old_threads)
-    _write_json_atomic(out / ZOO_JSON, {"specs_hash": h, "n_train": n_train, "n_test": n_test,
+    write_json_atomic(out / ZOO_JSON, {"specs_hash": h, "n_train": n_train, "n_test": n_test,
                                         "probe_epochs": probe_epochs, "teachers": teachers})
     return teachers
 
@@ -344,7 +339,7 @@ def _build(out: Path, specs, n_train, n_test, force, progress, data_path, device
                  "train_seconds": round(train_seconds, 2), "train_cpu_seconds": round(train_cpu, 2),
                  "eval_seconds": round(eval_seconds, 2),
                  "final_loss": round(float(final_loss), 6), "spec": spec}
-        _write_json_atomic(entry_file, {**entry, "entry_hash": eh})
+        write_json_atomic(entry_file, {**entry, "entry_hash": eh})
         teachers.append(entry)
         progress(f"[zoo] {name}: embed_dim {dim} probe {acc:.4f} uniformity {uni:.4f} "
                  f"train {train_seconds:.1f}s eval {eval_seconds:.1f}s")

@@ -38,7 +38,8 @@ def parse_args(description: str, argv=None) -> argparse.Namespace:
 
 def load(args, check_models: bool = True):
     """Config from ``args`` with the zoo override and file checks; the absolute run directory."""
-    from coopt_ray.config import check_paths, load_config
+    from coopt_ray.config import load_config
+    from coopt_ray.preflight import check_paths
 
     cfg = load_config(args.config)
     if args.zoo:
@@ -55,7 +56,7 @@ def load(args, check_models: bool = True):
 def main(run) -> int:
     """Call ``run()``; config errors exit 2 and failed runs exit 1, each with one clear line."""
     from coopt_ray.config import ConfigError
-    from coopt_ray.pipeline import RunError
+    from coopt_ray.rundir import RunError
 
     try:
         run()

@@ -62,6 +62,24 @@ def write_config(path: Path, models: list[str], **over) -> Path:
     return path
 
 
+def forbid_ray_start(monkeypatch, why: str = "Ray was started for a bad config") -> None:
+    """Make every stage's ``init_ray`` (each module imports its own name) fail the test if called."""
+    import importlib
+    import pkgutil
+
+    import coopt_ray
+
+    def boom(*a, **k):
+        raise AssertionError(why)
+
+    for info in pkgutil.iter_modules(coopt_ray.__path__):
+        if info.name == "__main__":
+            continue
+        mod = importlib.import_module(f"coopt_ray.{info.name}")
+        if hasattr(mod, "init_ray"):
+            monkeypatch.setattr(mod, "init_ray", boom)
+
+
 def start_local_ray():
     """The session's local Ray (more logical CPUs than workers: 2 physical cores); no-op if Ray is up.
 

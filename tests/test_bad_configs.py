@@ -16,18 +16,15 @@ import time
 import pytest
 import yaml
 
-from coopt_ray import cli, pipeline
+from coopt_ray import cli, rundir
 from coopt_ray.config import ConfigError, load_config
 
-from conftest import REPO, write_config
+from conftest import REPO, forbid_ray_start, write_config
 
 
 @pytest.fixture
 def no_ray(monkeypatch):
-    def boom(*a, **k):
-        raise AssertionError("Ray was started for a bad config")
-
-    monkeypatch.setattr(pipeline, "init_ray", boom)
+    forbid_ray_start(monkeypatch)
 
 
 def _cli(capsys, argv):
@@ -171,7 +168,7 @@ def test_num_gpus_on_cpu_cluster_fails_fast_and_the_fixed_config_then_runs_there
     print(f"num_gpus refusal: {done - connected:.1f}s after Ray started, {done - t0:.1f}s in all")
 
     fixed = load_config(write_config(tmp_path / "cpu.yaml", tiny_models[:2]))
-    pipeline.prepare_run_dir(fixed, out)  # nothing finished in RUN: the corrected config replaces the old one
+    rundir.prepare_run_dir(fixed, out)  # nothing finished in RUN: the corrected config replaces the old one
     saved = yaml.safe_load((out / "config.yaml").read_text())
     assert [q["num_gpus"] for q in saved["participants"]] == [0.0, 0.0]
 
@@ -179,10 +176,10 @@ def test_num_gpus_on_cpu_cluster_fails_fast_and_the_fixed_config_then_runs_there
 def test_changed_config_is_refused_once_results_exist(tmp_path, tiny_models):
     cfg = load_config(write_config(tmp_path / "c.yaml", tiny_models))
     run = tmp_path / "run"
-    pipeline.prepare_run_dir(cfg, run)
+    rundir.prepare_run_dir(cfg, run)
     (run / "embeddings" / "p0").mkdir(parents=True)
     (run / "embeddings" / "p0" / "_DONE.json").write_text(json.dumps({"rows": 1}))
     other = load_config(write_config(tmp_path / "d.yaml", tiny_models, seed=1))
     with pytest.raises(ConfigError, match=r"was made with a different config \(differs in: seed\)"):
-        pipeline.prepare_run_dir(other, run)
-    pipeline.prepare_run_dir(cfg, run)  # the same config resumes
+        rundir.prepare_run_dir(other, run)
+    rundir.prepare_run_dir(cfg, run)  # the same config resumes

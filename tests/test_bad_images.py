@@ -16,8 +16,9 @@ import pytest
 from PIL import Image
 
 from coopt_ray import cli
-from coopt_ray.data import decode_image
-from coopt_ray.optimize import DONE, column_matrix
+from coopt_ray.embeddings import column_matrix
+from coopt_ray.images import decode_image
+from coopt_ray.rundir import DONE
 
 from conftest import write_config
 

@@ -6,10 +6,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from coopt_ray import cli, models, pipeline
-from coopt_ray.config import ConfigError, check_paths, load_config
+from coopt_ray import cli, models
+from coopt_ray.config import ConfigError, load_config
+from coopt_ray.preflight import check_paths
 
-from conftest import REPO, write_config
+from conftest import REPO, forbid_ray_start, write_config
 
 CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
 
@@ -37,10 +38,7 @@ def test_shipped_config_validates(path):
 
 @pytest.fixture
 def no_ray(monkeypatch):
-    def boom(*a, **k):
-        raise AssertionError("Ray was started for a bad config")
-
-    monkeypatch.setattr(pipeline, "init_ray", boom)
+    forbid_ray_start(monkeypatch)
 
 
 def run_cli(capsys, cfg_path, tmp_path):

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from coopt_ray.evaluate import EvalSkipped, labeled_splits, linear_probe, load_labeled
+from coopt_ray.evaluate import EvalSkipped, labeled_splits, load_labeled
+from coopt_ray.probe import linear_probe
 
 ARCH = "resnet10t"
 
@@ -71,7 +72,7 @@ def test_images_source_without_labeled_split_is_skipped(tmp_path, tiny_models):
 
 def _fake_student(run, image_size=32, head_dim=16):
     """RUN/student as the train stage leaves it, with a random-init student (no training needed)."""
-    from coopt_ray.train import Student
+    from coopt_ray.student import Student
 
     out = run / "student"
     out.mkdir(parents=True)
@@ -127,7 +128,7 @@ def test_evaluate_needs_a_trained_student(tmp_path, tiny_models):
     from conftest import write_config
     from coopt_ray.config import load_config
     from coopt_ray.evaluate import run_evaluate
-    from coopt_ray.pipeline import RunError
+    from coopt_ray.rundir import RunError
 
     cfg = load_config(write_config(tmp_path / "c.yaml", tiny_models[:1]))
     with pytest.raises(RunError, match="coopt train"):

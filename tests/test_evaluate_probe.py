@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from coopt_ray.evaluate import embed_arrays, linear_probe, preprocess_arrays
+from coopt_ray.probe import embed_arrays, linear_probe, preprocess_arrays
 
 
 def _blobs(n: int, dim: int, classes: int, seed: int, spread: float = 8.0):

@@ -7,8 +7,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from coopt_ray.config import load_config
-from coopt_ray.merge import read_shared
-from coopt_ray.optimize import DONE, column_matrix, plan_waves
+from coopt_ray.cluster import plan_waves
+from coopt_ray.embeddings import column_matrix, read_shared
+from coopt_ray.rundir import DONE
 from coopt_ray.pipeline import run_optimize
 from coopt_ray.uniformity import uniformity
 

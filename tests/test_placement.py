@@ -13,7 +13,7 @@ import time
 import pytest
 
 from coopt_ray.config import ConfigError, ParticipantConfig, load_config
-from coopt_ray.optimize import label_matches, plan_waves
+from coopt_ray.cluster import label_matches, plan_waves
 
 from conftest import start_local_ray, write_config
 
@@ -255,7 +255,7 @@ def test_adding_a_gpu_node_lets_more_pools_run_at_once(gpu_cluster):
     """The plan comes from the live cluster: no config change, one more node, one wave fewer."""
     import ray
 
-    from coopt_ray.optimize import cluster_nodes
+    from coopt_ray.cluster import cluster_nodes
 
     parts = _gpu_parts(4)
     gpu_cluster.gpu_nodes(3)
@@ -269,7 +269,7 @@ def test_adding_a_gpu_node_lets_more_pools_run_at_once(gpu_cluster):
 def test_node_labels_of_the_live_cluster_select_the_node(gpu_cluster):
     import ray
 
-    from coopt_ray.optimize import cluster_nodes
+    from coopt_ray.cluster import cluster_nodes
 
     gpu_cluster.gpu_nodes(4)
     nodes = cluster_nodes()
@@ -299,7 +299,7 @@ def test_fourth_gpu_node_runs_a_fourth_participant_alongside(gpu_cluster, tmp_pa
 def test_node_labels_put_the_pool_on_the_labelled_node(gpu_cluster, tmp_path, tiny_models, short_actor_wait):
     import yaml
 
-    from coopt_ray.optimize import cluster_nodes
+    from coopt_ray.cluster import cluster_nodes
 
     gpu_cluster.gpu_nodes(4)
     want = next(n["id"] for n in cluster_nodes() if n["labels"].get("coopt-test-node") == "gpu3")

@@ -27,7 +27,8 @@ import pytest
 
 from coopt_ray.config import load_config
 from coopt_ray.data import PUBLIC_SIZE, fashion_mnist_split, owner_of, shared_subset, write_array_source
-from coopt_ray.optimize import DONE, column_matrix
+from coopt_ray.embeddings import column_matrix
+from coopt_ray.rundir import DONE
 from coopt_ray.pipeline import run_optimize
 
 from conftest import REPO, write_config
@@ -313,7 +314,8 @@ def test_train_worker_killed_resumes_from_checkpoint(tmp_path, tiny_models, ray_
     """A Ray Train worker is SIGKILLed after an epoch's checkpoint, while the next epoch runs: FailureConfig
     restarts the worker group from that checkpoint and training ends with the configured number of epochs,
     the finished epochs not trained again."""
-    from coopt_ray.train import latest_checkpoint, load_state, run_train
+    from coopt_ray.student import latest_checkpoint, load_state
+    from coopt_ray.train import run_train
 
     epochs = 4
     cfg = load_config(write_config(tmp_path / "c.yaml", tiny_models[:2], data={"source": "fashion-mnist", "limit": 400},

@@ -15,12 +15,13 @@ import numpy as np
 import pytest
 import torch
 
-from coopt_ray import cli, models, pipeline
+from coopt_ray import cli, models
 from coopt_ray.config import load_config
-from coopt_ray.optimize import DONE, ParticipantEmbedder
+from coopt_ray.optimize import ParticipantEmbedder
+from coopt_ray.rundir import DONE
 from coopt_ray.pipeline import run_optimize
 
-from conftest import REPO, tiny_clip_cfg, write_config
+from conftest import REPO, forbid_ray_start, tiny_clip_cfg, write_config
 
 
 class Tampered:
@@ -82,7 +83,7 @@ def test_tampered_local_dir_is_refused_in_the_driver_and_in_the_actor(checkpoint
 
 
 def test_tampered_model_in_config_exits_2_before_ray(checkpoints, tmp_path, tiny_models, capsys, monkeypatch):
-    monkeypatch.setattr(pipeline, "init_ray", lambda *a, **k: pytest.fail("Ray was started for a tampered model"))
+    forbid_ray_start(monkeypatch, "Ray was started for a tampered model")
     cfg = write_config(tmp_path / "c.yaml", [tiny_models[0], checkpoints["local"]])
     rc = cli.main(["optimize", "--config", str(cfg), "--out", str(tmp_path / "run")])
     err = capsys.readouterr().err.strip().splitlines()

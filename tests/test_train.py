@@ -2,16 +2,14 @@
 (``ScalingConfig(num_workers=0)``), including resume. The stage on 2 Ray Train workers is in test_run.py."""
 from __future__ import annotations
 
-import json
 
 import numpy as np
 import pytest
 import torch
 
-from coopt_ray.train import (
-    BatchAugment, Student, adapt_stem, build_backbone, latest_checkpoint, load_state, subset_ids,
-    target_transform, train_loop_per_worker,
-)
+from coopt_ray.images import BatchAugment
+from coopt_ray.student import Student, adapt_stem, build_backbone, latest_checkpoint, load_state, target_transform
+from coopt_ray.train import subset_ids, train_loop_per_worker
 
 ARCH = "resnet10t"  # the smallest timm ResNet: keeps the Ray tests quick on 2 cores
 
@@ -156,7 +154,7 @@ def test_train_loop_in_process_reports_checkpoints_and_resumes(ray_session, tmp_
 def test_train_needs_an_optimized_run(tmp_path, tiny_models):
     from conftest import write_config
     from coopt_ray.config import load_config
-    from coopt_ray.pipeline import RunError
+    from coopt_ray.rundir import RunError
     from coopt_ray.train import run_train
 
     cfg = load_config(write_config(tmp_path / "c.yaml", tiny_models[:1]))

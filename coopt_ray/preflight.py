@@ -1,0 +1,42 @@
+"""Checks that need data or models (paths, image counts, the shared subset's size, timm archs, checkpoints),
+run before any Ray work so a bad config fails in seconds with one line naming the key."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from .config import DEFAULT_FASHION_MNIST_DIR, Config, ConfigError, resolve_model
+from .data import count_images, shared_size
+from .models import ModelSpecError, check_model_spec
+
+
+def check_student_arch(arch: str) -> None:
+    """``student.arch`` must name a timm architecture (a pretrained tag suffix is allowed)."""
+    import difflib
+
+    import timm
+
+    if not timm.is_model(arch):
+        close = difflib.get_close_matches(arch, timm.list_models(), n=3)
+        hint = f"; did you mean {', '.join(close)}?" if close else " (see timm.list_models())"
+        raise ConfigError(f"'student.arch': unknown timm architecture {arch!r}{hint}")
+
+
+def check_paths(cfg: Config, *, check_models: bool = True) -> None:
+    """File-system checks: data path, model folders/checkpoints, hub tags. Raise ConfigError."""
+    d = cfg.data
+    path = d.path or (DEFAULT_FASHION_MNIST_DIR if d.source == "fashion-mnist" else None)
+    if path is not None and not Path(path).expanduser().exists():
+        hint = " (install it with: apt-get install -y dataset-fashion-mnist)" if d.source == "fashion-mnist" else ""
+        raise ConfigError(f"'data.path' does not exist: {path}{hint}")
+    n = count_images(d)
+    m = shared_size(n, cfg.shared.fraction, cfg.shared.min)
+    if m > n:
+        raise ConfigError(f"'shared.min': the shared subset ({m} images) is bigger than the data ({n} images)")
+    check_student_arch(cfg.student.arch)
+    if not check_models:
+        return
+    for i, p in enumerate(cfg.participants):
+        try:
+            check_model_spec(resolve_model(cfg, p.model), p.pretrained)
+        except ModelSpecError as e:
+            raise ConfigError(f"'participants[{i}].model': {e}") from None

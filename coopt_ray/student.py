@@ -1,0 +1,155 @@
+"""The student network (timm backbone + small-image stem + linear head), its target transform, and checkpoints."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+STATE = "state.pt"           # inside a checkpoint dir: model/optimizer state + history (torch.save)
+META = "meta.json"           # inside a checkpoint dir: epoch + fingerprint, readable without torch
+CKPT_PREFIX = "checkpoint_epoch_"
+WEIGHTS = "student.pt"       # RUN/student/student.pt: the final student's state dict
+METRICS = "metrics.json"     # RUN/student/metrics.json
+
+
+# ---------------------------------------------------------------- the network
+def build_backbone(arch: str, image_size: int, in_chans: int = 3) -> torch.nn.Module:
+    """A random-init timm backbone whose forward returns pooled penultimate features.
+
+    ResNet-like models (``conv1`` + ``maxpool``) get a small-image stem when ``image_size <= 64``:
+    a 3x3 stride-1 ``conv1`` and no max-pool (the CIFAR ResNet). Models that take ``img_size``
+    (ViTs and friends) are built for ``image_size``.
+    """
+    import timm
+
+    if not timm.is_model(arch):
+        raise ValueError(f"unknown timm architecture {arch!r}")
+    try:
+        model = timm.create_model(arch, pretrained=False, num_classes=0, in_chans=in_chans, img_size=image_size)
+    except TypeError:  # the architecture does not take img_size (CNNs)
+        model = timm.create_model(arch, pretrained=False, num_classes=0, in_chans=in_chans)
+    if image_size <= 64:
+        adapt_stem(model, in_chans)
+    model.feature_width = output_width(model, image_size, in_chans)
+    return model
+
+
+def output_width(model: torch.nn.Module, image_size: int, in_chans: int = 3) -> int:
+    """Width of what ``model`` returns for one image (``num_features`` is not always it: timm's
+    MobileNetV3 returns its ``conv_head`` width, 1024, with ``num_classes=0``)."""
+    was = model.training
+    with torch.no_grad():
+        w = int(model.eval()(torch.zeros(1, in_chans, image_size, image_size)).shape[-1])
+    model.train(was)
+    return w
+
+
+def adapt_stem(model: torch.nn.Module, in_chans: int = 3) -> bool:
+    """Replace a ResNet stem by a 3x3 stride-1 conv and drop the max-pool; True when changed."""
+    conv1 = getattr(model, "conv1", None)
+    if conv1 is None or not hasattr(model, "maxpool"):
+        return False
+    if isinstance(conv1, torch.nn.Conv2d):
+        out = conv1.out_channels
+    elif hasattr(model, "bn1") and hasattr(model.bn1, "num_features"):  # deep stems (resnet*d, *t)
+        out = model.bn1.num_features
+    else:
+        return False
+    model.conv1 = torch.nn.Conv2d(in_chans, out, kernel_size=3, stride=1, padding=1, bias=False)
+    model.maxpool = torch.nn.Identity()
+    return True
+
+
+class Student(torch.nn.Module):
+    """Backbone -> linear head onto the (standardised) target space."""
+
+    def __init__(self, arch: str, image_size: int, out_dim: int):
+        super().__init__()
+        self.backbone = build_backbone(arch, image_size)
+        self.head = torch.nn.Linear(self.backbone.feature_width, out_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.backbone(x))
+
+
+def feature_dim(arch: str, image_size: int) -> int:
+    """Width of the pooled penultimate features of ``arch``."""
+    return int(build_backbone(arch, image_size).feature_width)
+
+
+# ---------------------------------------------------------------- targets
+def target_transform(y: np.ndarray, whiten: bool = False, out_dim: Optional[int] = None,
+                     eps: float = 1e-6) -> tuple[np.ndarray, np.ndarray]:
+    """``(mean, P)`` with ``T(y) = (y - mean) @ P``.
+
+    Without ``whiten``: per-dimension standardisation (P diagonal). With ``whiten``: PCA to
+    ``min(out_dim, d)`` components, each scaled to unit variance (RELA).
+    """
+    y = np.asarray(y, dtype=np.float64)
+    if y.ndim != 2 or len(y) < 2:
+        raise ValueError(f"need at least 2 target rows to standardise, got shape {y.shape}")
+    mean = y.mean(0)
+    if not whiten:
+        std = y.std(0)
+        return mean.astype(np.float32), np.diag(1.0 / np.maximum(std, eps)).astype(np.float32)
+    k = min(out_dim or y.shape[1], y.shape[1])
+    cov = np.cov(y - mean, rowvar=False).reshape(y.shape[1], y.shape[1])
+    vals, vecs = np.linalg.eigh(cov)
+    order = np.argsort(vals)[::-1][:k]
+    P = vecs[:, order] / np.sqrt(np.maximum(vals[order], eps))
+    return mean.astype(np.float32), P.astype(np.float32)
+
+
+# ---------------------------------------------------------------- checkpoints
+def save_checkpoint(d: Path, model, optimizer, epoch: int, history: list, extra: dict) -> None:
+    """Write ``state.pt`` (state dicts + plain python) and ``meta.json`` into folder ``d``."""
+    d.mkdir(parents=True, exist_ok=True)
+    m = model.module if hasattr(model, "module") else model
+    state = {"model": m.state_dict(), "optimizer": optimizer.state_dict(), "epoch": int(epoch),
+             "history": [dict(h) for h in history], **extra}
+    torch.save(state, d / STATE)
+    (d / META).write_text(json.dumps({"epoch": int(epoch), "fingerprint": extra.get("fingerprint")}))
+
+
+def load_state(d: str | os.PathLike) -> dict:
+    """A checkpoint folder's ``state.pt`` (loaded with ``weights_only=True``)."""
+    return torch.load(Path(d) / STATE, map_location="cpu", weights_only=True)
+
+
+def latest_checkpoint(root: Path) -> Optional[tuple[Path, dict]]:
+    """The newest complete ``checkpoint_epoch_*`` folder under ``root`` and its meta, or None."""
+    best = None
+    if not root.is_dir():
+        return None
+    for d in root.glob(f"{CKPT_PREFIX}*"):
+        if not (d / STATE).is_file() or not (d / META).is_file():
+            continue
+        try:
+            meta = json.loads((d / META).read_text())
+        except ValueError:
+            continue
+        if best is None or meta["epoch"] > best[1]["epoch"]:
+            best = (d, meta)
+    return best
+
+
+def prune_checkpoints(root: Path, keep: int) -> None:
+    """Keep the newest ``keep`` checkpoint folders under ``root``."""
+    dirs = sorted(root.glob(f"{CKPT_PREFIX}*"), key=lambda d: d.name)
+    for d in dirs[:-keep]:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+
+def load_student_backbone(out: str | os.PathLike) -> tuple[torch.nn.Module, dict]:
+    """The trained student's backbone (eval mode) and metrics from its folder (RUN/student)."""
+    out = Path(out)
+    meta = json.loads((out / METRICS).read_text())
+    student = Student(meta["arch"], int(meta["image_size"]), int(meta["head_dim"]))
+    student.load_state_dict(torch.load(out / WEIGHTS, map_location="cpu", weights_only=True))
+    return student.backbone.eval(), meta
