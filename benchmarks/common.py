@@ -102,7 +102,7 @@ def _default(o):
 
 
 def start_ray(tries: int = 5) -> None:
-    """Start (or join) Ray via ``pipeline.init_ray``, retrying: on an overloaded machine the raylet can miss
+    """Start (or join) Ray via ``cluster.init_ray``, retrying: on an overloaded machine the raylet can miss
     Ray's fixed 30 s start-up window."""
     import ray
 

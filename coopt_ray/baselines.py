@@ -1,10 +1,10 @@
 """Students trained in-process on arrays, for the benchmarks: CoOpt targets, BYOL, SimCLR, supervised.
 
-Every method shares one loop (:func:`fit`): the same timm backbone (``train.build_backbone``), AdamW
+Every method shares one loop (:func:`fit`): the same timm backbone (``student.build_backbone``), AdamW
 with the same lr / weight decay, batch size and epochs, and the same per-epoch linear probe
 (``probe.linear_probe`` on frozen pooled features). Only the objective differs:
 
-* ``coopt``: ``train.Student`` regressing standardised targets (``train.target_transform``) with
+* ``coopt``: ``student.Student`` regressing standardised targets (``student.target_transform``) with
   ``1 - cos``, on ``images.BatchAugment`` views, exactly as ``train.train_loop_per_worker`` does;
 * ``byol`` / ``simclr``: lightly's heads, losses, momentum helpers and transforms;
 * ``supervised``: cross-entropy on the labels (an upper bound), on ``BatchAugment`` views.
@@ -242,7 +242,7 @@ def random_init_accuracy(arch: str, image_size: int, seed: int, probe) -> float:
 def register_small_vit() -> str:
     """Register ``vit_tiny_patch4_32`` (timm's ViT-Tiny with 4 px patches) and return its name.
 
-    ``train.build_backbone`` passes ``img_size`` only; a ViT-Tiny/16 at 32 px would see 2x2 patches,
+    ``student.build_backbone`` passes ``img_size`` only; a ViT-Tiny/16 at 32 px would see 2x2 patches,
     so the small-image variant the benchmarks use is registered under its own timm name.
     """
     import timm

@@ -1,0 +1,100 @@
+"""README "Run on a cluster / On one machine", run as a user runs it: the commands are read from the README's
+code block (so the two cannot drift apart), executed in order by bash in the repository, and the output
+lines the README shows under a command (``#   [optimize] ...``; "..." stands for text left out) must appear
+in that command's output.
+
+Both jobs must succeed, the pipeline job must write the manifest, eval.json and the report, and its Ray Train
+workers must have run on worker nodes, not on the head (the job's driver node).
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO
+
+SECTION = "### On one machine: `cluster/local.sh`"
+
+
+def readme_steps(text: str) -> list[tuple[str, list[str]]]:
+    """``[(command, [expected output lines])]`` from the first bash block after SECTION."""
+    body = text[text.index(SECTION):]
+    block = body[body.index("```bash\n") + len("```bash\n"):]
+    block = block[:block.index("```")]
+    steps: list[tuple[str, list[str]]] = []
+    cmd = ""
+    for line in block.splitlines():
+        if cmd:  # a continued command
+            cmd += "\n" + line
+        elif line.startswith("#"):
+            want = line.lstrip("#").strip()
+            if want and steps:
+                steps[-1][1].append(want)
+            continue
+        else:
+            cmd = line
+        if not cmd.endswith("\\"):
+            steps.append((cmd, []))
+            cmd = ""
+    return steps
+
+
+def test_readme_steps_are_parsed():
+    steps = readme_steps((REPO / "README.md").read_text())
+    cmds = [re.sub(r"\s+#.*$", "", c) for c, _ in steps]
+    assert cmds[0].startswith("make setup") and cmds[-1].startswith("cluster/local.sh stop")
+    assert sum("ray job submit" in c for c in cmds) == 2 and any("jobs/pipeline.py" in c for c in cmds)
+    assert all(want for c, want in steps if "ray job submit" in c)  # each job shows what it prints
+
+
+@pytest.mark.slow
+def test_readme_cluster_sequence_runs_as_documented(tmp_path):
+    steps = readme_steps((REPO / "README.md").read_text())
+    outs = [REPO / "runs" / n for n in ("quick-optimize", "quick")]
+    for d in outs:  # the README's run folders: keep a user's, run fresh
+        if d.exists():
+            d.rename(d.with_name(f"{d.name}.kept-{os.getpid()}"))
+    state = Path("/tmp") / f"crm-{os.getpid()}"  # short: Unix socket paths are limited to 107 bytes
+    env = dict(os.environ, COOPT_LOCAL_STATE=str(state), WAIT_S="300")
+    env.pop("RAY_ADDRESS", None)
+    log = tmp_path / "readme.log"
+    seconds, ok = {}, False
+    try:
+        for cmd, want in steps:
+            t0 = time.time()
+            out = subprocess.run(["bash", "-euo", "pipefail", "-c", cmd], cwd=REPO, env=env, text=True,
+                                 capture_output=True, timeout=1500)
+            seconds[cmd.split("#")[0].strip()[:60]] = round(time.time() - t0, 1)
+            with log.open("a") as f:
+                f.write(f"$ {cmd}\n{out.stdout}\n{out.stderr}\n")
+            assert out.returncode == 0, f"{cmd}\n{(out.stdout + out.stderr)[-4000:]}"
+            for w in want:  # "..." in the README stands for text left out
+                for piece in filter(None, (p.strip() for p in w.split("..."))):
+                    assert piece in out.stdout + out.stderr, f"README says `{cmd[:60]}` prints {w!r}; see {log}"
+            if "ray job submit" in cmd:
+                assert re.search(r"Job '\S+' succeeded", out.stdout + out.stderr), (out.stdout + out.stderr)[-3000:]
+        run = outs[1]
+        for f in ("manifest.json", "eval.json", "report/report.html", "student/student.pt"):
+            assert (run / f).exists(), f
+        metrics = json.loads((run / "student" / "metrics.json").read_text())
+        assert metrics["workers"] == 2 and len(metrics["worker_nodes"]) == 2
+        assert metrics["driver_node"] and metrics["driver_node"] not in metrics["worker_nodes"], metrics
+        print("README cluster sequence, seconds per command:", json.dumps(seconds, indent=1))
+        ok = True
+    finally:
+        subprocess.run([str(REPO / "cluster" / "local.sh"), "stop"], cwd=REPO, env=env, capture_output=True,
+                       timeout=300)
+        if ok:  # on failure keep the nodes' logs for the reader
+            shutil.rmtree(state, ignore_errors=True)
+        for d in outs:
+            kept = d.with_name(f"{d.name}.kept-{os.getpid()}")
+            if kept.exists():
+                shutil.rmtree(d, ignore_errors=True)
+                kept.rename(d)
