@@ -169,22 +169,6 @@ def test_bad_config_job_fails_with_one_clear_line(head, tmp_path, tiny_models):
     assert "coopt job: config error: unknown key 'data.colour'" in logs
 
 
-@pytest.mark.slow
-def test_pipeline_job_runs_all_stages(head, tmp_path, tiny_models):
-    from ray.job_submission import JobStatus
-
-    client = head.client()
-    cfg = write_config(tmp_path / "job.yaml", tiny_models[:2], data={"limit": 200},
-                       student={"arch": "resnet18", "epochs": 1, "batch_size": 64, "workers": 1},
-                       eval={"probe_epochs": 5, "probe_limit": 300, "test_limit": 300})
-    run = tmp_path / "run"
-    job_id = client.submit_job(entrypoint=f"python jobs/pipeline.py --config {cfg} --out {run}",
-                               runtime_env={"working_dir": str(REPO), "env_vars": {"COOPT_PROGRESS": "0"}})
-    status, logs = _wait(client, job_id)
-    assert status == JobStatus.SUCCEEDED, logs[-4000:]
-    assert (run / "eval.json").exists() and f"[job] evaluation: {run / 'eval.json'}" in logs
-
-
 # ------------------------------------------------------------------ the entrypoints themselves (no Ray)
 def test_entrypoints_parse_arguments_and_connect_to_the_job_cluster(monkeypatch):
     sys.path.insert(0, str(REPO / "jobs"))

@@ -3,8 +3,9 @@ code block (so the two cannot drift apart), executed in order by bash in the rep
 lines the README shows under a command (``#   [optimize] ...``; "..." stands for text left out) must appear
 in that command's output.
 
-Both jobs must succeed, the pipeline job must write the manifest, eval.json and the report, and its Ray Train
-workers must have run on worker nodes, not on the head (the job's driver node).
+Both jobs must succeed, the pipeline job must write the manifest, eval.json and the report, its Ray Train
+workers must have run on worker nodes, not on the head (the job's driver node), and `local.sh stop` must
+leave none of the nodes' processes behind.
 """
 from __future__ import annotations
 
@@ -67,11 +68,11 @@ def test_readme_cluster_sequence_runs_as_documented(tmp_path):
     log = tmp_path / "readme.log"
     seconds, ok = {}, False
     try:
-        for cmd, want in steps:
+        for k, (cmd, want) in enumerate(steps):
             t0 = time.time()
             out = subprocess.run(["bash", "-euo", "pipefail", "-c", cmd], cwd=REPO, env=env, text=True,
                                  capture_output=True, timeout=1500)
-            seconds[cmd.split("#")[0].strip()[:60]] = round(time.time() - t0, 1)
+            seconds[f"{k + 1}. {cmd.split('#')[0].strip()[:70]}"] = round(time.time() - t0, 1)
             with log.open("a") as f:
                 f.write(f"$ {cmd}\n{out.stdout}\n{out.stderr}\n")
             assert out.returncode == 0, f"{cmd}\n{(out.stdout + out.stderr)[-4000:]}"
@@ -86,6 +87,10 @@ def test_readme_cluster_sequence_runs_as_documented(tmp_path):
         metrics = json.loads((run / "student" / "metrics.json").read_text())
         assert metrics["workers"] == 2 and len(metrics["worker_nodes"]) == 2
         assert metrics["driver_node"] and metrics["driver_node"] not in metrics["worker_nodes"], metrics
+        # the last command, `local.sh stop`, stopped exactly the processes local.sh started
+        assert not (state / "pids").exists()
+        left = subprocess.run(["pgrep", "-f", f"{state}/t"], capture_output=True, text=True).stdout
+        assert not left.strip(), left
         print("README cluster sequence, seconds per command:", json.dumps(seconds, indent=1))
         ok = True
     finally:
