@@ -203,13 +203,18 @@ def _fresh(nodes: list) -> list:
 
 
 
-def live_nodes() -> Optional[list]:
-    """Per-node resources when connected to Ray (None otherwise: plan from cluster totals only)."""
-    try:
-        import ray
+def live_nodes(log: Callable = print) -> Optional[list]:
+    """Per-node resources when connected to Ray; None when not connected or the nodes cannot be listed
+    (then placement is planned from cluster totals only, and the log says so)."""
+    import ray
 
-        return cluster_nodes() if ray.is_initialized() else None
-    except Exception:  # e.g. a Ray Client connection without node listing
+    if not ray.is_initialized():
+        return None
+    try:
+        return cluster_nodes()
+    except Exception as e:  # e.g. a Ray Client connection without node listing
+        log(f"[cluster] warning: could not list the cluster's nodes ({type(e).__name__}: {e}); "
+            "planning from cluster totals only, so an actor that fits no single node is not caught up front")
         return None
 
 

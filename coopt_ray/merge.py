@@ -135,12 +135,18 @@ def build_manifest(cfg: Config, emb_stats: list[dict], scored: dict, total_rows:
         })
     return {
         "participants": parts, "best": best, "target_dim": dims[best],
-        "shared_ids": scored["shared_ids"], "total_rows": total_rows,
+        "shared_ids": scored["shared_ids"], "shared_dropped": shared_dropped(emb_stats, scored),
+        "total_rows": total_rows,
         "optimized_rows": optimized_rows, "error_rows": error_rows,
         "timings": {k: round(v, 3) for k, v in timings.items()},
         "fingerprint": cfg.fingerprint(*OPTIMIZE_SECTIONS),
         "versions": {"ray": ray.__version__, "torch": torch.__version__, "open_clip": open_clip.__version__},
     }
+
+
+def shared_dropped(emb_stats: list[dict], scored: dict) -> int:
+    """Images of S left out of scoring and alignment because some participant could not read them."""
+    return max(s["shared_rows"] for s in emb_stats) - len(scored["shared_ids"])
 
 
 def _num(v):
@@ -164,6 +170,11 @@ def run_merge(cfg: Config, run: Path, embedded: dict, t_start: float, log: Calla
             f"max_error_fraction={cfg.max_error_fraction:g}; see {run / ERRORS} for each id and reason"
         )
     scored = score_and_align(cfg, run)
+    dropped = shared_dropped(stats, scored)
+    if dropped:
+        log(f"[optimize] warning: {dropped} shared image(s) could not be read by every participant; S for "
+            f"scoring and alignment is the {len(scored['shared_ids'])} every participant read "
+            f"(manifest: shared_dropped; the reasons are in {run / ERRORS} or the participants' embeddings)")
     for n, v in scored["uniformity"].items():
         r2, held = scored["r2"][n]
         extra = "best" if n == scored["best"] else (f"align R2 {r2:.3f} (held-out {held:.3f})"

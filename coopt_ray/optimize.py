@@ -45,10 +45,14 @@ class ParticipantEmbedder:
         tensors, ok = [], []
         for i, data in enumerate(batch["image"]):
             try:
-                tensors.append(self.preprocess(decode_image(data)))
-                ok.append(i)
-            except Exception as e:  # one bad image must never fail the batch
-                errors[i] = str(e) if isinstance(e, ValueError) else f"preprocess failed: {type(e).__name__}: {e}"
+                img = decode_image(data)
+            except ValueError as e:  # an unreadable image is an error row with its reason, never a failed batch
+                errors[i] = str(e)
+                continue
+            # Anything else (a bug, MemoryError) fails the batch: Ray retries it, and a persistent failure
+            # fails the run loudly instead of being filed as a bad image under max_error_fraction.
+            tensors.append(self.preprocess(img))
+            ok.append(i)
         emb = np.zeros((n, self.dim), dtype=np.float32)
         if ok:
             with torch.no_grad():
@@ -136,7 +140,7 @@ def embed_all(cfg: Config, run: Path, source: Source, shared_ids: frozenset, res
         else:
             todo.append(i)
     if todo:
-        nodes = live_nodes()
+        nodes = live_nodes(log)
         plan = plan_waves([cfg.participants[i] for i in todo], resources, nodes=nodes, indices=todo)
         log(f"[optimize] {plan.message}")
         lock = threading.Lock()
@@ -161,7 +165,7 @@ def embed_all(cfg: Config, run: Path, source: Source, shared_ids: frozenset, res
                     for i, s in zip(wave_ids, ex.map(one, wave_ids)):
                         stats[i] = s
             if waves and nodes is not None:  # nodes joined or left meanwhile: plan the rest again
-                now = live_nodes()
+                now = live_nodes(log)
                 if now is not None and sorted(n["id"] for n in now) != sorted(n["id"] for n in nodes):
                     import ray
 

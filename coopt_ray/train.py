@@ -193,19 +193,22 @@ def _say(line: str) -> None:
 
 # ---------------------------------------------------------------- Ray Data input
 def decode_batch(batch: dict, image_size: int) -> dict:
-    """``map_batches`` fn: PNG/JPEG bytes -> uint8 (N, S, S, 3) RGB; targets pass through."""
-    imgs, keep = [], []
+    """``map_batches`` fn: PNG/JPEG bytes -> uint8 (N, S, S, 3) RGB; targets pass through.
+
+    Every merged row was decoded once by its participant, so a row that no longer decodes means RUN/optimized
+    was damaged: fail, naming the id, rather than train on fewer rows than metrics.json would report."""
+    imgs = []
     for i, data in enumerate(batch["image"]):
         try:
             imgs.append(resize_rgb(decode_image(data), image_size))
-            keep.append(i)
-        except ValueError:
-            continue  # merged rows were readable once; never fail a batch on one image
+        except ValueError as e:
+            raise RunError(f"optimized row {batch['id'][i]!r} no longer decodes ({e}); RUN/optimized is damaged: "
+                           "delete RUN/optimized and RUN/manifest.json and rerun `coopt optimize`") from None
     target = np.asarray(batch["target"], dtype=np.float32)
     if target.dtype == object:
         target = np.stack([np.asarray(t, dtype=np.float32) for t in batch["target"]])
     out = np.stack(imgs) if imgs else np.zeros((0, image_size, image_size, 3), np.uint8)
-    return {"image": out, "target": target.reshape(len(batch["image"]), -1)[keep]}
+    return {"image": out, "target": target.reshape(len(batch["image"]), -1)}
 
 
 def _keep_ids(batch, ids: frozenset):

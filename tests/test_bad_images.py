@@ -114,6 +114,30 @@ def test_bad_file_raises_value_error_with_reason(name):
         decode_image(data)
 
 
+def _embed_batch(rng, images: list) -> dict:
+    n = len(images)
+    return {"id": np.array([f"x{i}" for i in range(n)], dtype=object), "image": np.array(images, dtype=object),
+            "owned": np.ones(n, bool), "is_shared": np.zeros(n, bool), "label": np.zeros(n, np.int64)}
+
+
+def test_embedder_files_unreadable_images_and_fails_the_batch_on_anything_else(tiny_models):
+    from coopt_ray.optimize import ParticipantEmbedder
+
+    rng = np.random.default_rng(0)
+    emb = ParticipantEmbedder(tiny_models[0], None, use_gpu=False)
+    good = _encode(_rgb(rng), "PNG")
+    out = emb(_embed_batch(rng, [good, b"", good]))
+    assert list(out["error"]) == ["", "empty file (0 bytes)", ""]
+    assert np.abs(out["embedding"][[0, 2]]).sum() > 0 and not out["embedding"][1].any()
+
+    def broken(_img):  # a bug or an out-of-memory error is not a bad image
+        raise MemoryError("no memory left")
+
+    emb.preprocess = broken
+    with pytest.raises(MemoryError):  # Ray retries the batch; it is never filed as an error row
+        emb(_embed_batch(rng, [good]))
+
+
 @pytest.mark.slow
 def test_huge_png_decodes():
     """A 6000x6000 PNG (no reduced decoding for PNG) still converts."""
@@ -171,6 +195,9 @@ def test_bad_images_end_to_end(folder, tmp_path, tiny_models, ray_session, capsy
     assert man["total_rows"] == total and man["error_rows"] == len(bad)
     assert man["optimized_rows"] + man["error_rows"] == man["total_rows"]
     assert sum(p["error_rows"] for p in man["participants"]) == len(bad)
+    emb = pq.read_table(run / "embeddings" / "p0", columns=["id", "is_shared", "error"]).to_pydict()
+    bad_shared = {i for i, sh, e in zip(emb["id"], emb["is_shared"], emb["error"]) if sh and e}
+    assert man["shared_dropped"] == len(bad_shared) and not bad_shared & set(man["shared_ids"])
 
     # Unusual modes and the huge image carry real targets and their class labels.
     y = column_matrix(pq.read_table(run / "optimized", columns=["target"]).column("target"))

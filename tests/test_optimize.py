@@ -67,13 +67,23 @@ def test_best_targets_are_raw_embeddings_and_others_are_aligned(optimized):
     cfg, run, man, _ = optimized
     t = _optimized_table(run).to_pydict()
     best = man["best"]
-    emb = pq.read_table(run / "embeddings" / best, columns=["id", "embedding", "owned"])
-    raw = dict(zip(emb.column("id").to_pylist(), column_matrix(emb.column("embedding"))))
+    raw, maps = {}, {}
+    for p in man["participants"]:  # every participant's embeddings and the map applied to them, read back
+        emb = pq.read_table(run / "embeddings" / p["name"], columns=["id", "embedding"])
+        raw[p["name"]] = dict(zip(emb.column("id").to_pylist(), column_matrix(emb.column("embedding"))))
+        if p["name"] != best:
+            a = np.load(run / "align" / f"{p['name']}.npz")
+            maps[p["name"]] = (a["W"], a["b"])
+    assert set(maps) == {p["name"] for p in man["participants"]} - {best}
     for i, pid, tgt, al in zip(t["id"], t["participant"], t["target"], t["aligned"]):
+        x = raw[pid][i]
         if pid == best:
-            np.testing.assert_allclose(np.asarray(tgt), raw[i], atol=1e-6)
+            np.testing.assert_allclose(np.asarray(tgt), x, atol=1e-6)
             assert not al
         else:
+            W, b = maps[pid]
+            assert W.shape == (x.shape[0], man["target_dim"])
+            np.testing.assert_allclose(np.asarray(tgt), x.astype(np.float64) @ W + b, rtol=1e-4, atol=1e-4)
             assert al
 
 

@@ -86,3 +86,15 @@ def test_tasks_must_fit_one_node():
         check_tasks_fit([("participants[1].num_gpus", {"CPU": 1.0, "GPU": 2.0})], nodes)
     with pytest.raises(ConfigError, match=r"^'student.use_gpu'"):
         check_tasks_fit([("student.use_gpu", {"CPU": 1.0, "GPU": 1.0})], [_node("head", 4)])
+
+
+def test_live_nodes_says_when_it_cannot_list_them(ray_session, monkeypatch):
+    from coopt_ray import cluster
+
+    def fail():
+        raise RuntimeError("no node listing over this connection")
+
+    monkeypatch.setattr(cluster, "cluster_nodes", fail)
+    logs: list = []
+    assert cluster.live_nodes(logs.append) is None
+    assert len(logs) == 1 and "could not list the cluster's nodes" in logs[0] and "cluster totals only" in logs[0]

@@ -14,6 +14,12 @@ def test_scale_invariant_and_known_value():
     assert uniformity(np.array([[1.0, 0.0], [-3.0, 0.0]])) == pytest.approx(-8.0)
 
 
+def test_orthonormal_basis_is_exactly_minus_four():
+    # every pair of distinct basis vectors is at squared distance 2: V = log exp(-2 * 2) = -4
+    for d in (2, 5, 16):
+        assert uniformity(np.eye(d) * 3.0) == pytest.approx(-4.0, abs=1e-12)
+
+
 def test_falls_as_features_spread():
     rng = np.random.default_rng(0)
     centre = rng.normal(size=32)
