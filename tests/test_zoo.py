@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 
-import pytest
 
 from coopt_ray import zoo
 from coopt_ray.config import DEFAULT_FASHION_MNIST_DIR
