@@ -28,6 +28,7 @@ def parse_args(argv=None):
     ap.add_argument("--images", type=int, help="images for the optimize comparison (default 50k, quick 3,000)")
     ap.add_argument("--rss-sizes", default="6000,50000", help="data sizes for the driver-memory check")
     ap.add_argument("--rss-teachers", type=int, help="teachers in the memory runs (default 4, quick 1)")
+    ap.add_argument("--rss-ballast", type=int, default=500, help="MB the control memory run holds on top")
     ap.add_argument("--train-arch", help="student for the training comparison (default resnet18, quick test_vit)")
     ap.add_argument("--train-images", type=int, help="rows for the training comparison (default all, quick 2,000)")
     ap.add_argument("--train-epochs", type=int, default=2)
@@ -118,21 +119,37 @@ def projection(per_model: list[dict], images: int, k: int, shared: int) -> list[
     return out
 
 
-def rss_child(teachers_json: str, size: int, work: str) -> None:
-    """Subprocess body: run_optimize on ``size`` images and print the driver's peak RSS (MB)."""
+def vm_hwm_mb() -> float:
+    """This process's own peak resident memory (VmHWM, MB). Unlike ``ru_maxrss``, which on Linux keeps the
+    peak of the forked copy of the parent across exec (so a child started by a big benchmark reports the
+    benchmark's peak), VmHWM belongs to the process's current address space, which starts empty at exec."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return round(int(line.split()[1]) / 1024, 1)  # kB
+    raise RuntimeError("no VmHWM in /proc/self/status (not Linux?)")
+
+
+def rss_child(teachers_json: str, size: int, work: str, ballast_mb: int = 0) -> None:
+    """Subprocess body: run_optimize on ``size`` images, print the driver's own peak memory (VmHWM, MB).
+
+    ``ballast_mb`` > 0 is the control: the driver also holds that many MB of touched memory, so its figure
+    must rise by about that much; a measurement that did not would not be measuring this process.
+    """
     import resource
 
     from coopt_ray.pipeline import run_optimize
 
+    ballast = np.ones(ballast_mb * 2**20 // 8) if ballast_mb else None  # np.ones touches every page
     teachers = json.loads(teachers_json)
     cfg = optimize_config(teachers, limit=size)
     run = fresh_dir(Path(work))
     start_ray()
     t0 = time.time()
     man = run_optimize(cfg, run, log=lambda m: None)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-    print("RSS_RESULT " + json.dumps({"size": size, "total_rows": man["total_rows"], "peak_rss_mb": round(peak, 1),
-                                      "seconds": round(time.time() - t0, 1)}), flush=True)
+    print("RSS_RESULT " + json.dumps({
+        "size": size, "total_rows": man["total_rows"], "ballast_mb": ballast_mb, "vm_hwm_mb": vm_hwm_mb(),
+        "ru_maxrss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "seconds": round(time.time() - t0, 1), "held": 0 if ballast is None else int(ballast.nbytes >> 20)}), flush=True)
 
 
 def plain_train(arch: str, images: np.ndarray, targets: np.ndarray, epochs: int, batch_size: int, threads: int) -> dict:
@@ -209,34 +226,43 @@ def main(argv=None) -> dict:
         save()
     ray.shutdown()
     if "rss" not in a.skip:
-        rss = {}
-        # quick: the smallest teacher(s) (the zoo lists them largest first), the driver's work is the same
-        rss_t = teachers[-a.rss_teachers:] if a.quick else teachers[:a.rss_teachers]
-        for size in a.rss_sizes:
-            log(f"[throughput] driver peak RSS: run_optimize on {size} images, K={a.rss_teachers} (subprocess)")
-            cmd = [sys.executable, __file__, "--_rss-child", json.dumps(rss_t), str(size),
-                   str(a.work / f"rss_{size}")]
-            p = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "COOPT_PROGRESS": "0"},
-                               cwd=str(Path(__file__).parent))
-            line = next((ln for ln in p.stdout.splitlines() if ln.startswith("RSS_RESULT ")), None)
-            if line is None:
-                raise RuntimeError(f"memory run on {size} images failed:\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
-            rss[size] = json.loads(line.split(" ", 1)[1])
-            log(f"[throughput]   {rss[size]}")
-        res["rss"] = {"teachers": [t["name"] for t in rss_t], "by_size": rss,
-                      "note": "data.limit None is the 50,000-image unlabeled split (train[10k:60k]); "
-                              "'60k' in the issue is measured as 50k"}
-        sizes = sorted(rss)
-        res["rss_6k_mb"] = rss[sizes[0]]["peak_rss_mb"]
-        res["rss_60k_mb"] = rss[sizes[-1]]["peak_rss_mb"]
-        res["rss_growth_mb"] = round(res["rss_60k_mb"] - res["rss_6k_mb"], 1)
+        res["rss"] = driver_memory(a, teachers)
         save()
     save()
     log(f"[throughput] done -> {a.out}")
     for k in ("optimize_vs_plain_ratio", "optimize_vs_plain_ratio_end_to_end", "score_align_share",
-              "train_vs_plain_ratio", "rss_6k_mb", "rss_60k_mb"):
+              "train_vs_plain_ratio", "rss"):
         log(f"  {k}: {res.get(k)}")
     return res
+
+
+def driver_memory(a, teachers: list[dict]) -> dict:
+    """The optimize driver's own peak memory (VmHWM) at each of ``--rss-sizes``, each in a fresh process,
+    plus a control run on the smallest size holding ``--rss-ballast`` MB more: its figure must move."""
+    # quick: the smallest teacher(s) (the zoo lists them largest first), the driver's work is the same
+    rss_t = teachers[-a.rss_teachers:] if a.quick else teachers[:a.rss_teachers]
+    runs = [(size, 0) for size in a.rss_sizes] + [(min(a.rss_sizes), a.rss_ballast)]
+    out = []
+    for size, ballast in runs:
+        log(f"[throughput] driver memory: run_optimize on {size} images, K={a.rss_teachers}"
+            f"{f', control holding {ballast} MB more' if ballast else ''} (fresh process)")
+        cmd = [sys.executable, __file__, "--_rss-child", json.dumps(rss_t), str(size),
+               str(a.work / f"rss_{size}_{ballast}"), str(ballast)]
+        p = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "COOPT_PROGRESS": "0"},
+                           cwd=str(Path(__file__).parent))
+        line = next((ln for ln in p.stdout.splitlines() if ln.startswith("RSS_RESULT ")), None)
+        if line is None:
+            raise RuntimeError(f"memory run on {size} images failed:\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
+        out.append(json.loads(line.split(" ", 1)[1]))
+        log(f"[throughput]   {out[-1]}")
+    plain = [r for r in out if not r["ballast_mb"]]
+    small, large, control = plain[0], plain[-1], out[-1]
+    return {"teachers": [t["name"] for t in rss_t], "runs": out, "measure": "VmHWM of the driver process",
+            "small_images": small["total_rows"], "large_images": large["total_rows"],
+            "small_mb": small["vm_hwm_mb"], "large_mb": large["vm_hwm_mb"],
+            "growth_mb": round(large["vm_hwm_mb"] - small["vm_hwm_mb"], 1),
+            "control_ballast_mb": control["ballast_mb"],
+            "control_rise_mb": round(control["vm_hwm_mb"] - small["vm_hwm_mb"], 1)}
 
 
 def train_compare(a, cfg) -> dict:
@@ -283,6 +309,6 @@ def train_compare(a, cfg) -> dict:
 
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "--_rss-child":
-        rss_child(sys.argv[2], int(sys.argv[3]), sys.argv[4])
+        rss_child(sys.argv[2], int(sys.argv[3]), sys.argv[4], int(sys.argv[5]) if len(sys.argv) > 5 else 0)
     else:
         main()
