@@ -49,10 +49,14 @@ class SharedConfig:
     heldout: float = 0.2
 
 
+ALIGN_SELECT = ("fixed", "loo")
+
+
 @dataclass(frozen=True)
 class AlignConfig:
     ridge: float = 1.0e-3
     enabled: bool = True
+    select: str = "fixed"        # fixed: align.ridge as given; loo: per participant, by leave-one-out on S
 
 
 @dataclass(frozen=True)
@@ -183,6 +187,8 @@ def _check_values(cfg: Config) -> None:
         raise ConfigError(f"'shared.heldout' must be in [0, 1), got {cfg.shared.heldout}")
     if cfg.align.ridge < 0:
         raise ConfigError(f"'align.ridge' must be >= 0, got {cfg.align.ridge}")
+    if cfg.align.select not in ALIGN_SELECT:
+        raise ConfigError(f"'align.select' must be one of {', '.join(ALIGN_SELECT)}, got {cfg.align.select!r}")
     if not 0 <= cfg.max_error_fraction <= 1:
         raise ConfigError(f"'max_error_fraction' must be in [0, 1], got {cfg.max_error_fraction}")
     names = [p.name for p in cfg.participants]

@@ -35,15 +35,17 @@ def score_and_align(cfg: Config, run: Path) -> dict:
     t1 = time.time()
     aligns: dict[str, Optional[Alignment]] = {}
     r2: dict[str, tuple] = {}
+    ridges: dict[str, Optional[float]] = {}
     (run / ALIGN).mkdir(exist_ok=True)
     for n, x in mats.items():
         if n == best or not cfg.align.enabled:
-            aligns[n], r2[n] = None, (None, None)
+            aligns[n], r2[n], ridges[n] = None, (None, None), None
             continue
-        t, fit_r2, held = fit_with_stats(x, mats[best], cfg.align.ridge, cfg.shared.heldout, cfg.seed)
-        aligns[n], r2[n] = t, (fit_r2, held)
+        t, fit_r2, held, lam = fit_with_stats(x, mats[best], cfg.align.ridge, cfg.shared.heldout, cfg.seed,
+                                              select=cfg.align.select)
+        aligns[n], r2[n], ridges[n] = t, (fit_r2, held), lam
         np.savez(run / ALIGN / f"{n}.npz", W=t.W, b=t.b)
-    return {"shared_ids": ids, "uniformity": values, "best": best, "alignments": aligns, "r2": r2,
+    return {"shared_ids": ids, "uniformity": values, "best": best, "alignments": aligns, "r2": r2, "ridge": ridges,
             "score_seconds": t_score, "align_seconds": time.time() - t1}
 
 
@@ -131,7 +133,8 @@ def build_manifest(cfg: Config, emb_stats: list[dict], scored: dict, total_rows:
             "embed_dim": s["embed_dim"], "rows": s["rows"], "shared_rows": s["shared_rows"],
             "error_rows": s["error_rows"], "uniformity": scored["uniformity"][p.name],
             "aligned": scored["alignments"].get(p.name) is not None,
-            "align_r2": _num(r2), "align_heldout_r2": _num(held), "seconds": s["seconds"],
+            "align_r2": _num(r2), "align_heldout_r2": _num(held), "align_ridge": _num(scored["ridge"].get(p.name)),
+            "seconds": s["seconds"],
         })
     return {
         "participants": parts, "best": best, "target_dim": dims[best],
@@ -177,8 +180,9 @@ def run_merge(cfg: Config, run: Path, embedded: dict, t_start: float, log: Calla
             f"(manifest: shared_dropped; the reasons are in {run / ERRORS} or the participants' embeddings)")
     for n, v in scored["uniformity"].items():
         r2, held = scored["r2"][n]
-        extra = "best" if n == scored["best"] else (f"align R2 {r2:.3f} (held-out {held:.3f})"
-                                                     if r2 is not None and held is not None else "not aligned")
+        extra = "best" if n == scored["best"] else (
+            f"align R2 {r2:.3f} (held-out {held:.3f}, ridge {scored['ridge'][n]:g})"
+            if r2 is not None and held is not None else "not aligned")
         log(f"[optimize] {n}: uniformity {v:.4f}  {extra}")
     t0 = time.time()
     best_dim = stats[[p.name for p in cfg.participants].index(scored["best"])]["embed_dim"]

@@ -229,10 +229,10 @@ def _fmt(v) -> str:
 def _html(run: Path, manifest: dict, metrics: Optional[dict], ev: Optional[dict], rows, figs) -> str:
     e = html.escape
     parts = manifest["participants"]
-    ptab = _table(["participant", "model", "dim", "rows", "shared", "uniformity", "aligned", "R² fit", "R² held-out",
-                   "seconds"],
+    ptab = _table(["participant", "model", "dim", "rows", "shared", "uniformity", "aligned", "ridge", "R² fit",
+                   "R² held-out", "seconds"],
                   [[p["name"] + (" (best)" if p["name"] == manifest["best"] else ""), p["model"], p["embed_dim"],
-                    p["rows"], p["shared_rows"], p["uniformity"], p["aligned"], p["align_r2"],
+                    p["rows"], p["shared_rows"], p["uniformity"], p["aligned"], p.get("align_ridge"), p["align_r2"],
                     p["align_heldout_r2"], p["seconds"]] for p in parts])
     sec = [f"<h1>coopt report: {e(str(run))}</h1>",
            f"<p>{manifest['optimized_rows']} optimized rows + {manifest['error_rows']} error rows = "

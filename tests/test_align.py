@@ -37,7 +37,8 @@ def test_fewer_rows_than_dims_is_well_posed():
 
 def test_heldout_stats_and_mask():
     x, y, _, _ = planted(n=50, dk=5, ds=3, noise=0.01)
-    _, r2, held = fit_with_stats(x, y, ridge=1e-6, heldout=0.2, seed=0)
+    _, r2, held, lam = fit_with_stats(x, y, ridge=1e-6, heldout=0.2, seed=0)
+    assert lam == 1e-6
     assert r2 > 0.99 and held > 0.99
     m = heldout_mask(50, 0.2, seed=3)
     assert m.sum() == 10 and np.array_equal(m, heldout_mask(50, 0.2, seed=3))
@@ -46,3 +47,34 @@ def test_heldout_stats_and_mask():
 def test_shape_mismatch_raises():
     with pytest.raises(ValueError):
         fit_alignment(np.zeros((5, 3)), np.zeros((4, 3)))
+
+
+def test_leave_one_out_shortcut_equals_refitting_without_each_row():
+    from coopt_ray.align import loo_mse
+
+    for n, dk, ds in ((20, 6, 4), (12, 30, 5)):  # more rows than dims, and fewer (the shared-subset case)
+        x, y, _, _ = planted(n=n, dk=dk, ds=ds, seed=n, noise=0.5)
+        ridges = (1e-4, 1e-2, 1.0)
+        def scale(a):  # fit_alignment's ridge is relative to this; hold the absolute penalty fixed
+            return ((a - a.mean(0)) ** 2).sum() / len(a)
+
+        brute = []
+        for r in ridges:
+            err = []
+            for i in range(n):
+                xi, yi = np.delete(x, i, 0), np.delete(y, i, 0)
+                t = fit_alignment(xi, yi, r * scale(x) / scale(xi))
+                err.append(((t.apply(x[i:i + 1]) - y[i]) ** 2).sum())
+            brute.append(np.mean(err))
+        np.testing.assert_allclose(loo_mse(x, y, ridges), brute, rtol=1e-6)
+
+
+def test_leave_one_out_picks_a_small_ridge_for_a_clean_map_and_a_large_one_for_noise():
+    from coopt_ray.align import select_ridge
+
+    x, y, _, _ = planted(n=60, dk=8, ds=5, noise=0.01)
+    assert select_ridge(x, y) <= 1e-3
+    rng = np.random.default_rng(1)
+    assert select_ridge(x, rng.normal(size=(60, 5))) >= 1.0  # y independent of x: shrink (nearly) all of it
+    _, _, _, lam = fit_with_stats(x, y, ridge=1.0, heldout=0.2, seed=0, select="loo")
+    assert lam <= 1e-3  # the configured ridge is ignored when selecting
