@@ -47,6 +47,20 @@ def readme_steps(text: str) -> list[tuple[str, list[str]]]:
     return steps
 
 
+def leftover(pattern: str, wait_s: float = 60) -> str:
+    """Processes whose command line mentions ``pattern`` (pid and command), once those still exiting had up to
+    ``wait_s`` to go ("" when none is left)."""
+    deadline = time.time() + wait_s
+    while True:
+        pids = subprocess.run(["pgrep", "-f", pattern], capture_output=True, text=True).stdout.split()
+        if not pids or time.time() > deadline:
+            break
+        time.sleep(2)
+    if not pids:
+        return ""
+    return subprocess.run(["ps", "-o", "pid,stat,args", "-p", ",".join(pids)], capture_output=True, text=True).stdout
+
+
 def test_readme_steps_are_parsed():
     steps = readme_steps((REPO / "README.md").read_text())
     cmds = [re.sub(r"\s+#.*$", "", c) for c, _ in steps]
@@ -89,8 +103,7 @@ def test_readme_cluster_sequence_runs_as_documented(tmp_path):
         assert metrics["driver_node"] and metrics["driver_node"] not in metrics["worker_nodes"], metrics
         # the last command, `local.sh stop`, stopped exactly the processes local.sh started
         assert not (state / "pids").exists()
-        left = subprocess.run(["pgrep", "-f", f"{state}/t"], capture_output=True, text=True).stdout
-        assert not left.strip(), left
+        assert not leftover(f"{state}/t"), leftover(f"{state}/t")
         print("README cluster sequence, seconds per command:", json.dumps(seconds, indent=1))
         ok = True
     finally:
