@@ -289,8 +289,7 @@ def plan_workers(s: StudentConfig, nodes: list, driver: Optional[str] = None, re
 
 
 def _worker_plan(s: StudentConfig, cpus: float, where: list, avoid: Optional[str], gpu: bool) -> WorkerPlan:
-    per_node = {n: where.count(n) for n in dict.fromkeys(where)}
-    msg = (f"{s.workers} workers x {cpus:g} CPU{' + 1 GPU' if gpu else ''} on {len(per_node)} node(s)"
+    msg = (f"{s.workers} workers x {cpus:g} CPU{' + 1 GPU' if gpu else ''} on {len(set(where))} node(s)"
            + (" (not the driver's)" if avoid else ""))
     return WorkerPlan(s.workers, cpus, max(1, int(math.floor(cpus))), list(where), avoid, msg)
 

@@ -20,6 +20,7 @@ import pyarrow.parquet as pq
 
 from .config import DEFAULT_FASHION_MNIST_DIR, ConfigError, DataConfig
 from .images import encode_png
+from .rundir import SOURCE
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 FASHION_MNIST_CLASSES = (
@@ -127,12 +128,12 @@ class Source:
         self.cfg = cfg
         self.kind = cfg.source
         if self.kind == "fashion-mnist":
-            self.path = work_dir / "source"
+            self.path = work_dir / SOURCE
             if not (self.path / "_DONE").exists():
                 x, y = fashion_mnist_split("unlabeled", cfg.path)
                 n = len(x) if cfg.limit is None else min(cfg.limit, len(x))
                 ids = [f"train/{PUBLIC_SIZE + i}" for i in range(n)]
-                tmp = work_dir / "source.tmp"
+                tmp = work_dir / (SOURCE + ".tmp")
                 _rmtree(tmp)
                 write_array_source(x[:n], y[:n], ids, tmp)
                 _rmtree(self.path)

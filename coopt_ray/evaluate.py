@@ -19,8 +19,8 @@ from .data import fashion_mnist_split, folder_classes, label_for, list_image_fil
 from .images import arrays_to_rgb, decode_image, resize_rgb
 from .models import load_model, pick_device
 from .probe import backbone_features, embed_arrays, linear_probe
-from .rundir import EVAL, STUDENT, RunError, read_done, write_json_atomic
-from .student import WEIGHTS, build_backbone, load_student_backbone
+from .rundir import EVAL, STUDENT, RunError, read_done, read_json, write_json_atomic
+from .student import METRICS, WEIGHTS, build_backbone, load_student_backbone
 
 
 # ---------------------------------------------------------------- the evaluate stage
@@ -179,7 +179,7 @@ def run_evaluate(cfg, run, address: Optional[str] = None, log=print) -> dict:
             log(f"[evaluate] already done: {out_path}; skipping")
             return old
     t_start = time.time()
-    backbone, meta = load_student_backbone(run / STUDENT)
+    meta = read_json(run / STUDENT / METRICS)
     try:
         splits = labeled_splits(cfg)
     except EvalSkipped as e:
@@ -193,6 +193,7 @@ def run_evaluate(cfg, run, address: Optional[str] = None, log=print) -> dict:
     size = int(meta["image_size"])
     data = {"probe_raw": px, "test_raw": tx, "probe_y": py, "test_y": ty,
             "probe_rgb": arrays_to_rgb(px, size), "test_rgb": arrays_to_rgb(tx, size)}
+    backbone, _ = load_student_backbone(run / STUDENT)
     epochs, seed, s_gpu = cfg.eval.probe_epochs, cfg.seed, cfg.student.use_gpu
     sopts = {"num_cpus": 1, "num_gpus": 1 if s_gpu else 0}
     init_ray(address, log=log)
