@@ -114,3 +114,22 @@ def fit_with_stats(x: np.ndarray, y: np.ndarray, ridge: float, heldout: float, s
         t_fit = fit_alignment(x[~mask], y[~mask], choose(x[~mask], y[~mask]))
         r2_held = r2_score(y[mask], t_fit.apply(x[mask]))
     return t, r2, r2_held, lam
+
+
+def loo_r2(x: np.ndarray, y: np.ndarray, ridges=RIDGE_GRID) -> float:
+    """Leave-one-out R^2 of predicting ``y`` from ``x`` with the best ridge of the grid (1 - min LOO MSE over
+    the mean squared norm of the centred rows of y): how much of y a linear map from x explains on rows it
+    was not fitted on."""
+    y = np.asarray(y, dtype=np.float64)
+    tot = float(((y - y.mean(0)) ** 2).sum(1).mean())
+    return 1.0 - float(loo_mse(x, y, ridges).min()) / tot if tot > 0 else float("nan")
+
+
+def coverage(mats: dict[str, np.ndarray]) -> dict[str, float]:
+    """Per participant, the mean leave-one-out R^2 with which its embeddings of S linearly predict every other
+    participant's (higher is better): the space that holds what the others know. A second criterion for the
+    best model next to uniformity (``score.method: coverage``). Needs at least 2 participants and 3 rows."""
+    names = list(mats)
+    if len(names) < 2:
+        return {n: float("nan") for n in names}
+    return {k: float(np.mean([loo_r2(mats[k], mats[j]) for j in names if j != k])) for k in names}

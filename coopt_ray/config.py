@@ -50,6 +50,13 @@ class SharedConfig:
 
 
 ALIGN_SELECT = ("fixed", "loo")
+SCORE_METHODS = ("uniformity", "coverage")
+
+
+@dataclass(frozen=True)
+class ScoreConfig:
+    method: str = "uniformity"   # uniformity: lowest value wins (the paper's); coverage: the space that
+                                 # linearly predicts every other participant's best on S (align.coverage)
 
 
 @dataclass(frozen=True)
@@ -90,6 +97,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     participants: tuple = ()
     shared: SharedConfig = field(default_factory=SharedConfig)
+    score: ScoreConfig = field(default_factory=ScoreConfig)
     align: AlignConfig = field(default_factory=AlignConfig)
     student: StudentConfig = field(default_factory=StudentConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -155,6 +163,7 @@ def parse_config(raw: Any, base_dir: str | os.PathLike = ".") -> Config:
     sub = {
         "data": DataConfig,
         "shared": SharedConfig,
+        "score": ScoreConfig,
         "align": AlignConfig,
         "student": StudentConfig,
         "eval": EvalConfig,
@@ -189,6 +198,8 @@ def _check_values(cfg: Config) -> None:
         raise ConfigError(f"'align.ridge' must be >= 0, got {cfg.align.ridge}")
     if cfg.align.select not in ALIGN_SELECT:
         raise ConfigError(f"'align.select' must be one of {', '.join(ALIGN_SELECT)}, got {cfg.align.select!r}")
+    if cfg.score.method not in SCORE_METHODS:
+        raise ConfigError(f"'score.method' must be one of {', '.join(SCORE_METHODS)}, got {cfg.score.method!r}")
     if not 0 <= cfg.max_error_fraction <= 1:
         raise ConfigError(f"'max_error_fraction' must be in [0, 1], got {cfg.max_error_fraction}")
     names = [p.name for p in cfg.participants]

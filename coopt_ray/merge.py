@@ -14,7 +14,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from .align import Alignment, fit_with_stats
+from .align import Alignment, coverage, fit_with_stats
 from .config import Config, resolve_model
 from .embeddings import column_matrix, shared_matrices
 from .rundir import (ALIGN, EMBEDDINGS, ERRORS, MANIFEST, OPTIMIZE_SECTIONS, OPTIMIZED, RunError, read_json,
@@ -30,7 +30,14 @@ def score_and_align(cfg: Config, run: Path) -> dict:
     t0 = time.time()
     ids, mats = shared_matrices(cfg, run)
     values = {n: uniformity(x) for n, x in mats.items()}
-    best = best_participant(values)
+    cover = coverage(mats) if len(ids) >= 3 else {n: float("nan") for n in mats}
+    if cfg.score.method == "coverage":
+        if len(ids) < 3:
+            raise RunError(f"score.method: coverage needs at least 3 shared images every participant read, got "
+                           f"{len(ids)}")
+        best = best_participant(cover, higher_is_better=True)
+    else:
+        best = best_participant(values)
     t_score = time.time() - t0
     t1 = time.time()
     aligns: dict[str, Optional[Alignment]] = {}
@@ -45,7 +52,7 @@ def score_and_align(cfg: Config, run: Path) -> dict:
                                               select=cfg.align.select)
         aligns[n], r2[n], ridges[n] = t, (fit_r2, held), lam
         np.savez(run / ALIGN / f"{n}.npz", W=t.W, b=t.b)
-    return {"shared_ids": ids, "uniformity": values, "best": best, "alignments": aligns, "r2": r2, "ridge": ridges,
+    return {"shared_ids": ids, "uniformity": values, "coverage": cover, "best": best, "alignments": aligns, "r2": r2, "ridge": ridges,
             "score_seconds": t_score, "align_seconds": time.time() - t1}
 
 
@@ -132,12 +139,13 @@ def build_manifest(cfg: Config, emb_stats: list[dict], scored: dict, total_rows:
             "name": p.name, "model": resolve_model(cfg, p.model), "pretrained": p.pretrained,
             "embed_dim": s["embed_dim"], "rows": s["rows"], "shared_rows": s["shared_rows"],
             "error_rows": s["error_rows"], "uniformity": scored["uniformity"][p.name],
+            "coverage": _num(scored["coverage"][p.name]),
             "aligned": scored["alignments"].get(p.name) is not None,
             "align_r2": _num(r2), "align_heldout_r2": _num(held), "align_ridge": _num(scored["ridge"].get(p.name)),
             "seconds": s["seconds"],
         })
     return {
-        "participants": parts, "best": best, "target_dim": dims[best],
+        "participants": parts, "best": best, "score_method": cfg.score.method, "target_dim": dims[best],
         "shared_ids": scored["shared_ids"], "shared_dropped": shared_dropped(emb_stats, scored),
         "total_rows": total_rows,
         "optimized_rows": optimized_rows, "error_rows": error_rows,
@@ -183,7 +191,7 @@ def run_merge(cfg: Config, run: Path, embedded: dict, t_start: float, log: Calla
         extra = "best" if n == scored["best"] else (
             f"align R2 {r2:.3f} (held-out {held:.3f}, ridge {scored['ridge'][n]:g})"
             if r2 is not None and held is not None else "not aligned")
-        log(f"[optimize] {n}: uniformity {v:.4f}  {extra}")
+        log(f"[optimize] {n}: uniformity {v:.4f}  coverage {scored['coverage'][n]:.3f}  {extra}")
     t0 = time.time()
     best_dim = stats[[p.name for p in cfg.participants].index(scored["best"])]["embed_dim"]
     rows = merge(cfg, run, scored["alignments"], best_dim, log=log)

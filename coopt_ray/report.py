@@ -110,7 +110,7 @@ def build_report(run: str | os.PathLike, log: Callable[[str], None] = print) -> 
     fig, ax = plt.subplots(figsize=(6, 3.5))
     vals = [p["uniformity"] for p in parts]
     ax.bar(names, vals, color=[COLORS[0] if n != best else COLORS[2] for n in names])
-    ax.set_title("Uniformity on S (lower is better; green = best)")
+    ax.set_title(f"Uniformity on S (lower is better; green = the target, by {manifest.get('score_method', 'uniformity')})")
     ax.set_ylabel("log mean exp(-2||zi - zj||²)")
     for i, v in enumerate(vals):
         ax.annotate(f"{v:.3f}", (i, v), ha="center", va="top" if v < 0 else "bottom", fontsize=8)
@@ -229,16 +229,22 @@ def _fmt(v) -> str:
 def _html(run: Path, manifest: dict, metrics: Optional[dict], ev: Optional[dict], rows, figs) -> str:
     e = html.escape
     parts = manifest["participants"]
-    ptab = _table(["participant", "model", "dim", "rows", "shared", "uniformity", "aligned", "ridge", "R² fit",
-                   "R² held-out", "seconds"],
+    probe = {n: t["probe_accuracy"] for n, t in (ev or {}).get("teachers", {}).items()}
+    ptab = _table(["participant", "model", "dim", "rows", "shared", "uniformity", "coverage", "probe acc", "aligned",
+                   "ridge", "R² fit", "R² held-out", "seconds"],
                   [[p["name"] + (" (best)" if p["name"] == manifest["best"] else ""), p["model"], p["embed_dim"],
-                    p["rows"], p["shared_rows"], p["uniformity"], p["aligned"], p.get("align_ridge"), p["align_r2"],
-                    p["align_heldout_r2"], p["seconds"]] for p in parts])
+                    p["rows"], p["shared_rows"], p["uniformity"], p.get("coverage"), probe.get(p["name"]), p["aligned"],
+                    p.get("align_ridge"), p["align_r2"], p["align_heldout_r2"], p["seconds"]] for p in parts])
+    method = manifest.get("score_method", "uniformity")
     sec = [f"<h1>coopt report: {e(str(run))}</h1>",
            f"<p>{manifest['optimized_rows']} optimized rows + {manifest['error_rows']} error rows = "
            f"{manifest['total_rows']} images; best model <b>{e(manifest['best'])}</b>, target dim "
            f"{manifest['target_dim']}, |S| = {len(manifest.get('shared_ids', []))}.</p>",
-           "<h2>Participants</h2>", ptab]
+           "<h2>Participants</h2>",
+           f"<p>The best model is chosen by <b>{e(method)}</b> (score.method). Uniformity: lower is better; "
+           "coverage: the mean leave-one-out R² with which a participant's space predicts every other "
+           "participant's on S, higher is better; probe acc: the teacher's linear-probe accuracy when the "
+           "run was evaluated on labels.</p>", ptab]
     if rows:
         sec += ["<h2>Linear probe</h2>",
                 f"<p>{e(ev['probe']['description'])}; {ev['probe']['epochs']} probe epochs.</p>",
@@ -287,5 +293,5 @@ def summary_table(manifest: dict, metrics: Optional[dict], ev: Optional[dict]) -
     lines.append(f"  {'random-init ' + r['arch']:<34}{'baseline':<13}{r['probe_accuracy']:>10.4f}   "
                  f"probe {secs.get('random_init', 0):.1f}")
     lines.append(f"  ({ev['probe']['description']}; {ev['probe']['epochs']} probe epochs; "
-                 f"* = lowest uniformity, the alignment target)")
+                 f"* = the alignment target, best by {manifest.get('score_method', 'uniformity')})")
     return "\n".join(lines)

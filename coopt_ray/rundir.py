@@ -22,7 +22,7 @@ ALIGN = "align"              # align/<participant>.npz: the alignment applied (W
 STUDENT = "student"          # student/: student.pt, metrics.json, Ray Train checkpoints
 REPORT = "report"            # report/: report.html + plots
 SOURCE = "source"            # source/: the Fashion-MNIST unlabeled split converted to Parquet
-OPTIMIZE_SECTIONS = ("seed", "data", "participants", "shared", "align")
+OPTIMIZE_SECTIONS = ("seed", "data", "participants", "shared", "score", "align")
 
 
 class RunError(RuntimeError):

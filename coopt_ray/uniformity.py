@@ -20,6 +20,8 @@ def uniformity(features: np.ndarray, t: float = 2.0) -> float:
     return float(m + np.log(np.mean(np.exp(x - m))))  # stable log-mean-exp
 
 
-def best_participant(values: dict[str, float]) -> str:
-    """Name with the lowest uniformity value (ties broken by name order)."""
-    return min(sorted(values), key=lambda k: values[k])
+def best_participant(values: dict[str, float], higher_is_better: bool = False) -> str:
+    """Name with the lowest value (uniformity; the highest with ``higher_is_better``, e.g. coverage); ties are
+    broken by name order."""
+    sign = -1.0 if higher_is_better else 1.0
+    return min(sorted(values), key=lambda k: sign * values[k])
