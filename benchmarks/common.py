@@ -66,7 +66,7 @@ def zoo_teachers(zoo_dir: Path, quick: bool) -> list[dict]:
 
 def optimize_config(teachers: list[dict], limit: Optional[int], seed: int = 0, shared_fraction: float = 0.0005,
                     shared_min: int = 16, align: bool = True, ridge: float = 1e-2, actors: int = 1,
-                    batch_size: int = 512, num_cpus: float = 1.0):
+                    batch_size: int = 512, num_cpus: float = 1.0, select: str = "fixed"):
     """A validated Config for ``run_optimize``: one participant per teacher record, Fashion-MNIST source."""
     raw = {
         "seed": seed,
@@ -74,7 +74,7 @@ def optimize_config(teachers: list[dict], limit: Optional[int], seed: int = 0, s
         "participants": [{"name": f"p{i}", "model": t["model"], "batch_size": batch_size, "num_gpus": 0,
                           "actors": actors, "num_cpus": num_cpus} for i, t in enumerate(teachers)],
         "shared": {"fraction": shared_fraction, "min": shared_min},
-        "align": {"ridge": ridge, "enabled": align},
+        "align": {"ridge": ridge, "enabled": align, "select": select},
         "student": {"arch": "resnet18", "epochs": 1, "batch_size": 256, "workers": 1},
     }
     return parse_config(raw, base_dir=str(ROOT))

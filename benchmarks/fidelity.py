@@ -1,19 +1,19 @@
-"""Fidelity benchmark: CoOpt vs BYOL / SimCLR / supervised / random init, ablations, cross-architecture.
+"""Fidelity benchmark: CoOpt vs BYOL / SimCLR / supervised / random init, ablations, levers, cross-architecture.
 
-Every method trains the same student architecture on the same unlabeled images for the same epochs,
-batch size and optimizer, in the same in-process loop (``coopt_ray.baselines.fit``), and is scored
-after every epoch by the same linear probe. The optimized datasets come from ``run_optimize`` (one
-run per ablation config, shared by all seeds); only the student training is repeated per seed.
+Every method trains the same student architecture on the same unlabeled images for the same epochs in the same
+in-process loop (``coopt_ray.baselines.fit``), with the same augmentation code and crop scale
+(``images.BatchAugment``), and is scored by the same linear probe. Each main method gets a learning-rate sweep on
+seed 0 (``--lrs``; SimCLR also at batch ``--simclr-batch``); the setting with the best final seed-0 accuracy is
+then run on the other seeds, and that is the number reported (the sweep is in the JSON). The probe trains on
+labeled images from the tail of the unlabeled split, which neither the teachers (trained on public train[0:10k])
+nor any student (the first ``--images`` of the pool) saw, and tests on t10k.
 
-    python benchmarks/fidelity.py --quick          # 1 seed, small data, tiny student (~15 min idle CPU)
-    python benchmarks/fidelity.py                  # 3 seeds, 50k images, resnet18 (GPU-sized)
-    python benchmarks/fidelity.py --seeds 3 --images 1500 --pool 50000 --epochs 6 --arch resnet10t \
-        --batch-size 64 --probe-images 1000 --test-images 1000 --probe-epochs 50 \
-        --cross-archs resnet10t,mobilenetv3_small_100,test_vit   # the committed CPU-sized run (~80 min)
+    python benchmarks/fidelity.py --quick          # 1 seed, 1 lr, small data, tiny student (~10 min idle CPU)
+    python benchmarks/fidelity.py --seeds 3 --images 1000 --pool 50000 --epochs 6 --arch resnet10t \
+        --batch-size 64 --probe-images 1000 --test-images 1000 --probe-epochs 50 --cross-seeds 1 \
+        --cross-archs resnet10t,mobilenetv3_small_100,test_vit   # the committed CPU-sized run (~75 min)
 
-With ``--pool`` the optimize stage runs on that many unlabeled images (so the shared subset is a fraction
-of the whole pool, as in the method) and every method trains on the first ``--images`` of them.
-
+GPU protocol (a device machine): the defaults without --quick (50k images, resnet18, 20 epochs, 3 seeds).
 Writes benchmarks/results/fidelity[_quick].json and PNG plots next to it.
 """
 from __future__ import annotations
@@ -24,17 +24,17 @@ import shutil
 import time
 from pathlib import Path
 
-import numpy as np
-
 from common import RESULTS, ROOT, log, machine, optimize_config, start_ray, write_json, zoo_teachers
 
-from coopt_ray import baselines as B  # noqa: E402
-from coopt_ray.data import PUBLIC_SIZE, fashion_mnist_split, shared_size  # noqa: E402
-from coopt_ray.images import arrays_to_rgb  # noqa: E402
-from coopt_ray.train import read_targets  # noqa: E402
+import fidelity_targets as FT
+from fidelity_summary import ABLATION_KEYS, MAIN, plot, summarise, uniformity_vs_accuracy
 
-SHARED_FRACTIONS = {"shared_0.05": 0.0005, "shared_0.2": 0.002, "shared_1": 0.01}
-ABLATIONS = ("noalign", "central", "worst", *SHARED_FRACTIONS)
+from coopt_ray import baselines as B  # noqa: E402
+from coopt_ray.data import fashion_mnist_split, shared_size  # noqa: E402
+from coopt_ray.images import arrays_to_rgb  # noqa: E402
+
+SHARED_FRACTIONS = {"shared_0.2": 0.002, "shared_1": 0.01}
+LABEL_FREE_ZOO = "zoo-label-free"
 
 
 class FinalProbe:
@@ -51,7 +51,7 @@ class FinalProbe:
 
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="1 seed, small data, tiny student")
+    ap.add_argument("--quick", action="store_true", help="1 seed, one lr, small data, tiny student")
     ap.add_argument("--seeds", type=int, help="number of seeds (default 3, quick 1)")
     ap.add_argument("--images", type=int, help="unlabeled training images (default all 50k, quick 2,000)")
     ap.add_argument("--pool", type=int, help="unlabeled images the optimize stage runs on (default: --images); "
@@ -59,40 +59,41 @@ def parse_args(argv=None):
     ap.add_argument("--epochs", type=int, help="student epochs (default 20, quick 4)")
     ap.add_argument("--batch-size", type=int, default=None, help="default 256, quick 128")
     ap.add_argument("--arch", help="student architecture (default resnet18, quick test_vit)")
-    ap.add_argument("--cross-archs", help="comma list for cross-architecture reuse "
-                    "(default resnet18,mobilenetv3_small_100,vit_tiny_patch4_32; quick test_vit,"
-                    "mobilenetv3_small_050,test_efficientnet)")
-    ap.add_argument("--probe-images", type=int, help="labeled probe-train images from the public split "
+    ap.add_argument("--cross-archs", help="comma list for cross-architecture reuse")
+    ap.add_argument("--cross-seeds", type=int, help="seeds for the cross-architecture runs (default --seeds)")
+    ap.add_argument("--probe-images", type=int, help="labeled probe-train images from the unlabeled split's tail "
                     "(default 10,000, quick 1,000)")
     ap.add_argument("--test-images", type=int, help="test images (default 10,000, quick 1,000)")
     ap.add_argument("--probe-epochs", type=int, help="linear-probe epochs (default 100, quick 30)")
-    ap.add_argument("--lr", type=float, default=1e-3)
-    ap.add_argument("--whiten", action="store_true", help="CoOpt students regress PCA-whitened targets "
-                    "(student.whiten) instead of per-dimension standardised ones")
-    ap.add_argument("--methods", default="", help="comma list: train only these result keys (e.g. "
-                    "coopt,byol,shared_0.05; default all)")
+    ap.add_argument("--lrs", help="comma list of AdamW learning rates swept on seed 0 for every main method "
+                    "(default 3e-4,1e-3,3e-3; quick 1e-3)")
+    ap.add_argument("--simclr-batch", type=int, default=None, help="SimCLR is also swept at this batch size "
+                    "(default 256; quick: off)")
+    ap.add_argument("--crop-min", type=float, default=0.5, help="RandomResizedCrop scale (crop_min, 1), all methods")
+    ap.add_argument("--whiten", action="store_true", help="CoOpt students regress PCA-whitened targets")
+    ap.add_argument("--methods", default="", help="comma list: train only these result keys (default all)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     ap.add_argument("--zoo", default=str(ROOT / "zoo"), help="teacher zoo folder (built if missing)")
     ap.add_argument("--work", default=None, help="optimize runs go here (default runs/bench-fidelity[-quick])")
     ap.add_argument("--out", default=None, help="result JSON (default benchmarks/results/fidelity[_quick].json)")
-    ap.add_argument("--skip", default="", help="comma list of parts to skip: main (the --arch methods), "
-                    "ablations, cross")
-    ap.add_argument("--replot", action="store_true",
-                    help="only re-summarise and re-plot the result JSON (e.g. a run still in progress)")
+    ap.add_argument("--skip", default="", help="comma list of parts to skip: main, ablations, cross")
+    ap.add_argument("--replot", action="store_true", help="only re-summarise and re-plot the result JSON")
     a = ap.parse_args(argv)
     q = a.quick
     d = dict(seeds=1 if q else 3, images=2000 if q else None, epochs=4 if q else 20, batch_size=128 if q else 256,
              arch="test_vit" if q else "resnet18",
-             cross_archs=("test_vit,mobilenetv3_small_050,test_efficientnet" if q
-                          else "resnet18,mobilenetv3_small_100,vit_tiny_patch4_32"),
-             probe_images=1000 if q else 10_000, test_images=1000 if q else 10_000, probe_epochs=30 if q else 100)
+             cross_archs=("test_vit,mobilenetv3_small_050" if q else "resnet18,mobilenetv3_small_100,vit_tiny_patch4_32"),
+             probe_images=1000 if q else 10_000, test_images=1000 if q else 10_000, probe_epochs=30 if q else 100,
+             lrs="1e-3" if q else "3e-4,1e-3,3e-3", simclr_batch=0 if q else 256)
     for k, v in d.items():
         if getattr(a, k) is None:
             setattr(a, k, v)
+    a.cross_seeds = a.cross_seeds or a.seeds
     tag = "_quick" if q else ""
     a.work = Path(a.work or ROOT / "runs" / f"bench-fidelity{tag.replace('_', '-')}")
     a.out = Path(a.out or RESULTS / f"fidelity{tag}.json")
     a.cross_archs = [s for s in a.cross_archs.split(",") if s]
+    a.lrs = [float(s) for s in str(a.lrs).split(",") if s]
     a.skip = {s for s in a.skip.split(",") if s}
     a.methods = {s for s in a.methods.split(",") if s}
     if a.pool is not None and a.images is not None and a.pool < a.images:
@@ -101,29 +102,43 @@ def parse_args(argv=None):
 
 
 # ---------------------------------------------------------------- optimized datasets
+def label_free_teachers(a) -> list[dict]:
+    """Four teachers with the zoo's architectures, trained on the public split with captions made from pixel
+    statistics (``zoo.pixel_stat_captions``), never from labels."""
+    from coopt_ray.zoo import ZOO_SPECS, build_zoo
+
+    specs = [dict(s, name=s["name"].replace("clip-tiny", "free"), captions="pixel-stats") for s in ZOO_SPECS[:4]]
+    return build_zoo(ROOT / "runs" / LABEL_FREE_ZOO, specs=specs, progress=log)
+
+
 def optimize_specs(a, teachers: list[dict]) -> dict:
     """``{name: optimize_config kwargs}`` for every optimized dataset the benchmark trains on."""
-
     by_acc = sorted(teachers[:4], key=lambda t: t["probe_accuracy"])
     worst, best = by_acc[0], by_acc[-1]
     specs = {"coopt": dict(teachers=teachers[:4])}
     if "ablations" not in a.skip:
         specs["central"] = dict(teachers=[best])
         specs["worst"] = dict(teachers=[worst])
+        specs["loo"] = dict(teachers=teachers[:4], select="loo")
+        specs["labelfree"] = dict(teachers=None)  # resolved when first needed (builds the label-free zoo)
         for name, frac in SHARED_FRACTIONS.items():
             specs[name] = dict(teachers=teachers[:4], shared_fraction=frac, shared_min=2)
+            specs[f"loo_{name}"] = dict(teachers=teachers[:4], shared_fraction=frac, shared_min=2, select="loo")
     return specs
 
 
 class OptimizedSets:
-    """Runs ``run_optimize`` for a dataset the first time it is needed (main methods train first)."""
+    """Runs ``run_optimize`` for a dataset the first time it is needed; reuses embeddings across align variants."""
 
     def __init__(self, a, specs: dict, pool_size: int):
         self.a, self.specs, self.pool_size, self.runs, self.by_fp, self.by_emb = a, specs, pool_size, {}, {}, {}
 
     def __getitem__(self, name: str):
         if name not in self.runs:
-            self.runs[name] = self._optimize(name, self.specs[name])
+            spec = dict(self.specs[name])
+            if spec["teachers"] is None:
+                spec["teachers"] = label_free_teachers(self.a)
+            self.runs[name] = self._optimize(name, spec)
         return self.runs[name]
 
     def _optimize(self, name: str, spec: dict):
@@ -131,10 +146,8 @@ class OptimizedSets:
 
         a, runs, by_fp, by_emb = self.a, self.runs, self.by_fp, self.by_emb
         cfg = optimize_config(limit=a.pool or a.images, **spec)
-        # S is fixed by the seed and its size alone (data.shared_subset), so two configs whose fraction/min
-        # resolve to the same size (e.g. 0.05 % of 50k and the default) are the same optimized dataset
         s = shared_size(self.pool_size, cfg.shared.fraction, cfg.shared.min)
-        fp = f"{cfg.fingerprint('seed', 'data', 'participants', 'align')}/S{s}"
+        fp = f"{cfg.fingerprint('seed', 'data', 'participants', 'score', 'align')}/S{s}"
         if fp in by_fp:
             log(f"[fidelity] {name}: same optimized dataset as {by_fp[fp]}")
             return runs[by_fp[fp]]
@@ -149,194 +162,31 @@ class OptimizedSets:
         man = run_optimize(cfg, run, log=lambda m: None)
         log(f"[fidelity] optimize {name}: best {man['best']} in {time.time() - t0:.0f}s")
         by_fp[fp], by_emb[emb_fp] = name, run
-        return run, man
+        return run, man, cfg, spec["teachers"]
 
 
-def unaligned_targets(run: Path, manifest: dict) -> tuple[np.ndarray, np.ndarray]:
-    """The "no alignment" ablation from the aligned run's own embeddings: every participant's raw
-    psi_k(x) as the target, cut or zero-padded to the best model's width so the shards can be merged
-    (the teachers' widths differ; ``merge`` itself needs one width, so ``align.enabled: false`` cannot
-    merge this zoo)."""
-    import pyarrow.parquet as pq
-
-    from coopt_ray.embeddings import column_matrix
-
-    d = manifest["target_dim"]
-    idx, ys = [], []
-    for p in manifest["participants"]:
-        t = pq.read_table(run / "embeddings" / p["name"], columns=["id", "embedding", "owned", "error"])
-        keep = np.asarray(t.column("owned").to_numpy(zero_copy_only=False)) & np.array(
-            [e == "" for e in t.column("error").to_pylist()])
-        x = column_matrix(t.column("embedding"))[keep]
-        y = np.zeros((len(x), d), np.float32)
-        y[:, :min(d, x.shape[1])] = x[:, :d]
-        ids = [i for i, k in zip(t.column("id").to_pylist(), keep) if k]
-        idx.append(np.array([int(i.split("/")[1]) - PUBLIC_SIZE for i in ids]))
-        ys.append(y)
-    idx, y = np.concatenate(idx), np.concatenate(ys)
-    order = np.argsort(idx)
-    return idx[order], y[order]
+# ---------------------------------------------------------------- jobs
+def sweep_settings(a, method: str) -> list[tuple[float, int]]:
+    grid = [(lr, a.batch_size) for lr in a.lrs]
+    if method == "simclr" and a.simclr_batch and a.simclr_batch != a.batch_size:
+        grid += [(lr, a.simclr_batch) for lr in a.lrs if lr >= 1e-3]
+    return grid
 
 
-def load_targets(run: Path) -> tuple[np.ndarray, np.ndarray]:
-    """(indices into the unlabeled split, target matrix) of RUN/optimized, sorted by index."""
-    ids, y = read_targets(run / "optimized")
-    idx = np.array([int(i.split("/")[1]) - PUBLIC_SIZE for i in ids])
-    order = np.argsort(idx)
-    return idx[order], y[order]
+def setting_key(method: str, lr: float, bs: int) -> str:
+    return f"sweep/{method}/lr{lr:g}/b{bs}"
 
 
-# ---------------------------------------------------------------- summary
-def mean_std(xs) -> dict:
-    xs = [x for x in xs if x is not None]
-    return {"mean": round(float(np.mean(xs)), 4), "std": round(float(np.std(xs)), 4), "n": len(xs)} if xs else None
+def chosen_setting(res: dict, a, method: str) -> tuple[float, int]:
+    """The swept setting with the best final seed-0 accuracy (the default lr / batch if none ran)."""
+    done = [(res["runs"][setting_key(method, lr, bs)]["0"][-1]["probe_accuracy"], lr, bs)
+            for lr, bs in sweep_settings(a, method) if setting_key(method, lr, bs) in res["runs"]]
+    if not done:
+        return a.lrs[len(a.lrs) // 2], a.batch_size
+    _, lr, bs = max(done, key=lambda t: (t[0], -abs(t[1] - 1e-3)))
+    return lr, bs
 
 
-def summarise(res: dict, a) -> dict:
-    """Final-epoch mean/std per method, mean curves, time to BYOL's final accuracy, goal checks."""
-    runs = res["runs"]
-    out = {}
-    curves = {}
-    for key, per_seed in runs.items():
-        finals = [h[-1]["probe_accuracy"] for h in per_seed.values()]
-        out[key] = mean_std(finals)
-        if any(e["probe_accuracy"] is None for h in per_seed.values() for e in h):
-            continue  # probed after the last epoch only: no curve
-        ep = min(len(h) for h in per_seed.values())
-        curves[key] = {
-            "epoch": list(range(ep)),
-            "acc_mean": [round(float(np.mean([h[e]["probe_accuracy"] for h in per_seed.values()])), 4) for e in range(ep)],
-            "acc_std": [round(float(np.std([h[e]["probe_accuracy"] for h in per_seed.values()])), 4) for e in range(ep)],
-            "train_seconds_mean": [round(float(np.mean([h[e]["train_seconds"] for h in per_seed.values()])), 2)
-                                   for e in range(ep)],
-        }
-    res["curves"] = curves
-    for k, v in out.items():
-        res[k] = v
-    if "coopt" in curves and "byol" in curves:
-        target = curves["byol"]["acc_mean"][-1]
-        c = curves["coopt"]
-        hit = next((e for e, acc in zip(c["epoch"], c["acc_mean"]) if e > 0 and acc >= target), None)
-        res["time_to_byol_final"] = {
-            "byol_final_accuracy": target,
-            "byol": {"epochs": curves["byol"]["epoch"][-1], "seconds": curves["byol"]["train_seconds_mean"][-1]},
-            "coopt": {"epochs": hit, "seconds": None if hit is None else c["train_seconds_mean"][hit]},
-            "epoch_ratio": None if hit is None else round(hit / curves["byol"]["epoch"][-1], 3),
-        }
-    g = {}
-    if res.get("coopt") and res.get("byol"):
-        g["coopt_minus_byol_points"] = round(100 * (res["coopt"]["mean"] - res["byol"]["mean"]), 2)
-    if res.get("coopt") and res.get("noalign"):
-        g["aligned_minus_unaligned_points"] = round(100 * (res["coopt"]["mean"] - res["noalign"]["mean"]), 2)
-    if all(res.get(k) for k in ("shared_0.05", "shared_1", "noalign")):
-        gain1 = res["shared_1"]["mean"] - res["noalign"]["mean"]
-        gain005 = res["shared_0.05"]["mean"] - res["noalign"]["mean"]
-        g["shared_0.05_share_of_1pct_gain"] = round(gain005 / gain1, 3) if abs(gain1) > 1e-9 else None
-    res["goals"] = g
-    return res
-
-
-def uniformity_vs_accuracy(teachers: list[dict]) -> dict:
-    from scipy.stats import spearmanr
-
-    u = [t["uniformity"] for t in teachers]
-    acc = [t["probe_accuracy"] for t in teachers]
-    rho, p = spearmanr(u, acc)
-    return {"teachers": [{"name": t["name"], "uniformity": t["uniformity"], "probe_accuracy": t["probe_accuracy"]}
-                         for t in teachers],
-            "spearman_rho": None if np.isnan(rho) else round(float(rho), 4),
-            "p_value": None if np.isnan(p) else round(float(p), 4),
-            "note": "lower uniformity should mean higher accuracy: a good score gives rho near -1"}
-
-
-# ---------------------------------------------------------------- plots
-def plot(res: dict, out_dir: Path, tag: str) -> list[str]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    files = []
-    curves = res.get("curves", {})
-    main = [k for k in ("coopt", "byol", "simclr", "supervised", "noalign", "central", "worst") if k in curves]
-    if main:
-        fig, ax = plt.subplots(figsize=(6.5, 4.2))
-        for k in main:
-            c = curves[k]
-            ax.errorbar(c["epoch"], c["acc_mean"], yerr=c["acc_std"], label=k, marker="o", ms=3, capsize=2)
-        if res.get("random_init"):
-            ax.axhline(res["random_init"]["mean"], ls="--", c="gray", label="random init")
-        ax.set_xlabel("epoch")
-        ax.set_ylabel("linear-probe accuracy")
-        ax.set_title(f"{res['settings']['arch']}, {res['settings']['images'] or 50000} images, "
-                     f"{res['settings']['seeds']} seed(s)")
-        ax.legend(fontsize=8)
-        ax.grid(alpha=0.3)
-        fig.tight_layout()
-        f = out_dir / f"fidelity_curves{tag}.png"
-        fig.savefig(f, dpi=110)
-        plt.close(fig)
-        files.append(f.name)
-    bars = [k for k in ("coopt", "noalign", "central", "worst", "shared_0.05", "shared_0.2", "shared_1",
-                        "byol", "simclr", "supervised", "random_init") if res.get(k)]
-    if bars:
-        fig, ax = plt.subplots(figsize=(7.5, 4))
-        m = [res[k]["mean"] for k in bars]
-        s = [res[k]["std"] for k in bars]
-        ax.bar(range(len(bars)), m, yerr=s, capsize=3, color=["C0" if k.startswith(("coopt", "shared")) else
-                                                                "C1" if k in ("noalign", "central", "worst") else "C2"
-                                                                for k in bars])
-        ax.set_xticks(range(len(bars)))
-        ax.set_xticklabels(bars, rotation=30, ha="right")
-        lo = min(m) - 0.05
-        ax.set_ylim(max(0, lo), min(1, max(m) + 0.03))
-        ax.set_ylabel("final linear-probe accuracy")
-        ax.set_title("ablations and baselines (final epoch)")
-        ax.grid(axis="y", alpha=0.3)
-        fig.tight_layout()
-        f = out_dir / f"fidelity_ablations{tag}.png"
-        fig.savefig(f, dpi=110)
-        plt.close(fig)
-        files.append(f.name)
-    uv = res.get("uniformity_vs_accuracy")
-    if uv:
-        fig, ax = plt.subplots(figsize=(5, 4))
-        for t in uv["teachers"]:
-            ax.scatter(t["uniformity"], t["probe_accuracy"])
-            ax.annotate(t["name"], (t["uniformity"], t["probe_accuracy"]), fontsize=8)
-        ax.set_xlabel("uniformity value (lower is better)")
-        ax.set_ylabel("teacher linear-probe accuracy")
-        ax.set_title(f"Spearman rho = {uv['spearman_rho']}")
-        ax.grid(alpha=0.3)
-        fig.tight_layout()
-        f = out_dir / f"uniformity_vs_accuracy{tag}.png"
-        fig.savefig(f, dpi=110)
-        plt.close(fig)
-        files.append(f.name)
-    cross = res.get("cross_arch")
-    if cross:
-        archs = list(cross)
-        fig, ax = plt.subplots(figsize=(6, 4))
-        w = 0.38
-        for j, meth in enumerate(("coopt", "byol")):
-            m = [cross[x][meth]["mean"] if cross[x].get(meth) else 0 for x in archs]
-            s = [cross[x][meth]["std"] if cross[x].get(meth) else 0 for x in archs]
-            ax.bar(np.arange(len(archs)) + (j - 0.5) * w, m, w, yerr=s, capsize=3, label=meth)
-        ax.set_xticks(range(len(archs)))
-        ax.set_xticklabels(archs, rotation=15)
-        ax.set_ylabel("final linear-probe accuracy")
-        ax.set_title("one optimized dataset, several students")
-        ax.legend()
-        ax.grid(axis="y", alpha=0.3)
-        fig.tight_layout()
-        f = out_dir / f"cross_arch{tag}.png"
-        fig.savefig(f, dpi=110)
-        plt.close(fig)
-        files.append(f.name)
-    return files
-
-
-# ---------------------------------------------------------------- main
 def main(argv=None) -> dict:
     import torch
 
@@ -354,85 +204,114 @@ def main(argv=None) -> dict:
     log(f"[fidelity] zoo: {[(t['name'], t['probe_accuracy'], t['uniformity']) for t in teachers]}")
     res = {"settings": {k: (str(v) if isinstance(v, Path) else sorted(v) if isinstance(v, set) else v)
                         for k, v in vars(a).items()},
-           "machine": machine(), "runs": {}, "optimize": {}}
+           "machine": machine(), "runs": {}, "optimize": {}, "chosen": {},
+           "probe_protocol": "probe-train: the last --probe-images of the unlabeled split (labels never seen by a "
+                             "teacher or a student); test: the first --test-images of t10k"}
     res["uniformity_vs_accuracy"] = uniformity_vs_accuracy(teachers)
 
     x_unl, y_unl = fashion_mnist_split("unlabeled")
     sets = OptimizedSets(a, optimize_specs(a, teachers), a.pool or a.images or len(x_unl))
-    n = a.images or len(x_unl)
-    images = arrays_to_rgb(x_unl[:n], 32)
-    labels = y_unl[:n]
-    x_pub, y_pub = fashion_mnist_split("public")
+    n = a.images or len(x_unl) - a.probe_images
+    if n + a.probe_images > len(x_unl):
+        raise SystemExit(f"--images {n} + --probe-images {a.probe_images} exceed the unlabeled split")
+    images, labels = arrays_to_rgb(x_unl[:n], 32), y_unl[:n]
     x_te, y_te = fashion_mnist_split("test")
-    probe_x, probe_y = arrays_to_rgb(x_pub[:a.probe_images], 32), y_pub[:a.probe_images]
+    probe_x, probe_y = arrays_to_rgb(x_unl[-a.probe_images:], 32), y_unl[-a.probe_images:]
     test_x, test_y = arrays_to_rgb(x_te[:a.test_images], 32), y_te[:a.test_images]
     targets = {}
 
     def targets_for(name: str):
-        """(row indices, targets) of an optimized dataset, optimizing it first when needed."""
+        """(row indices, targets, weights) of a dataset, optimizing first when needed."""
         if name not in targets:
             start_ray()
-            run, man = sets["coopt" if name == "noalign" else name]
-            res["optimize"][name] = {"run": str(run), "best": man["best"], "participants": [
-                {k: p[k] for k in ("name", "model", "uniformity", "aligned", "align_r2", "align_heldout_r2",
-                                   "shared_rows")} for p in man["participants"]],
-                "shared_rows": len(man.get("shared_ids", [])), "timings": man["timings"]}
+            base = {"noalign": "coopt", "randproj": "coopt", "weighted": "loo"}.get(name, name)
+            run, man, cfg, used = sets[base]
+            info = {"run": str(run), "best": man["best"], "participants": [
+                {k: p.get(k) for k in ("name", "model", "uniformity", "coverage", "aligned", "align_r2",
+                                       "align_heldout_r2", "align_ridge", "shared_rows")} for p in man["participants"]],
+                "shared_rows": len(man.get("shared_ids", [])), "timings": man["timings"],
+                "teachers_train_seconds": round(sum(t.get("train_seconds", 0) for t in used), 1)}
+            w = None
             if name == "noalign":
-                targets[name] = unaligned_targets(run, man)
-                res["optimize"][name]["note"] = ("coopt's embeddings, unaligned, cut/zero-padded to the best "
-                                                 "model's width")
+                idx, y, part = FT.unaligned_targets(run, man)
+                info["note"] = "coopt's embeddings, unaligned, cut/zero-padded to the best model's width"
+            elif name == "randproj":
+                idx, y, part = FT.random_projection_targets(run, man)
+                info["note"] = "coopt's embeddings, standardised per participant, fixed random projection"
             else:
-                targets[name] = load_targets(run)
-            idx, y = targets[name]
+                idx, y, part = FT.optimized_targets(run)
+                FT.check_merged(run, man, y, idx, part)
+                if name == "weighted":
+                    w, per = FT.alignment_weights(run, cfg, man, part)
+                    info["weights"] = {k: round(v, 4) for k, v in per.items()}
             keep = idx < n  # the pool may be larger than the training images
-            targets[name] = idx[keep], y[keep]
             if keep.sum() != n:
                 log(f"[fidelity] {name}: {n - keep.sum()} images had no target; training on the {keep.sum()} that do")
+            res["optimize"][name] = info
+            targets[name] = idx[keep], y[keep], None if w is None else w[keep]
         return targets[name]
 
     def save():
         write_json(a.out, summarise(json.loads(json.dumps(res, default=float)), a))
 
-    common = dict(epochs=a.epochs, batch_size=a.batch_size, lr=a.lr)
-    jobs = []  # (key, arch, method, data name)
-    for seed in range(a.seeds):
-        if "main" not in a.skip:  # skipped e.g. to add cross-architecture runs to an earlier result
-            jobs.append(("random_init", a.arch, "random_init", None, seed))
-            jobs += [("coopt", a.arch, "coopt", "coopt", seed), ("byol", a.arch, "byol", None, seed),
-                     ("simclr", a.arch, "simclr", None, seed), ("supervised", a.arch, "supervised", None, seed)]
-        if "ablations" not in a.skip:
-            for k in ABLATIONS:
-                jobs.append((k, a.arch, "coopt", k, seed))
-        if "cross" not in a.skip:
-            for arch in a.cross_archs:
-                if arch == a.arch:
-                    continue
-                jobs += [(f"cross/{arch}/random_init", arch, "random_init", None, seed),
-                         (f"cross/{arch}/coopt", arch, "coopt", "coopt", seed),
-                         (f"cross/{arch}/byol", arch, "byol", None, seed)]
-    if a.methods:
-        jobs = [j for j in jobs if j[0] in a.methods]
-    for key, arch, method, data, seed in jobs:
+    def train(key, arch, method, data, seed, lr, bs, final_only):
         prober = B.Prober(probe_x, probe_y, test_x, test_y, epochs=a.probe_epochs, seed=seed)
-        if key in ABLATIONS:
+        if final_only and method != "random_init":
             prober = FinalProbe(prober, a.epochs)
+        kw = dict(epochs=a.epochs, batch_size=bs, lr=lr, seed=seed, probe=prober, log=log, crop_min=a.crop_min)
         t0 = time.time()
         if method == "random_init":
             acc = B.random_init_accuracy(arch, 32, seed, prober)
             hist = [{"epoch": e, "loss": None, "train_seconds": 0.0, "probe_accuracy": acc} for e in range(a.epochs + 1)]
         elif method == "coopt":
-            idx, y = targets_for(data)
-            _, hist = B.train_coopt(arch, images[idx], y, seed=seed, whiten=a.whiten, probe=prober, log=log,
-                                   **common)
-        elif method == "byol":
-            _, hist = B.train_byol(arch, images, seed=seed, probe=prober, log=log, **common)
-        elif method == "simclr":
-            _, hist = B.train_simclr(arch, images, seed=seed, probe=prober, log=log, **common)
+            idx, y, w = targets_for(data)
+            hist = B.train_coopt(arch, images[idx], y, whiten=a.whiten, weights=w, **kw)[1]
+        elif method == "supervised":
+            hist = B.train_supervised(arch, images, labels, **kw)[1]
         else:
-            _, hist = B.train_supervised(arch, images, labels, seed=seed, probe=prober, log=log, **common)
+            hist = getattr(B, f"train_{method}")(arch, images, **kw)[1]
         res["runs"].setdefault(key, {})[str(seed)] = hist
-        log(f"[fidelity] {key} seed {seed}: final {hist[-1]['probe_accuracy']:.4f} ({time.time() - t0:.0f}s)")
+        log(f"[fidelity] {key} seed {seed} (lr {lr:g}, batch {bs}): final {hist[-1]['probe_accuracy']:.4f} "
+            f"({time.time() - t0:.0f}s)")
         save()
+
+    def want(key):
+        return not a.methods or key in a.methods
+
+    if "main" not in a.skip:
+        for m in MAIN:  # seed-0 sweeps first: they decide every later run's setting
+            for lr, bs in sweep_settings(a, m):
+                if want(m):
+                    train(setting_key(m, lr, bs), a.arch, m, "coopt", 0, lr, bs, False)
+            lr, bs = res["chosen"][m] = chosen_setting(res, a, m)
+            if setting_key(m, lr, bs) in res["runs"]:
+                res["runs"][m] = {"0": res["runs"][setting_key(m, lr, bs)]["0"]}
+        for seed in range(a.seeds):
+            if want("random_init"):
+                train("random_init", a.arch, "random_init", None, seed, 0.0, a.batch_size, False)
+            for m in MAIN:
+                if seed > 0 and want(m):
+                    train(m, a.arch, m, "coopt", seed, *res["chosen"][m], False)
+    lr_c, bs_c = res["chosen"].get("coopt") or chosen_setting(res, a, "coopt")
+    for seed in range(a.seeds):
+        if "ablations" not in a.skip:
+            for k in ABLATION_KEYS:
+                if want(k):
+                    train(k, a.arch, "coopt", k, seed, lr_c, bs_c, True)
+    for seed in range(a.cross_seeds):
+        if "cross" not in a.skip:
+            for arch in a.cross_archs:
+                if arch == a.arch:
+                    continue
+                for m in ("random_init", "coopt", "byol"):
+                    lr, bs = (0.0, a.batch_size) if m == "random_init" else res["chosen"].get(m) or chosen_setting(res, a, m)
+                    if want(f"cross/{arch}/{m}"):
+                        train(f"cross/{arch}/{m}", arch, m, "coopt", seed, lr, bs, True)
+    if "coopt" in res["optimize"]:
+        c = res["optimize"]["coopt"]
+        res["costs"] = {"teachers_train_seconds": c["teachers_train_seconds"],
+                        "optimize_seconds": c["timings"]["total"], "pool": a.pool or n, "images": n,
+                        "share": round(n / (a.pool or n), 4)}
     return finish(res, a, tag, t_start)
 
 
@@ -450,10 +329,10 @@ def finish(res: dict, a, tag: str, t_start: float) -> dict:
     res["plots"] = plot(res, a.out.parent, tag)
     write_json(a.out, res)
     log(f"[fidelity] done in {res['seconds_total']:.0f}s -> {a.out}")
-    for k in ("coopt", "byol", "simclr", "supervised", "random_init", "noalign", "central", "worst",
-              *SHARED_FRACTIONS):
+    for k in (*MAIN, "random_init", *ABLATION_KEYS):
         if res.get(k):
-            log(f"  {k:12s} {res[k]['mean']:.4f} ± {res[k]['std']:.4f}")
+            log(f"  {k:16s} {res[k]['mean']:.4f} ± {res[k]['std']:.4f}")
+    log(f"  chosen: {res.get('chosen')}")
     log(f"  goals: {res['goals']}")
     log(f"  time_to_byol_final: {res.get('time_to_byol_final')}")
     return res

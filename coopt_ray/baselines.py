@@ -6,8 +6,10 @@ with the same lr / weight decay, batch size and epochs, and the same per-epoch l
 
 * ``coopt``: ``student.Student`` regressing standardised targets (``student.target_transform``) with
   ``1 - cos``, on ``images.BatchAugment`` views, exactly as ``train.train_loop_per_worker`` does;
-* ``byol`` / ``simclr``: lightly's heads, losses, momentum helpers and transforms;
+* ``byol`` / ``simclr``: lightly's heads, losses and momentum helpers, on two ``BatchAugment`` views;
 * ``supervised``: cross-entropy on the labels (an upper bound), on ``BatchAugment`` views.
+
+Every method takes the same ``crop_min`` (RandomResizedCrop scale (crop_min, 1); RELA's 0.5 by default).
 
 No Ray here: the benchmarks compare objectives, so all methods run the same plain loop.
 """
@@ -21,7 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .images import PIXEL_MEAN, PIXEL_STD, BatchAugment, normalize_pixels, to_float_nchw
+from .images import BatchAugment, normalize_pixels, to_float_nchw
 from .probe import backbone_features, linear_probe
 from .student import Student, build_backbone, feature_dim, target_transform
 
@@ -89,8 +91,10 @@ def _aug_batch(images: np.ndarray, idx: np.ndarray, aug: BatchAugment, gen: torc
 # ---------------------------------------------------------------- the methods
 def train_coopt(arch: str, images: np.ndarray, targets: np.ndarray, epochs: int, batch_size: int = 256,
                 lr: float = 1e-3, weight_decay: float = 0.01, seed: int = 0, whiten: bool = False,
-                probe=None, log=print) -> tuple[torch.nn.Module, list[dict]]:
-    """CoOpt student: regress standardised targets with ``1 - cos`` (the train stage's objective)."""
+                probe=None, log=print, crop_min: float = 0.5,
+                weights: Optional[np.ndarray] = None) -> tuple[torch.nn.Module, list[dict]]:
+    """CoOpt student: regress standardised targets with ``1 - cos`` (the train stage's objective); ``weights``
+    (one per row, optional) weight each row's loss."""
     torch.manual_seed(seed)
     size = images.shape[1]
     fdim = feature_dim(arch, size)
@@ -98,10 +102,12 @@ def train_coopt(arch: str, images: np.ndarray, targets: np.ndarray, epochs: int,
     y = torch.from_numpy((targets.astype(np.float32) - mean) @ proj)
     torch.manual_seed(seed)
     student = Student(arch, size, y.shape[1])
-    aug = BatchAugment(size)
+    aug = BatchAugment(size, scale=(crop_min, 1.0))
+    w = None if weights is None else torch.as_tensor(np.asarray(weights, dtype=np.float32))
 
     def step(idx, gen):
-        return (1 - F.cosine_similarity(student(_aug_batch(images, idx, aug, gen)), y[idx], dim=1)).mean()
+        loss = 1 - F.cosine_similarity(student(_aug_batch(images, idx, aug, gen)), y[idx], dim=1)
+        return loss.mean() if w is None else (loss * w[idx]).sum() / w[idx].sum()
 
     hist = fit(student, student.backbone, step, len(images), epochs, batch_size, lr, weight_decay, seed,
                probe, log=log, name=f"coopt/{arch}")
@@ -110,13 +116,13 @@ def train_coopt(arch: str, images: np.ndarray, targets: np.ndarray, epochs: int,
 
 def train_supervised(arch: str, images: np.ndarray, labels: np.ndarray, epochs: int, batch_size: int = 256,
                      lr: float = 1e-3, weight_decay: float = 0.01, seed: int = 0, probe=None,
-                     log=print) -> tuple[torch.nn.Module, list[dict]]:
+                     log=print, crop_min: float = 0.5) -> tuple[torch.nn.Module, list[dict]]:
     """Supervised upper bound: cross-entropy on the true labels, same augmentations as CoOpt."""
     torch.manual_seed(seed)
     size = images.shape[1]
     labels_t = torch.as_tensor(np.asarray(labels, dtype=np.int64))
     student = Student(arch, size, int(labels_t.max()) + 1)
-    aug = BatchAugment(size)
+    aug = BatchAugment(size, scale=(crop_min, 1.0))
 
     def step(idx, gen):
         return F.cross_entropy(student(_aug_batch(images, idx, aug, gen)), labels_t[idx])
@@ -126,35 +132,11 @@ def train_supervised(arch: str, images: np.ndarray, labels: np.ndarray, epochs: 
     return student.backbone, hist
 
 
-def lightly_normalize() -> dict:
-    """The student's pixel normalisation, in lightly's transform format."""
-    return {"mean": list(PIXEL_MEAN), "std": list(PIXEL_STD)}
-
-
-def byol_transform(size: int):
-    """lightly's BYOLTransform at small-image settings (no blur: 32 px images, as lightly's CIFAR setup)."""
-    from lightly.transforms import BYOLTransform, BYOLView1Transform, BYOLView2Transform
-
-    return BYOLTransform(
-        view_1_transform=BYOLView1Transform(input_size=size, gaussian_blur=0.0, normalize=lightly_normalize()),
-        view_2_transform=BYOLView2Transform(input_size=size, gaussian_blur=0.0, normalize=lightly_normalize()),
-    )
-
-
-def simclr_transform(size: int):
-    """lightly's SimCLRTransform at small-image settings (no blur: 32 px images)."""
-    from lightly.transforms import SimCLRTransform
-
-    return SimCLRTransform(input_size=size, gaussian_blur=0.0, normalize=lightly_normalize())
-
-
-def _two_views(images: np.ndarray, idx: np.ndarray, transform, gen: torch.Generator):
-    """Both views of each image, from lightly's (PIL, per-image) transform, seeded from ``gen``."""
-    from PIL import Image
-
-    torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))  # torchvision draws globally
-    pairs = [transform(Image.fromarray(images[i])) for i in idx]
-    return torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
+def two_views(images: np.ndarray, idx: np.ndarray, aug: BatchAugment, gen: torch.Generator):
+    """Two independent ``BatchAugment`` views of each image: the same augmentation code (and crop scale) as the
+    CoOpt and supervised students, so no method pays for a slower per-image implementation."""
+    x = to_float_nchw(torch.from_numpy(images[idx]))
+    return normalize_pixels(aug(x, gen)), normalize_pixels(aug(x, gen))
 
 
 class BYOL(torch.nn.Module):
@@ -182,8 +164,8 @@ class BYOL(torch.nn.Module):
 
 def train_byol(arch: str, images: np.ndarray, epochs: int, batch_size: int = 256, lr: float = 1e-3,
                weight_decay: float = 0.01, seed: int = 0, probe=None, log=print,
-               momentum=(0.99, 1.0)) -> tuple[torch.nn.Module, list[dict]]:
-    """BYOL baseline with lightly's heads, NegativeCosineSimilarity, update_momentum and BYOLTransform."""
+               momentum=(0.99, 1.0), crop_min: float = 0.5) -> tuple[torch.nn.Module, list[dict]]:
+    """BYOL baseline with lightly's heads, NegativeCosineSimilarity and update_momentum."""
     from lightly.loss import NegativeCosineSimilarity
     from lightly.models.utils import update_momentum
     from lightly.utils.scheduler import cosine_schedule
@@ -191,11 +173,11 @@ def train_byol(arch: str, images: np.ndarray, epochs: int, batch_size: int = 256
     torch.manual_seed(seed)
     model = BYOL(build_backbone(arch, images.shape[1]))
     crit = NegativeCosineSimilarity()
-    transform = byol_transform(images.shape[1])
+    aug = BatchAugment(images.shape[1], scale=(crop_min, 1.0))
     m = [momentum[0]]
 
     def step(idx, gen):
-        x0, x1 = _two_views(images, idx, transform, gen)
+        x0, x1 = two_views(images, idx, aug, gen)
         p0, p1 = model(x0), model(x1)
         z0, z1 = model.forward_momentum(x0), model.forward_momentum(x1)
         return 0.5 * (crit(p0, z1) + crit(p1, z0))
@@ -212,8 +194,8 @@ def train_byol(arch: str, images: np.ndarray, epochs: int, batch_size: int = 256
 
 def train_simclr(arch: str, images: np.ndarray, epochs: int, batch_size: int = 256, lr: float = 1e-3,
                  weight_decay: float = 0.01, seed: int = 0, probe=None, log=print,
-                 temperature: float = 0.5) -> tuple[torch.nn.Module, list[dict]]:
-    """SimCLR baseline with lightly's SimCLRProjectionHead, NTXentLoss and SimCLRTransform."""
+                 temperature: float = 0.5, crop_min: float = 0.5) -> tuple[torch.nn.Module, list[dict]]:
+    """SimCLR baseline with lightly's SimCLRProjectionHead and NTXentLoss."""
     from lightly.loss import NTXentLoss
     from lightly.models.modules import SimCLRProjectionHead
 
@@ -222,10 +204,10 @@ def train_simclr(arch: str, images: np.ndarray, epochs: int, batch_size: int = 2
     head = SimCLRProjectionHead(backbone.feature_width, backbone.feature_width, 128)
     model = torch.nn.ModuleDict({"backbone": backbone, "head": head})
     crit = NTXentLoss(temperature=temperature)
-    transform = simclr_transform(images.shape[1])
+    aug = BatchAugment(images.shape[1], scale=(crop_min, 1.0))
 
     def step(idx, gen):
-        x0, x1 = _two_views(images, idx, transform, gen)
+        x0, x1 = two_views(images, idx, aug, gen)
         return crit(head(backbone(x0)), head(backbone(x1)))
 
     hist = fit(model, backbone, step, len(images), epochs, batch_size, lr, weight_decay, seed,

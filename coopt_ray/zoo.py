@@ -35,6 +35,21 @@ ENTRY_JSON = "zoo_entry.json"  # per-teacher record, written last inside its fol
 UNIFORMITY_SAMPLE = 64
 UNIFORMITY_SEED = 0
 CAPTION = "a photo of a {}"
+CAPTION_MODES = ("classes", "pixel-stats")  # spec key "captions" (absent = classes)
+SIZES, SHAPES = ("small", "medium", "large"), ("tall", "square", "wide")
+
+
+def pixel_stat_captions(pixels: torch.Tensor, fill: torch.Tensor) -> tuple[list[str], np.ndarray]:
+    """Label-free captions: "a {small|medium|large} {tall|square|wide} shape" from each image's ink area and
+    bounding-box aspect (tertiles over the training images), never from a label. Returns (captions, index)."""
+    ink = (pixels - fill.view(1, -1, 1, 1)).abs().mean(1) > 0.2          # (N, H, W): off the background
+    area = ink.float().mean((1, 2)).numpy()
+    rows, cols = ink.any(2).float().sum(1).numpy(), ink.any(1).float().sum(1).numpy()
+    aspect = (cols + 1) / (rows + 1)
+    a_bin = np.digitize(area, np.quantile(area, [1 / 3, 2 / 3]))
+    s_bin = np.digitize(aspect, np.quantile(aspect, [1 / 3, 2 / 3]))
+    captions = [f"a {z} {h} shape" for z in SIZES for h in SHAPES]
+    return captions, (a_bin * 3 + s_bin).astype(np.int64)
 
 TEXT_CFG = {"context_length": 16, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 1}
 PREPROCESS_CFG = {"mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]}
@@ -145,7 +160,8 @@ def _param_groups(model: torch.nn.Module, weight_decay: float):
 # ---------------------------------------------------------------- training one teacher
 def train_teacher(spec: dict, pixels: torch.Tensor, labels: np.ndarray, device: str = "cpu",
                   progress: Callable[[str], None] = print):
-    """Pretrain one tiny CLIP on preprocessed ``pixels`` (N,3,S,S) with class-name captions.
+    """Pretrain one tiny CLIP on preprocessed ``pixels`` (N,3,S,S) with class-name captions, or, with the
+    spec's ``captions: pixel-stats``, with label-free captions (:func:`pixel_stat_captions`; labels unused).
 
     Uses open_clip's ``ClipLoss``; the text tower encodes the (few) distinct captions once per
     step and they are gathered per sample, which gives the same loss and gradients as encoding
@@ -159,7 +175,16 @@ def train_teacher(spec: dict, pixels: torch.Tensor, labels: np.ndarray, device: 
     model = open_clip.CLIP(**spec["model_cfg"]).to(device)
     model.train()
     ctx = spec["model_cfg"].get("text_cfg", {}).get("context_length", 77)
-    captions = [CAPTION.format(c) for c in FASHION_MNIST_CLASSES]
+    mean = torch.tensor(spec["preprocess_cfg"].get("mean", PREPROCESS_CFG["mean"]), dtype=torch.float32)
+    std = torch.tensor(spec["preprocess_cfg"].get("std", PREPROCESS_CFG["std"]), dtype=torch.float32)
+    fill = (0.0 - mean) / std  # black background after normalisation
+    mode = spec.get("captions", "classes")
+    if mode not in CAPTION_MODES:
+        raise ValueError(f"zoo spec {spec['name']}: 'captions' must be one of {CAPTION_MODES}, got {mode!r}")
+    if mode == "classes":
+        captions = [CAPTION.format(c) for c in FASHION_MNIST_CLASSES]
+    else:
+        captions, labels = pixel_stat_captions(pixels, fill)
     tokens = open_clip.tokenize(captions, context_length=ctx).to(device)
     y_all = torch.as_tensor(np.asarray(labels, dtype=np.int64))
     n, bs = len(pixels), int(spec["batch_size"])
@@ -174,9 +199,6 @@ def train_teacher(spec: dict, pixels: torch.Tensor, labels: np.ndarray, device: 
         opt, lambda s: (s + 1) / max(1, warmup) if s < warmup
         else 0.5 * (1 + math.cos(math.pi * (s - warmup) / max(1, total - warmup))))
     loss_fn = open_clip.loss.ClipLoss()
-    mean = torch.tensor(spec["preprocess_cfg"].get("mean", PREPROCESS_CFG["mean"]), dtype=torch.float32)
-    std = torch.tensor(spec["preprocess_cfg"].get("std", PREPROCESS_CFG["std"]), dtype=torch.float32)
-    fill = (0.0 - mean) / std  # black background after normalisation
 
     t0 = time.time()
     step, epoch, loss_sum, loss_n, last = 0, 0, 0.0, 0, float("nan")
