@@ -1,20 +1,31 @@
-"""Markdown tables from benchmarks/results/{fidelity,throughput}[_quick].json (pasted into the README).
+"""The README's results tables, generated from benchmarks/results/*.json.
 
-    python benchmarks/report.py --quick > benchmarks/results/tables_quick.md
+    python benchmarks/report.py              # print the generated Markdown
+    python benchmarks/report.py --readme     # rewrite README.md between the generated-results markers
+    python benchmarks/report.py --check      # exit 1 when README.md differs from the JSON (tests run this)
+    python benchmarks/report.py --quick      # the smoke-check JSON (*_quick.json), printed only
+
+Every number between the markers comes from the JSON; the prose around them explains, never restates.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import sys
+from pathlib import Path
 
-from common import RESULTS
+from common import RESULTS, ROOT
 
+BEGIN, END = "<!-- generated:results:begin (benchmarks/report.py --readme) -->", "<!-- generated:results:end -->"
 NAMES = {
-    "coopt": "CoOpt (K=4, aligned)", "byol": "BYOL (lightly)", "simclr": "SimCLR (lightly)",
-    "supervised": "supervised (labels, upper bound)", "random_init": "random init",
-    "noalign": "CoOpt, no alignment", "central": "centralised: best teacher labels all data",
-    "worst": "worst teacher alone", "shared_0.05": "shared subset 0.05 %", "shared_0.2": "shared subset 0.2 %",
-    "shared_1": "shared subset 1 %",
+    "coopt": "CoOpt (K=4, aligned, fixed ridge)", "byol": "BYOL (lightly heads and loss)",
+    "simclr": "SimCLR (lightly heads and loss)", "supervised": "supervised (labels, upper bound)",
+    "random_init": "random init", "noalign": "CoOpt, no alignment (raw, cut / zero-padded)",
+    "randproj": "CoOpt, random projection instead of alignment", "central": "centralised: best teacher labels all data",
+    "worst": "worst teacher alone", "labelfree": "CoOpt with 4 label-free teachers",
+    "loo": "CoOpt, leave-one-out ridge", "weighted": "CoOpt, LOO ridge + rows weighted by map quality",
+    "shared_0.2": "shared subset 0.2 %, fixed ridge", "shared_1": "shared subset 1 %, fixed ridge",
+    "loo_shared_0.2": "shared subset 0.2 %, LOO ridge", "loo_shared_1": "shared subset 1 %, LOO ridge",
 }
 
 
@@ -22,115 +33,218 @@ def pct(v):
     return "n/a" if not v else f"{100 * v['mean']:.2f} ± {100 * v['std']:.2f}"
 
 
+def load(name: str):
+    p = RESULTS / f"{name}.json"
+    return json.loads(p.read_text()) if p.exists() else None
+
+
 def fidelity_tables(r: dict) -> str:
     s = r["settings"]
     pool = s.get("pool") or s["images"] or 50000
-    lines = [f"Student `{s['arch']}`, trained on {s['images'] or 50000} unlabeled images (optimize stage over "
-             f"{pool}), {s['epochs']} epochs, batch "
-             f"{s['batch_size']}, AdamW lr {s['lr']:g}, {s['seeds']} seed(s); probe: {s['probe_images']} labeled "
-             f"public images -> {s['test_images']} test images, {s['probe_epochs']} probe epochs.", "",
-             "| method | final probe accuracy % (mean ± std) | shared images |", "| --- | --- | --- |"]
+    lines = [f"Student `{s['arch']}` on {s['images'] or 50000} unlabeled images (optimize stage over {pool}), "
+             f"{s['epochs']} epochs, {s['seeds']} seeds, crop scale ({s.get('crop_min', 0.5)}, 1) for every method; "
+             f"probe: {r.get('probe_protocol', '')} ({s['probe_images']} / {s['test_images']} images, "
+             f"{s['probe_epochs']} probe epochs).", "",
+             "| method | lr, batch (chosen on seed 0) | final probe accuracy % (mean ± std) | shared images |",
+             "| --- | --- | --- | --- |"]
+    coopt_setting = r.get("chosen", {}).get("coopt")
     for k, name in NAMES.items():
         if r.get(k):
+            setting = r.get("chosen", {}).get(k) or (coopt_setting if k in r.get("optimize", {}) else None)
+            cell = f"{setting[0]:g}, {setting[1]}" if setting else ""
             shared = r.get("optimize", {}).get(k, {}).get("shared_rows", "")
-            lines.append(f"| {name} | {pct(r[k])} | {shared} |")
+            lines.append(f"| {name} | {cell} | {pct(r[k])} | {shared} |")
+    sweep = {k: v for k, v in r.items() if k.startswith("sweep/") and v}
+    if sweep:
+        lines += ["", "Learning-rate sweep, seed 0 (final probe accuracy %; the best per method is used above):", "",
+                  "| method | setting | accuracy % |", "| --- | --- | --- |"]
+        lines += [f"| {k.split('/')[1]} | {k.split('/', 2)[2]} | {100 * v['mean']:.2f} |" for k, v in sweep.items()]
+    curves = r.get("curves", {})
+    main = [k for k in ("coopt", "byol", "simclr", "supervised") if k in curves]
+    if main:
+        ep = curves[main[0]]["epoch"][1:]
+        lines += ["", f"Accuracy after each epoch (mean of {s['seeds']} seeds):", "",
+                  "| epoch | " + " | ".join(map(str, ep)) + " | training seconds |", "| --- " * (len(ep) + 2) + "|"]
+        for k in main:
+            c = curves[k]
+            lines.append(f"| {k} | " + " | ".join(f"{100 * x:.2f}" for x in c["acc_mean"][1:]) +
+                         f" | {c['train_seconds_mean'][-1]:.0f} |")
     t = r.get("time_to_byol_final")
     if t:
+        c = t["coopt"]
         lines += ["", f"Time to BYOL's final accuracy ({100 * t['byol_final_accuracy']:.2f} %): BYOL "
-                  f"{t['byol']['epochs']} epochs / {t['byol']['seconds']:.0f} s of training; CoOpt "
-                  + (f"{t['coopt']['epochs']} epochs / {t['coopt']['seconds']:.0f} s."
-                     if t["coopt"]["epochs"] is not None else "does not reach it within the budget.")]
-    g = r.get("goals", {})
-    if g:
-        lines += ["", "Goal quantities: " + ", ".join(f"`{k}` = {v}" for k, v in g.items())]
+                  f"{t['byol']['epochs']} epochs / {t['byol']['seconds']:.0f} s; CoOpt " +
+                  (f"{c['epochs']} epochs / {c['seconds']:.0f} s of student training, {c['seconds_all_costs']:.0f} s "
+                   f"with every cost (teachers' training + the optimize stage over the whole pool + the student), "
+                   f"{c['seconds_all_costs_prorated']:.0f} s with the teachers and the optimize stage pro-rated to "
+                   f"the {s['images']} training images." if c["epochs"] is not None and c.get("seconds_all_costs")
+                   else "does not reach it within the budget.")]
     uv = r.get("uniformity_vs_accuracy")
     if uv:
-        lines += ["", f"Uniformity vs teacher probe accuracy over {len(uv['teachers'])} zoo teachers: Spearman "
-                  f"rho = {uv['spearman_rho']} (p = {uv['p_value']}; -1 means lower uniformity <=> better teacher).",
-                  "", "| teacher | uniformity | probe accuracy % |", "| --- | --- | --- |"]
-        lines += [f"| {t['name']} | {t['uniformity']:.3f} | {100 * t['probe_accuracy']:.2f} |" for t in uv["teachers"]]
+        lines += ["", f"Uniformity vs teacher probe accuracy (zoo.json) over {len(uv['teachers'])} teachers: Spearman "
+                  f"rho = {uv['spearman_rho']}.", "", "| teacher | uniformity | probe accuracy % |",
+                  "| --- | --- | --- |"]
+        lines += [f"| {x['name']} | {x['uniformity']:.3f} | {100 * x['probe_accuracy']:.2f} |" for x in uv["teachers"]]
     cross = r.get("cross_arch")
     if cross:
-        lines += ["", "| student architecture | CoOpt % | BYOL % | random init % | CoOpt − BYOL (points) |",
+        lines += ["", f"Cross-architecture reuse (the same optimized dataset; {s.get('cross_seeds', s['seeds'])} "
+                  "seed(s) off the main architecture):", "",
+                  "| student architecture | CoOpt % | BYOL % | random init % | CoOpt − BYOL (points) |",
                   "| --- | --- | --- | --- | --- |"]
         for arch, v in cross.items():
-            d = (f"{100 * (v['coopt']['mean'] - v['byol']['mean']):+.2f}" if v.get("coopt") and v.get("byol") else "")
+            d = f"{100 * (v['coopt']['mean'] - v['byol']['mean']):+.2f}" if v.get("coopt") and v.get("byol") else ""
             lines.append(f"| {arch} | {pct(v.get('coopt'))} | {pct(v.get('byol'))} | {pct(v.get('random_init'))} | {d} |")
     return "\n".join(lines)
 
 
-def levers_table(files) -> str:
-    """One row per lever run (benchmarks/results/levers/*.json): its settings and final accuracies."""
-    keys = ("coopt", "byol", "noalign", "central", "worst", "shared_0.05", "shared_0.2", "shared_1")
-    lines = ["| run | pool | targets | epochs | probe / test | seeds | " + " | ".join(keys) + " |",
-             "| --- " * (6 + len(keys)) + "|"]
-    for f in files:
-        r = json.loads(f.read_text())
-        s = r["settings"]
-        rows = [(f.stem, s["seeds"], [r[k]["mean"] if r.get(k) else None for k in keys])]
-        if s["seeds"] > 1:  # the lever runs are seed 0: its row of this run is the paired comparison
-            seed0 = [r["runs"].get(k, {}).get("0", [{}])[-1].get("probe_accuracy") for k in keys]
-            rows.append((f"{f.stem} (seed 0 only)", 1, seed0))
-        for name, seeds, vals in rows:
-            cells = ["" if v is None else f"{100 * v:.2f}" for v in vals]
-            lines.append(f"| {name} | {s.get('pool') or s['images']} | "
-                         f"{'whitened' if s.get('whiten') else 'standardised'} | {s['epochs']} | "
-                         f"{s['probe_images']} / {s['test_images']} | {seeds} | " + " | ".join(cells) + " |")
+def alignment_table(r: dict) -> str:
+    lines = [f"Alignment into the best model's space on the demo run (|S| = {r['shared_rows']}), R² on {r['eval_images']} "
+             f"images no map saw; ceiling = the map fitted on {r['ceiling_fit_images']} pairs:", "",
+             "| participant | dims | ceiling | fixed ridge | LOO ridge (chosen) | semi-supervised (best of grid) | "
+             "PCR on shard PCs (k) | LOO + matched statistics | gap to ceiling, LOO | "
+             "0.05 % / 0.2 % / 1 % of 50k, fixed | same, LOO |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for n, p in r["participants"].items():
+        sz = p["sizes"]
+        lines.append(f"| {n} | {p['dims'][0]} → {p['dims'][1]} | {p['ceiling']:.3f} | {p['fixed']:.3f} | "
+                     f"{p['loo']:.3f} ({p['loo_ridge']:g}) | {p['semi_best_of_grid']:.3f} | {p['pcr']:.3f} ({p['pcr_k']}) | "
+                     f"{p['loo_matched']:.3f} | {p['gap_loo']:.3f} | " +
+                     " / ".join(f"{v['fixed']['mean']:.3f}" for v in sz.values()) + " | " +
+                     " / ".join(f"{v['loo']['mean']:.3f}" for v in sz.values()) + " |")
     return "\n".join(lines)
 
 
-def throughput_tables(r: dict) -> str:
-    lines = ["| quantity | value |", "| --- | --- |"]
-    o = r.get("optimize")
-    if o:
-        lines += [
-            f"| optimize (run_optimize, embed stage), images/s | {o['ray']['embed_images_per_s']} |",
-            f"| optimize end to end (incl. Ray start, score, align, merge), images/s | {o['ray']['end_to_end_images_per_s']} |",
-            f"| plain single-process loop, 1 thread (one actor's CPU), images/s | {o['plain_1_thread']['images_per_s']} |",
-            f"| plain single-process loop, {o['plain_all_threads']['threads']} threads, images/s | {o['plain_all_threads']['images_per_s']} |",
-            f"| **optimize_vs_plain_ratio** (embed stage / plain 1 thread) | **{r['optimize_vs_plain_ratio']}** |",
-            f"| optimize_vs_plain_ratio end to end | {r['optimize_vs_plain_ratio_end_to_end']} |",
-            f"| **score_align_share** (score + align / optimize) | **{r['score_align_share']}** ({r['score_align_seconds']} s) |",
-        ]
-    sc = r.get("scaling")
-    if sc:
-        lines.append(f"| 1 vs 2 actors per participant (0.5 CPU each), images/s | {sc['actors_1']['embed_images_per_s']} vs "
-                     f"{sc['actors_2']['embed_images_per_s']} (x{sc['speedup_2_vs_1']}) |")
-    t = r.get("train")
-    if t:
-        lines += [f"| Ray Train student ({t['arch']}, 1 worker x 1 CPU), samples/s | {t['ray']['samples_per_s']} |",
-                  f"| plain PyTorch loop, same model/rows/batch, 1 thread, samples/s | {t['plain']['samples_per_s']} |",
-                  f"| **train_vs_plain_ratio** | **{r['train_vs_plain_ratio']}** |"]
-    m = r.get("rss")
-    if m and "runs" in m:  # the driver's own peak (VmHWM) in fresh processes, with a control that must move
-        k = len(m["teachers"])
-        lines += [f"| optimize driver peak memory (VmHWM), {m['small_images']} images (K={k}), MB | {m['small_mb']} |",
-                  f"| optimize driver peak memory (VmHWM), {m['large_images']} images (K={k}), MB | {m['large_mb']} |",
-                  f"| control: {m['small_images']} images with {m['control_ballast_mb']} MB more held by the driver, "
-                  f"rise in MB | {m['control_rise_mb']} |"]
-    proj = r.get("scaling_projection")
-    if proj:
-        lines += ["", "Projection (on paper, from the plain loop's per-model rates, not the Ray pipeline's; 50k images, "
-                      "K=4, one pool per device):", "",
-                  "| devices | seconds | images/s |", "| --- | --- | --- |"]
-        lines += [f"| {p['devices']} | {p['seconds']} | {p['images_per_s']} |" for p in proj["rows"]]
+def criteria_table(r: dict) -> str:
+    lines = [f"Best-model criteria vs teacher probe accuracy, {len(r['teachers'])} zoo teachers, |S| = {r['shared']}, "
+             f"{r['draws']} draws of S per domain (Spearman rho: mean over draws / of the draw-averaged score; "
+             "share of draws that pick the best-probing teacher):", "",
+             "| domain | uniformity (want −1) | coverage (want +1) | control: predicted by others |",
+             "| --- | --- | --- | --- |"]
+    for dn, d in r["domains"].items():
+        cells = [f"{d[k]['rho_mean_over_draws']:+.2f} / {d[k]['rho_of_mean_score']:+.2f}; picks best "
+                 f"{100 * d[k]['picks_the_best_teacher']:.0f} %" for k in ("uniformity", "coverage", "predicted_by_others")]
+        lines.append(f"| {dn} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def main():
-    ap = argparse.ArgumentParser()
+def throughput_table(r: dict, mem: dict) -> str:
+    o, sc, t = r["optimize"], r["scaling"], r["train"]
+    rows = [("optimize (run_optimize, embed stage), images/s", o["ray"]["embed_images_per_s"]),
+            ("plain single-process loop, 1 thread, images/s", o["plain_1_thread"]["images_per_s"]),
+            ("**optimize_vs_plain_ratio** (embed stage / plain 1 thread)", r["optimize_vs_plain_ratio"]),
+            ("optimize_vs_plain_ratio end to end", r["optimize_vs_plain_ratio_end_to_end"]),
+            ("score + align share of optimize", f"{r['score_align_share']} ({r['score_align_seconds']} s)"),
+            ("1 vs 2 actors per participant (0.5 CPU each), images/s",
+             f"{sc['actors_1']['embed_images_per_s']} vs {sc['actors_2']['embed_images_per_s']}"),
+            (f"Ray Train student ({t['arch']}) vs plain loop, samples/s",
+             f"{t['ray']['samples_per_s']} vs {t['plain']['samples_per_s']} ({r['train_vs_plain_ratio']})")]
+    if mem:
+        m = mem["rss"]
+        rows += [(f"driver peak memory (VmHWM), {m['small_images']} vs {m['large_images']} images, MB",
+                  f"{m['small_mb']} vs {m['large_mb']}"),
+                 (f"control: {m['control_ballast_mb']} MB more held by the driver, rise in MB", m["control_rise_mb"])]
+    return "\n".join(["| quantity | value |", "| --- | --- |"] + [f"| {a} | {b} |" for a, b in rows])
+
+
+def goals_table(fid, ali, cri, thr, mem) -> str:
+    rows = []
+
+    def row(goal, target, measured, ok):
+        measured = "n/a" if measured is None else measured
+        rows.append(f"| {goal} | {target} | {measured} | {'—' if ok is None else 'met' if ok else 'missed'} |")
+
+    if fid:
+        g, t = fid["goals"], fid.get("time_to_byol_final", {})
+        row("CoOpt vs BYOL, equal epochs, each at its best lr", ">= +3 points", g.get("coopt_minus_byol_points"),
+            g.get("coopt_minus_byol_points", -1) >= 3)
+        if t:
+            er = t.get("epoch_ratio")
+            row("epochs CoOpt needs for BYOL's final accuracy", "<= 1/2 of BYOL's", f"{t['coopt']['epochs']} of "
+                f"{t['byol']['epochs']} ({er})", er is not None and er <= 0.5)
+            sa = t["coopt"].get("seconds_all_costs")
+            row("seconds to BYOL's final accuracy, every cost included", "(reported)",
+                f"CoOpt {sa} s vs BYOL {t['byol']['seconds']:.0f} s" if sa else "not reached", None)
+        row("aligned vs unaligned", ">= +1 point", g.get("aligned_minus_unaligned_points"),
+            g.get("aligned_minus_unaligned_points", -1) >= 1)
+        row("aligned vs random projection", "(reported)", g.get("aligned_minus_random_projection_points"), None)
+        sh = g.get("shared_0.05_share_of_1pct_gain")
+        row("0.05 % shared subset, share of the 1 % gain", ">= 95 %", None if sh is None else f"{100 * sh:.0f} %",
+            sh is not None and sh >= 0.95)
+        for k, name in (("coopt_minus_central_points", "CoOpt (fixed ridge) vs centralised, 0.05 % shared"),
+                        ("loo_minus_central_points", "CoOpt (LOO ridge) vs centralised, 0.05 % shared")):
+            row(name, ">= 0 points", g.get(k), g.get(k, -1) >= 0)
+        for k in ("labelfree_minus_byol_points", "labelfree_minus_simclr_points"):
+            row(f"label-free teachers: {k.replace('_points', '').replace('_', ' ')}", "(reported)", g.get(k), None)
+    if ali:
+        gaps = ali["goal_within_0.15_of_ceiling"]["gaps_loo"]
+        row(f"held-out R² within 0.15 of the linear ceiling, S of {ali['shared_rows']} images", "every participant",
+            "gaps " + ", ".join(f"{x:.2f}" for x in gaps), max(gaps) <= 0.15)
+    if cri:
+        for dn, d in cri["domains"].items():
+            if dn == "fashion-mnist":
+                continue
+            u, c = -d["uniformity"]["rho_mean_over_draws"], d["coverage"]["rho_mean_over_draws"]
+            row(f"out of domain ({dn}): a criterion ranks teachers like their probe", ">= 0.8, right direction",
+                f"uniformity {-u:+.2f}, coverage {c:+.2f}", max(u, c) >= 0.8)
+    if thr:
+        row("optimize stage vs plain loop", ">= 0.9", thr["optimize_vs_plain_ratio"], thr["optimize_vs_plain_ratio"] >= 0.9)
+        row("score + align share of optimize", "<= 1 %", f"{100 * thr['score_align_share']:.3f} %",
+            thr["score_align_share"] <= 0.01)
+    if mem:
+        m = mem["rss"]
+        row("driver peak memory, 6k vs 50k images", "flat (< 5 % growth)", f"{m['small_mb']} vs {m['large_mb']} MB",
+            m["large_mb"] <= 1.05 * m["small_mb"])
+    return "\n".join(["| goal | target | measured | status |", "| --- | --- | --- | --- |"] + rows)
+
+
+def render() -> str:
+    fid, ali, cri, thr, mem = load("fidelity"), load("alignment"), load("criteria"), load("throughput"), load("memory")
+    parts = []
+    if fid:
+        parts += ["### Fidelity", "", fidelity_tables(fid)]
+    if ali:
+        parts += ["", "### Alignment", "", alignment_table(ali)]
+    if cri:
+        parts += ["", "### Choosing the best model", "", criteria_table(cri)]
+    if thr:
+        parts += ["", "### Speed and memory", "", throughput_table(thr, mem)]
+    parts += ["", "### Against the goals", "", goals_table(fid, ali, cri, thr, mem)]
+    return "\n".join(parts) + "\n"
+
+
+def replace_block(text: str, block: str) -> str:
+    if BEGIN not in text or END not in text:
+        raise SystemExit(f"README.md has no generated-results markers ({BEGIN} ... {END})")
+    head, rest = text.split(BEGIN, 1)
+    _, tail = rest.split(END, 1)
+    return f"{head}{BEGIN}\n{block}{END}{tail}"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
-    a = ap.parse_args()
-    tag = "_quick" if a.quick else ""
-    for name, fn in (("fidelity", fidelity_tables), ("throughput", throughput_tables),
-                     ("memory", lambda r: throughput_tables({"rss": r["rss"]}))):
-        p = RESULTS / f"{name}{tag}.json"
-        if p.exists():
-            print(f"### {name}{tag}\n\n{fn(json.loads(p.read_text()))}\n")
-    levers = sorted((RESULTS / "levers").glob("*.json"))
-    if levers and not a.quick:
-        print(f"### levers (final probe accuracy %)\n\n{levers_table(levers)}\n")
+    ap.add_argument("--readme", action="store_true")
+    ap.add_argument("--check", action="store_true")
+    a = ap.parse_args(argv)
+    if a.quick:
+        r = load("fidelity_quick")
+        print(fidelity_tables(r) if r else "no fidelity_quick.json")
+        return 0
+    if not (a.check or a.readme):
+        print(render())
+        return 0
+    readme = ROOT / "README.md"
+    text = readme.read_text()
+    new = replace_block(text, render())
+    if a.check:
+        if new != text:
+            print("README.md's generated results differ from benchmarks/results/*.json; run "
+                  "`python benchmarks/report.py --readme`", file=sys.stderr)
+            return 1
+        return 0
+    Path(readme).write_text(new)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
