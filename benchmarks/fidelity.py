@@ -281,7 +281,7 @@ def main(argv=None) -> dict:
     if "main" not in a.skip:
         for m in MAIN:  # seed-0 sweeps first: they decide every later run's setting
             for lr, bs in sweep_settings(a, m):
-                if want(m):
+                if want(m) or want(setting_key(m, lr, bs)):
                     train(setting_key(m, lr, bs), a.arch, m, "coopt", 0, lr, bs, False)
             lr, bs = res["chosen"][m] = chosen_setting(res, a, m)
             if setting_key(m, lr, bs) in res["runs"]:
