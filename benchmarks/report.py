@@ -72,13 +72,17 @@ def fidelity_tables(r: dict) -> str:
     t = r.get("time_to_byol_final")
     if t:
         c = t["coopt"]
+        if c["epochs"] is None:
+            tail = "does not reach it within the budget."
+        else:
+            tail = f"{c['epochs']} epochs / {c['seconds']:.0f} s of student training"
+            if c.get("seconds_all_costs") is not None:
+                tail += (f", {c['seconds_all_costs']:.0f} s with every cost (the teachers' training + the optimize "
+                         f"stage over the whole pool + the student), {c['seconds_all_costs_prorated']:.0f} s with the "
+                         f"teachers and the optimize stage pro-rated to the {s['images']} training images")
+            tail += "."
         lines += ["", f"Time to BYOL's final accuracy ({100 * t['byol_final_accuracy']:.2f} %): BYOL "
-                  f"{t['byol']['epochs']} epochs / {t['byol']['seconds']:.0f} s; CoOpt " +
-                  (f"{c['epochs']} epochs / {c['seconds']:.0f} s of student training, {c['seconds_all_costs']:.0f} s "
-                   f"with every cost (teachers' training + the optimize stage over the whole pool + the student), "
-                   f"{c['seconds_all_costs_prorated']:.0f} s with the teachers and the optimize stage pro-rated to "
-                   f"the {s['images']} training images." if c["epochs"] is not None and c.get("seconds_all_costs")
-                   else "does not reach it within the budget.")]
+                  f"{t['byol']['epochs']} epochs / {t['byol']['seconds']:.0f} s; CoOpt " + tail]
     uv = r.get("uniformity_vs_accuracy")
     if uv:
         lines += ["", f"Uniformity vs teacher probe accuracy (zoo.json) over {len(uv['teachers'])} teachers: Spearman "
