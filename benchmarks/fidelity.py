@@ -8,7 +8,7 @@ then run on the other seeds, and that is the number reported (the sweep is in th
 labeled images from the tail of the unlabeled split, which neither the teachers (trained on public train[0:10k])
 nor any student (the first ``--images`` of the pool) saw, and tests on t10k.
 
-    python benchmarks/fidelity.py --quick          # 1 seed, 1 lr, small data, tiny student (~10 min idle CPU)
+    python benchmarks/fidelity.py --quick          # 1 seed, 1 lr, small data, tiny student (~4 min with ./zoo built)
     python benchmarks/fidelity.py --seeds 3 --images 1000 --pool 50000 --epochs 6 --arch resnet10t \
         --batch-size 64 --probe-images 1000 --test-images 1000 --probe-epochs 50 --cross-seeds 1 \
         --cross-archs resnet10t,mobilenetv3_small_100,test_vit   # the committed CPU-sized run (~75 min)
