@@ -90,6 +90,13 @@ def uniformity_vs_accuracy(teachers: list[dict]) -> dict:
 
 
 # ---------------------------------------------------------------- plots
+def _save(plt, fig, path: Path) -> str:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path.name
+
+
 def plot(res: dict, out_dir: Path, tag: str) -> list[str]:
     import matplotlib
 
@@ -112,11 +119,7 @@ def plot(res: dict, out_dir: Path, tag: str) -> list[str]:
                      f"{res['settings']['seeds']} seed(s), each method at its best lr")
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
-        fig.tight_layout()
-        f = out_dir / f"fidelity_curves{tag}.png"
-        fig.savefig(f, dpi=110)
-        plt.close(fig)
-        files.append(f.name)
+        files.append(_save(plt, fig, out_dir / f"fidelity_curves{tag}.png"))
     bars = [k for k in ("coopt", *ABLATION_KEYS, "byol", "simclr", "supervised", "random_init") if res.get(k)]
     if bars:
         fig, ax = plt.subplots(figsize=(9, 4.2))
@@ -131,11 +134,7 @@ def plot(res: dict, out_dir: Path, tag: str) -> list[str]:
         ax.set_ylabel("final linear-probe accuracy")
         ax.set_title("ablations and baselines (final epoch)")
         ax.grid(axis="y", alpha=0.3)
-        fig.tight_layout()
-        f = out_dir / f"fidelity_ablations{tag}.png"
-        fig.savefig(f, dpi=110)
-        plt.close(fig)
-        files.append(f.name)
+        files.append(_save(plt, fig, out_dir / f"fidelity_ablations{tag}.png"))
     uv = res.get("uniformity_vs_accuracy")
     if uv:
         fig, ax = plt.subplots(figsize=(5, 4))
@@ -146,11 +145,7 @@ def plot(res: dict, out_dir: Path, tag: str) -> list[str]:
         ax.set_ylabel("teacher linear-probe accuracy")
         ax.set_title(f"Spearman rho = {uv['spearman_rho']}")
         ax.grid(alpha=0.3)
-        fig.tight_layout()
-        f = out_dir / f"uniformity_vs_accuracy{tag}.png"
-        fig.savefig(f, dpi=110)
-        plt.close(fig)
-        files.append(f.name)
+        files.append(_save(plt, fig, out_dir / f"uniformity_vs_accuracy{tag}.png"))
     cross = res.get("cross_arch")
     if cross:
         archs = list(cross)
@@ -166,9 +161,5 @@ def plot(res: dict, out_dir: Path, tag: str) -> list[str]:
         ax.set_title("one optimized dataset, several students")
         ax.legend()
         ax.grid(axis="y", alpha=0.3)
-        fig.tight_layout()
-        f = out_dir / f"cross_arch{tag}.png"
-        fig.savefig(f, dpi=110)
-        plt.close(fig)
-        files.append(f.name)
+        files.append(_save(plt, fig, out_dir / f"cross_arch{tag}.png"))
     return files
