@@ -31,6 +31,7 @@ import numpy as np
 import yaml
 
 from common import RESULTS, log, machine, write_json
+from fidelity_targets import shard_embeddings
 
 from coopt_ray.align import RIDGE_GRID, fit_alignment, loo_mse, r2_score, select_ridge  # noqa: E402
 from coopt_ray.config import parse_config, resolve_model  # noqa: E402
@@ -39,18 +40,6 @@ from coopt_ray.embeddings import shared_matrices  # noqa: E402
 
 SIZES = {"0.05%": 25, "0.2%": 100, "1%": 500}
 SEMI_GRID = (1e-2, 3e-2, 1e-1, 3e-1, 1.0, 3.0)
-
-
-def owned_embeddings(run: Path, name: str) -> np.ndarray:
-    """A participant's readable owned rows (its whole shard) from RUN/embeddings/<name>."""
-    import pyarrow.compute as pc
-    import pyarrow.parquet as pq
-
-    from coopt_ray.embeddings import column_matrix
-
-    t = pq.read_table(run / "embeddings" / name, columns=["embedding", "owned", "error"])
-    t = t.filter(pc.and_(t.column("owned"), pc.equal(t.column("error"), "")))
-    return column_matrix(t.column("embedding")).astype(np.float64)
 
 
 def semi_fit(x_s, y_s, shard_x, shard_y, rel):
@@ -127,7 +116,8 @@ def main(argv=None) -> int:
         if diff > 1e-4:
             raise SystemExit(f"{p.name}: in-process embeddings of S differ from the run's by {diff:g}")
     yb, yb_ev, yb_fit = mats[best], emb[best][: a.eval], emb[best][a.eval:]
-    shard_y = owned_embeddings(run, best)
+    shards = {n: x.astype(np.float64) for n, (_, x) in shard_embeddings(run, man).items()}  # each shard, read once
+    shard_y = shards[best]
     res = {"run": str(run), "shared_rows": len(ids), "best": best, "fixed_ridge": cfg.align.ridge,
            "eval_images": a.eval, "ceiling_fit_images": a.ceiling_fit, "draws": a.draws, "machine": machine(),
            "participants": {}}
@@ -138,7 +128,7 @@ def main(argv=None) -> int:
         ceil = {r: r2_score(yb_ev, fit_alignment(x_fit[: a.ceiling_fit], yb_fit[: a.ceiling_fit], r).apply(x_ev))
                 for r in (1e-5, 1e-4, 1e-3, 1e-2, 1e-1)}
         lam = select_ridge(x, yb)
-        shard_x = owned_embeddings(run, n)
+        shard_x = shards[n]
         semi = {r: r2_score(yb_ev, semi_fit(x, yb, shard_x, shard_y, r)(x_ev)) for r in SEMI_GRID}
         pcr, pcr_k = pcr_fit(x, yb, shard_x)
         p = next(q for q in man["participants"] if q["name"] == n)
