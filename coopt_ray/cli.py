@@ -91,6 +91,14 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_distill(args) -> int:
+    from .distill.stage import run_distill
+
+    cfg = _load(args, check_models=False)  # distillation reads RUN/optimized; no teacher runs here
+    run_distill(cfg, args.out, address=args.address, log=_log)
+    return 0
+
+
 def cmd_evaluate(args) -> int:
     from .evaluate import run_evaluate
 
@@ -116,7 +124,9 @@ def cmd_run(args) -> int:
 
 def _register_more(sub, stage) -> None:
     """Later stages register here (train, evaluate, report, run, bench)."""
-    stage("train", cmd_train, "train the student on RUN/optimized/ with Ray Train", out_flag="--run")
+    stage("distill", cmd_distill, "distill RUN/optimized/ into a small synthetic set (KRR-ST) with Ray Train "
+          "-> RUN/distilled/krr-st/", out_flag="--run")
+    stage("train", cmd_train, "train the student on RUN/optimized/ (or student.data) with Ray Train", out_flag="--run")
     stage("evaluate", cmd_evaluate, "linear probe: student, teachers, random-init student -> RUN/eval.json",
           out_flag="--run")
     p = sub.add_parser("report", help="plots and RUN/report/report.html")

@@ -78,6 +78,31 @@ class StudentConfig:
     whiten: bool = False
     limit: Optional[int] = None
     cpus_per_worker: Optional[float] = None
+    data: str = "optimized"      # what the student regresses: RUN/optimized, or a distilled set (distilled/krr-st)
+
+
+STUDENT_DATA = ("optimized", "distilled/krr-st")
+DISTILL_METHODS = ("krr-st",)
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    """KRR-ST (Lee et al., ICLR 2024) on RUN/optimized; defaults are the paper's except ``steps`` (160,000)."""
+    method: str = "krr-st"
+    size: int = 1000             # M synthetic rows, initialised from M real rows of RUN/optimized
+    steps: int = 2000            # outer steps
+    lr: float = 1.0e-4           # AdamW on the synthetic images and targets (weight decay 0)
+    lr_final: float = 1.0e-3     # LinearLR end factor over ``steps``
+    real_batch: int = 1024       # real rows per step (split over the workers)
+    pool_size: int = 10          # ConvNets in the model pool (split over the workers)
+    pool_width: int = 128        # ConvNet widths width-2width-4width (the paper's 128-256-512)
+    pool_steps: int = 1000       # a pool model is re-initialised after this many SGD steps of its own
+    pool_lr: float = 0.1         # the pool models' full-batch SGD on (X_s, Y_s)
+    workers: int = 1             # Ray Train workers; 0 = in-process
+    use_gpu: bool = False
+    cpus_per_worker: Optional[float] = None
+    checkpoint_every: int = 100  # outer steps between checkpoints
+    log_every: int = 20          # outer steps between progress lines
 
 
 @dataclass(frozen=True)
@@ -100,6 +125,7 @@ class Config:
     score: ScoreConfig = field(default_factory=ScoreConfig)
     align: AlignConfig = field(default_factory=AlignConfig)
     student: StudentConfig = field(default_factory=StudentConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     def to_dict(self) -> dict:
@@ -166,6 +192,7 @@ def parse_config(raw: Any, base_dir: str | os.PathLike = ".") -> Config:
         "score": ScoreConfig,
         "align": AlignConfig,
         "student": StudentConfig,
+        "distill": DistillConfig,
         "eval": EvalConfig,
     }
     parts_raw = raw.pop("participants", None)
@@ -243,8 +270,36 @@ def _check_values(cfg: Config) -> None:
         raise ConfigError(f"'student.cpus_per_worker' must be a number > 0, got {s.cpus_per_worker!r}")
     if s.limit is not None and (isinstance(s.limit, bool) or not isinstance(s.limit, int) or s.limit < 2):
         raise ConfigError(f"'student.limit' must be an integer >= 2, got {s.limit!r}")
+    if s.data not in STUDENT_DATA:
+        raise ConfigError(f"'student.data' must be one of {', '.join(STUDENT_DATA)}, got {s.data!r}")
+    _check_distill(cfg.distill)
     if cfg.eval.probe_epochs < 1:
         raise ConfigError(f"'eval.probe_epochs' must be >= 1, got {cfg.eval.probe_epochs}")
+
+
+def _check_distill(d: DistillConfig) -> None:
+    if d.method not in DISTILL_METHODS:
+        raise ConfigError(f"'distill.method' must be one of {', '.join(DISTILL_METHODS)}, got {d.method!r}")
+    for k in ("size", "steps", "real_batch", "pool_size", "pool_width", "checkpoint_every", "log_every"):
+        if getattr(d, k) < 1:
+            raise ConfigError(f"'distill.{k}' must be >= 1, got {getattr(d, k)}")
+    if d.size < 2:
+        raise ConfigError(f"'distill.size' must be >= 2, got {d.size}")
+    if d.pool_steps < 0:
+        raise ConfigError(f"'distill.pool_steps' must be >= 0 (0: a fresh network every step), got {d.pool_steps}")
+    for k in ("lr", "pool_lr"):
+        if getattr(d, k) <= 0:
+            raise ConfigError(f"'distill.{k}' must be > 0, got {getattr(d, k)}")
+    if not 0 < d.lr_final <= 1:
+        raise ConfigError(f"'distill.lr_final' must be in (0, 1], got {d.lr_final}")
+    if d.workers < 0:
+        raise ConfigError(f"'distill.workers' must be >= 0, got {d.workers}")
+    if d.pool_size < max(1, d.workers) or d.real_batch < max(1, d.workers):
+        raise ConfigError(f"'distill.pool_size' and 'distill.real_batch' must be >= distill.workers ({d.workers}): "
+                          f"every worker owns pool models and real rows, got {d.pool_size} and {d.real_batch}")
+    if d.cpus_per_worker is not None and (isinstance(d.cpus_per_worker, bool) or
+                                          not isinstance(d.cpus_per_worker, (int, float)) or d.cpus_per_worker <= 0):
+        raise ConfigError(f"'distill.cpus_per_worker' must be a number > 0, got {d.cpus_per_worker!r}")
 
 
 def load_config(path: str | os.PathLike, overrides: Optional[dict] = None) -> Config:

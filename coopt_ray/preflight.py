@@ -15,6 +15,9 @@ def check_student_arch(arch: str) -> None:
 
     import timm
 
+    from .convnet import register_convnets
+
+    register_convnets()
     if not timm.is_model(arch):
         close = difflib.get_close_matches(arch, timm.list_models(), n=3)
         hint = f"; did you mean {', '.join(close)}?" if close else " (see timm.list_models())"

@@ -27,6 +27,9 @@ def build_backbone(arch: str, image_size: int, in_chans: int = 3) -> torch.nn.Mo
     """
     import timm
 
+    from .convnet import register_convnets
+
+    register_convnets()
     if not timm.is_model(arch):
         raise ValueError(f"unknown timm architecture {arch!r}")
     try:
@@ -136,6 +139,32 @@ def latest_checkpoint(root: Path) -> Optional[tuple[Path, dict]]:
         if best is None or meta["epoch"] > best[1]["epoch"]:
             best = (d, meta)
     return best
+
+
+def resume_state(ckpt, config: dict) -> tuple[Optional[dict], Optional[str]]:
+    """The newest readable checkpoint: Ray Train's own, ``resume_from``, or the newest complete one in
+    ``checkpoint_root`` (a worker killed right after its checkpoint was persisted, before Ray Train
+    registered it, must not cost that epoch again). Candidates are ranked by their ``meta.json`` epoch and
+    only the newest loadable ``state.pt`` is read. Returns ``(state, folder)`` or ``(None, None)``."""
+    dirs = [d for d in (ckpt.path if ckpt is not None else None, config.get("resume_from")) if d]
+    root = config.get("checkpoint_root")
+    if root:
+        found = latest_checkpoint(Path(root))
+        if found is not None and found[1].get("fingerprint") == config.get("fingerprint"):
+            dirs.append(str(found[0]))
+
+    def epoch_of(d: str) -> int:
+        try:
+            return int(json.loads((Path(d) / META).read_text())["epoch"])
+        except (OSError, ValueError, KeyError):
+            return -1
+
+    for d in sorted(dirs, key=epoch_of, reverse=True):
+        try:
+            return load_state(d), d
+        except (OSError, RuntimeError, EOFError, KeyError, ValueError):
+            continue  # a checkpoint still being copied: take the next one
+    return None, None
 
 
 def prune_checkpoints(root: Path, keep: int) -> None:

@@ -26,11 +26,11 @@ import torch.nn.functional as F
 
 from .cluster import cluster_nodes, driver_node_id, init_ray, plan_workers
 from .config import Config
-from .embeddings import column_matrix
-from .images import BatchAugment, decode_image, normalize_pixels, resize_rgb, to_float_nchw
-from .rundir import DONE, MANIFEST, OPTIMIZED, STUDENT, RunError, prepare_run_dir, read_done, write_json_atomic
-from .student import (CKPT_PREFIX, META, METRICS, WEIGHTS, Student, feature_dim, latest_checkpoint, load_state,
-                      prune_checkpoints, save_checkpoint, target_transform)
+from .images import BatchAugment, normalize_pixels, to_float_nchw
+from .rundir import DISTILLED_PARTS, DONE, MANIFEST, OPTIMIZED, STUDENT, RunError, prepare_run_dir, read_done, write_json_atomic
+from .rows import read_targets, subset_ids, training_dataset
+from .student import (CKPT_PREFIX, METRICS, WEIGHTS, Student, feature_dim, latest_checkpoint, load_state,
+                      prune_checkpoints, resume_state, save_checkpoint, target_transform)
 
 SHUFFLE_BUFFER = 2048       # rows in each worker's local shuffle buffer (reseeded every epoch)
 
@@ -66,7 +66,7 @@ def train_loop_per_worker(config: dict) -> dict:
     proj = torch.as_tensor(np.asarray(config["target_proj"], dtype=np.float32), device=device)
     student = Student(config["arch"], int(config["image_size"]), proj.shape[1])
 
-    state, resume_dir = _resume_state(ray.train.get_checkpoint(), config)
+    state, resume_dir = resume_state(ray.train.get_checkpoint(), config)
     history: list = []
     start = 0
     if state is not None:
@@ -145,32 +145,6 @@ def train_loop_per_worker(config: dict) -> dict:
     return {"start_epoch": start, "history": history}
 
 
-def _resume_state(ckpt, config: dict) -> tuple[Optional[dict], Optional[str]]:
-    """The newest readable checkpoint: Ray Train's own, ``resume_from``, or the newest complete one in
-    ``checkpoint_root`` (a worker killed right after its checkpoint was persisted, before Ray Train
-    registered it, must not cost that epoch again). Candidates are ranked by their ``meta.json`` epoch and
-    only the newest loadable ``state.pt`` is read. Returns ``(state, folder)`` or ``(None, None)``."""
-    dirs = [d for d in (ckpt.path if ckpt is not None else None, config.get("resume_from")) if d]
-    root = config.get("checkpoint_root")
-    if root:
-        found = latest_checkpoint(Path(root))
-        if found is not None and found[1].get("fingerprint") == config.get("fingerprint"):
-            dirs.append(str(found[0]))
-
-    def epoch_of(d: str) -> int:
-        try:
-            return int(json.loads((Path(d) / META).read_text())["epoch"])
-        except (OSError, ValueError, KeyError):
-            return -1
-
-    for d in sorted(dirs, key=epoch_of, reverse=True):
-        try:
-            return load_state(d), d
-        except (OSError, RuntimeError, EOFError, KeyError, ValueError):
-            continue  # a checkpoint still being copied: take the next one
-    return None, None
-
-
 def _worker_nodes(world: int) -> list:
     """The Ray node id of every rank (rank order), so a run records where its workers really ran."""
     import ray
@@ -191,80 +165,18 @@ def _say(line: str) -> None:
     sys.stdout.flush()
 
 
-# ---------------------------------------------------------------- Ray Data input
-def decode_batch(batch: dict, image_size: int) -> dict:
-    """``map_batches`` fn: PNG/JPEG bytes -> uint8 (N, S, S, 3) RGB; targets pass through.
-
-    Every merged row was decoded once by its participant, so a row that no longer decodes means RUN/optimized
-    was damaged: fail, naming the id, rather than train on fewer rows than metrics.json would report."""
-    imgs = []
-    for i, data in enumerate(batch["image"]):
-        try:
-            imgs.append(resize_rgb(decode_image(data), image_size))
-        except ValueError as e:
-            raise RunError(f"optimized row {batch['id'][i]!r} no longer decodes ({e}); RUN/optimized is damaged: "
-                           "delete RUN/optimized and RUN/manifest.json and rerun `coopt optimize`") from None
-    target = np.asarray(batch["target"], dtype=np.float32)
-    if target.dtype == object:
-        target = np.stack([np.asarray(t, dtype=np.float32) for t in batch["target"]])
-    out = np.stack(imgs) if imgs else np.zeros((0, image_size, image_size, 3), np.uint8)
-    return {"image": out, "target": target.reshape(len(batch["image"]), -1)}
-
-
-def _keep_ids(batch, ids: frozenset):
-    import pyarrow as pa
-    import pyarrow.compute as pc
-
-    return batch.filter(pc.is_in(batch.column("id"), value_set=pa.array(sorted(ids), pa.string())))
-
-
-def subset_ids(ids: list[str], limit: Optional[int], seed: int) -> Optional[frozenset]:
-    """A seeded random subset of ``limit`` ids (None: use all)."""
-    if limit is None or limit >= len(ids):
-        return None
-    h = np.array([int.from_bytes(hashlib.blake2b(f"student:{seed}:{i}".encode(), digest_size=8).digest(),
-                                 "little") for i in ids], dtype=np.uint64)
-    return frozenset(ids[j] for j in np.argsort(h, kind="stable")[:limit])
-
-
-def training_dataset(opt_dir: Path, image_size: int, keep: Optional[frozenset] = None, shuffle_seed=None):
-    """RUN/optimized as a Ray Dataset of decoded uint8 images + targets.
-
-    The merged parts are grouped by participant, so the rows are globally shuffled once (seeded); the
-    images are decoded once and the result is materialized in the object store (50k 32 px images are
-    ~150 MB), so an epoch only streams the blocks (each worker adds a local shuffle buffer, reseeded per
-    epoch) instead of re-reading, re-shuffling and re-decoding the Parquet every epoch.
-    """
-    import ray.data
-
-    ds = ray.data.read_parquet(str(opt_dir), file_extensions=["parquet"]).select_columns(["id", "image", "target"])
-    if keep is not None:
-        ds = ds.map_batches(_keep_ids, batch_format="pyarrow", fn_kwargs={"ids": keep})
-    ds = ds.random_shuffle(seed=shuffle_seed)
-    ds = ds.map_batches(decode_batch, batch_format="numpy", fn_kwargs={"image_size": image_size},
-                        batch_size=256)
-    ds = ds.materialize()
-    ds.set_name("student_train")
-    return ds
-
-
-def read_targets(opt_dir: Path) -> tuple[list[str], np.ndarray]:
-    """Ids and the target matrix of RUN/optimized (driver side, for the standardisation statistics)."""
-    import pyarrow.parquet as pq
-
-    t = pq.read_table(str(opt_dir), columns=["id", "target"])
-    return t.column("id").to_pylist(), column_matrix(t.column("target"))
-
-
 # ---------------------------------------------------------------- the stage (driver)
-def train_fingerprint(cfg: Config, manifest: dict, with_epochs: bool = True) -> str:
+def train_fingerprint(cfg: Config, manifest: dict, with_epochs: bool = True, run: Optional[Path] = None) -> str:
     """What a finished (or resumable, without epochs) training depends on."""
     import dataclasses
 
     s = dataclasses.asdict(cfg.student)
     for k in ("workers", "use_gpu", "cpus_per_worker") + (() if with_epochs else ("epochs",)):
         s.pop(k, None)  # how many workers is not what is learned
-    blob = json.dumps({"student": s, "optimized": manifest.get("fingerprint"),
+    data = manifest.get("fingerprint")
+    if s.pop("data") != "optimized":  # a distilled set: what it was distilled with (RUN/distilled/<m>/_DONE.json)
+        data = [data, (read_done(run / cfg.student.data) or {}).get("fingerprint")] if run else data
+    blob = json.dumps({"student": s, "optimized": data,
                        "image_size": cfg.data.image_size, "seed": cfg.seed}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -276,14 +188,21 @@ def run_train(cfg: Config, run: str | os.PathLike, address: Optional[str] = None
     from ray.train.torch import TorchConfig, TorchTrainer
 
     run = Path(run)
+    s = cfg.student
     man_path = run / MANIFEST
     if not man_path.exists() or not (run / OPTIMIZED).is_dir():
         raise RunError(f"{run} has no optimized dataset; run `coopt optimize --config CFG --out {run}` first")
     manifest = json.loads(man_path.read_text())
+    rows_dir = run / OPTIMIZED  # or a distilled set (student.data)
+    if s.data != OPTIMIZED:
+        if read_done(run / s.data) is None:
+            raise RunError(f"student.data is {s.data} but {run / s.data} is not finished; run "
+                           f"`coopt distill --config CFG --run {run}` first")
+        rows_dir = run / s.data / DISTILLED_PARTS
     prepare_run_dir(cfg, run)
     out = run / STUDENT
     out.mkdir(exist_ok=True)
-    fp = train_fingerprint(cfg, manifest)
+    fp = train_fingerprint(cfg, manifest, run=run)
     done = read_done(out)
     if done and done.get("fingerprint") == fp and (out / WEIGHTS).exists():
         log(f"[train] already done: {out / WEIGHTS} (loss {done['final_loss']:.4f}); skipping")
@@ -291,12 +210,11 @@ def run_train(cfg: Config, run: str | os.PathLike, address: Optional[str] = None
     (out / DONE).unlink(missing_ok=True)
 
     t_start = time.time()
-    s = cfg.student
     init_ray(address, log=log)
     driver = driver_node_id()
     plan = plan_workers(s, cluster_nodes(), driver=driver)  # before any work: a size no node holds fails now
     workers, cpw, threads = plan.workers, plan.cpus, plan.threads
-    ids, y = read_targets(run / OPTIMIZED)
+    ids, y = read_targets(rows_dir)
     keep = subset_ids(ids, s.limit, cfg.seed)
     if keep is not None:
         y = y[np.fromiter((i in keep for i in ids), dtype=bool, count=len(ids))]
@@ -312,13 +230,13 @@ def run_train(cfg: Config, run: str | os.PathLike, address: Optional[str] = None
     name = f"coopt-train-{run.resolve().name}"
     storage = (out / "ray_results").resolve()
     exp = storage / name
-    rfp = train_fingerprint(cfg, manifest, with_epochs=False)
+    rfp = train_fingerprint(cfg, manifest, with_epochs=False, run=run)
     latest = latest_checkpoint(exp)
     if latest and latest[1].get("fingerprint") != rfp:
         log(f"[train] checkpoints in {exp} are from a different student config; starting over")
         shutil.rmtree(exp, ignore_errors=True)
         latest = None
-    log(f"[train] student {s.arch} on {rows} rows (target dim {y.shape[1]} -> {proj.shape[1]}"
+    log(f"[train] student {s.arch} on {rows} rows of {s.data} (target dim {y.shape[1]} -> {proj.shape[1]}"
         f"{', whitened' if s.whiten else ', standardised'}), {s.epochs} epochs, "
         f"{plan.message}, batch {per_worker}/worker, run name {name}")
     if latest and latest[1]["epoch"] + 1 >= s.epochs:
@@ -334,7 +252,7 @@ def run_train(cfg: Config, run: str | os.PathLike, address: Optional[str] = None
             "resume_from": str(latest[0]) if latest else None,
             "local_checkpoint_dir": str(exp) if workers == 0 else None, "checkpoint_root": str(exp),
         }
-        ds = training_dataset(run / OPTIMIZED, cfg.data.image_size, keep, shuffle_seed=cfg.seed)
+        ds = training_dataset(rows_dir, cfg.data.image_size, keep, shuffle_seed=cfg.seed)
         scaling = ScalingConfig(num_workers=workers, use_gpu=s.use_gpu,
                                 resources_per_worker={"CPU": cpw} if workers else None,
                                 label_selector=plan.label_selector() if workers else None)
@@ -358,7 +276,7 @@ def run_train(cfg: Config, run: str | os.PathLike, address: Optional[str] = None
     history = state["history"]
     metrics = {
         "arch": s.arch, "image_size": cfg.data.image_size, "target_dim": int(y.shape[1]),
-        "head_dim": int(proj.shape[1]), "whiten": s.whiten, "rows": rows, "epochs": s.epochs,
+        "head_dim": int(proj.shape[1]), "whiten": s.whiten, "data": s.data, "rows": rows, "epochs": s.epochs,
         "workers": workers, "cpus_per_worker": cpw, "batch_size_per_worker": per_worker,
         "worker_nodes": history[-1].get("nodes") if history else None, "driver_node": driver,
         "history": history, "loss": [h["loss"] for h in history],

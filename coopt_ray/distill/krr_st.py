@@ -1,0 +1,242 @@
+"""KRR-ST (Lee et al., ICLR 2024): the kernel-ridge-regression loss, the synthetic set, the ConvNet model pool,
+and the Ray Train loop that learns the synthetic images and targets.
+
+One outer step on every worker: take a pool model (eval mode), a batch of real rows with their standardised
+targets (un-augmented: a target belongs to the un-augmented image), features ``f`` with a ones column,
+``K_rs = f_r f_s^T``, ``K_ss = f_s f_s^T``, ``lambda = 1e-6 trace(K_ss)`` and
+``loss = mse(K_rs (K_ss + lambda I)^-1 Y_s, Y_r)``. The gradients reach only ``X_s`` and ``Y_s``; with several
+workers the synthetic set is wrapped in DDP, so its gradients are averaged over every worker's pool model and
+real batch. Then the pool model takes one full-batch SGD step on ``mse(model(X_s), Y_s)``.
+
+Pool resets: a model is re-initialised after ``pool_steps`` SGD steps of its own, and its counter restarts
+(the released code never restarts it, so after ~10k steps its pool is freshly initialised networks every
+step: ``pool_steps: 0`` reproduces that). Counters start staggered (a seeded draw in ``[0, pool_steps)``) so
+resets are spread over time; the models themselves start untrained (the released code first trains each for
+that many steps, which costs more than a CPU run can spend).
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..convnet import ConvNet
+from ..images import normalize_pixels, to_float_nchw
+from ..student import prune_checkpoints, resume_state, save_checkpoint
+
+RIDGE = 1e-6                 # lambda = RIDGE * trace(K_ss), as released
+SHUFFLE_BUFFER = 2048
+
+
+# ---------------------------------------------------------------- the math
+def krr_predict(f_real: torch.Tensor, f_syn: torch.Tensor, y_syn: torch.Tensor, ridge: float = RIDGE) -> torch.Tensor:
+    """Kernel ridge regression from the synthetic rows to the real ones: ``K_rs (K_ss + lambda I)^-1 Y_s``, with a
+    ones column appended to both feature matrices and ``lambda = ridge * trace(K_ss)``."""
+    ones_r = torch.ones(len(f_real), 1, dtype=f_real.dtype, device=f_real.device)
+    ones_s = torch.ones(len(f_syn), 1, dtype=f_syn.dtype, device=f_syn.device)
+    fr, fs = torch.cat([f_real, ones_r], 1), torch.cat([f_syn, ones_s], 1)
+    k_rs, k_ss = fr @ fs.T, fs @ fs.T
+    lam = ridge * torch.trace(k_ss)
+    eye = torch.eye(len(fs), dtype=fs.dtype, device=fs.device)
+    return k_rs @ torch.linalg.solve(k_ss + lam * eye, y_syn)
+
+
+def krr_loss(f_real: torch.Tensor, f_syn: torch.Tensor, y_real: torch.Tensor, y_syn: torch.Tensor,
+             ridge: float = RIDGE) -> torch.Tensor:
+    """KRR-ST's outer loss: the mean squared error of :func:`krr_predict` against the real targets."""
+    return F.mse_loss(krr_predict(f_real, f_syn, y_syn, ridge), y_real)
+
+
+class SyntheticSet(torch.nn.Module):
+    """The learnable rows: images ``x`` (M, 3, S, S) in [0, 1] pixel space and standardised targets ``y`` (M, d).
+    ``forward()`` returns the normalised images and the targets (so DDP sees every parameter used)."""
+
+    def __init__(self, x0: np.ndarray, y0: np.ndarray):
+        super().__init__()
+        self.x = torch.nn.Parameter(torch.tensor(np.array(x0, dtype=np.float32)))
+        self.y = torch.nn.Parameter(torch.tensor(np.array(y0, dtype=np.float32)))
+
+    def forward(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return normalize_pixels(self.x), self.y
+
+
+# ---------------------------------------------------------------- the model pool
+class ModelPool:
+    """``n`` ConvNets with a linear head onto the target space, each trained one full-batch SGD step after each
+    use and re-initialised after ``reset`` steps of its own (``reset == 0``: a fresh network at every use)."""
+
+    def __init__(self, n: int, width: int, image_size: int, out_dim: int, reset: int, lr: float, seed: int,
+                 device: torch.device):
+        self.width, self.size, self.out_dim, self.reset, self.lr = width, image_size, out_dim, reset, lr
+        self.device = device
+        self.gen = torch.Generator().manual_seed(seed)
+        self.models = [self._fresh() for _ in range(n)]
+        self.opts = [self._sgd(m) for m in self.models]
+        self.age = [int(torch.randint(0, max(1, reset), (1,), generator=self.gen)) for _ in range(n)]
+        self.resets = 0
+
+    def _fresh(self) -> ConvNet:
+        torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=self.gen)))
+        return ConvNet(self.width, 3, 3, self.size, num_classes=self.out_dim).to(self.device)
+
+    def _sgd(self, m: ConvNet) -> torch.optim.Optimizer:
+        return torch.optim.SGD(m.parameters(), lr=self.lr, momentum=0.9, weight_decay=1e-3)
+
+    def get(self, i: int) -> ConvNet:
+        """Model ``i`` (re-initialised first when it is due), in eval mode with its parameters frozen."""
+        if self.reset == 0 or self.age[i] >= self.reset:
+            self.models[i], self.age[i] = self._fresh(), 0
+            self.opts[i] = self._sgd(self.models[i])
+            self.resets += 1
+        m = self.models[i].eval()
+        m.requires_grad_(False)
+        return m
+
+    def train_step(self, i: int, x: torch.Tensor, y: torch.Tensor) -> float:
+        """One full-batch SGD step of model ``i`` on ``mse(model(x), y)`` (x normalised, both detached)."""
+        if self.reset == 0:
+            return float("nan")  # retired at its next use anyway
+        m = self.models[i].train()
+        m.requires_grad_(True)
+        loss = F.mse_loss(m(x), y)
+        self.opts[i].zero_grad(set_to_none=True)
+        loss.backward()
+        self.opts[i].step()
+        self.age[i] += 1
+        return float(loss.detach())
+
+
+# ---------------------------------------------------------------- the Ray Train loop
+def _real_batches(shard, batch: int, seed: int, rank: int, device, mean: torch.Tensor, scale: torch.Tensor):
+    """Endless (normalised image, standardised target) batches from this worker's shard, reshuffled every pass."""
+    n = 0
+    while True:
+        got = 0
+        for b in shard.iter_torch_batches(batch_size=batch, drop_last=True,
+                                          dtypes={"image": torch.uint8, "target": torch.float32},
+                                          local_shuffle_buffer_size=SHUFFLE_BUFFER,
+                                          local_shuffle_seed=seed * 100_003 + n * 1_009 + rank):
+            got += 1
+            yield normalize_pixels(to_float_nchw(b["image"].to(device))), (b["target"].to(device) - mean) * scale
+        if got == 0:
+            raise RuntimeError(f"no full real batch of {batch} rows on worker {rank}; lower distill.real_batch")
+        n += 1
+
+
+def distill_loop_per_worker(config: dict) -> dict:
+    """Learn the synthetic set on this worker; checkpoints every ``checkpoint_every`` steps (rank 0 writes them).
+
+    ``config``: x0 (M,3,S,S) floats in [0,1], y0 (M,d) standardised, target_mean, target_scale (d), steps, lr,
+    lr_final, real_batch (per worker), pool (models on this worker: list by rank), pool_width, pool_steps,
+    pool_lr, seed, fingerprint, checkpoint_every, log_every; optional threads, use_gpu, checkpoint_root,
+    local_checkpoint_dir (in-process runs), log.
+    """
+    import ray.train
+
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    if config.get("threads"):
+        torch.set_num_threads(int(config["threads"]))
+    if config.get("use_gpu") and torch.cuda.is_available():
+        import ray.train.torch as rtt
+
+        device = rtt.get_device()
+    else:
+        device = torch.device("cpu")
+    seed, steps = int(config["seed"]), int(config["steps"])
+    synth = SyntheticSet(config["x0"], config["y0"])
+    state, resume_dir = resume_state(ray.train.get_checkpoint(), config)
+    start, history = 0, []
+    if state is not None:
+        synth.load_state_dict(state["model"])
+        start, history = int(state["epoch"]) + 1, list(state.get("history", []))
+    if world > 1:
+        import ray.train.torch as rtt
+
+        model = rtt.prepare_model(synth)
+    else:
+        model = synth.to(device)
+    params = model.module if hasattr(model, "module") else model
+    opt = torch.optim.AdamW([params.x, params.y], lr=float(config["lr"]), weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LinearLR(opt, 1.0, float(config["lr_final"]), total_iters=steps)
+    if state is not None:
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        if rank == 0 and config.get("log", True):
+            _say(f"[distill] resumed after step {start} from {resume_dir}")
+    n_pool = int(config["pool"][rank])
+    pool = ModelPool(n_pool, int(config["pool_width"]), int(params.x.shape[-1]), int(params.y.shape[1]),
+                     int(config["pool_steps"]), float(config["pool_lr"]), seed * 7_919 + rank * 104_729 + start,
+                     device)
+    mean = torch.as_tensor(np.asarray(config["target_mean"], dtype=np.float32), device=device)
+    scale = torch.as_tensor(np.asarray(config["target_scale"], dtype=np.float32), device=device)
+    real = _real_batches(ray.train.get_dataset_shard("train"), int(config["real_batch"]), seed + start, rank, device,
+                         mean, scale)
+    every, log_every = int(config["checkpoint_every"]), int(config["log_every"])
+    extra = {"fingerprint": config.get("fingerprint"), "target_mean": mean.cpu(), "target_scale": scale.cpu()}
+    t0, window = time.time(), []
+    for step in range(start, steps):
+        xr, yr = next(real)
+        i = step % n_pool
+        net = pool.get(i)
+        xs, ys = model()
+        with torch.no_grad():
+            fr = net.features(xr)
+        loss = krr_loss(fr, net.features(xs), yr, ys)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        with torch.no_grad():
+            params.x.clamp_(0.0, 1.0)  # stays an image: the Parquet stores it as PNG
+        pool.train_step(i, normalize_pixels(params.x.detach()), params.y.detach())
+        tot = torch.tensor([float(loss.detach())], dtype=torch.float64)
+        if world > 1 and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(tot)
+        window.append(float(tot[0]) / world)
+        last = step + 1 == steps
+        if (step + 1) % log_every == 0 or last:
+            dt = time.time() - t0
+            history.append({"step": step + 1, "loss": float(np.mean(window)), "seconds": round(dt, 3),
+                            "steps_per_s": round(len(window) / max(dt, 1e-9), 3), "pool_resets": pool.resets})
+            if rank == 0 and config.get("log", True):
+                _say(f"[distill] step {step + 1}/{steps}  loss {history[-1]['loss']:.4f}  "
+                     f"{history[-1]['steps_per_s']:.2f} steps/s  lr {sched.get_last_lr()[0]:.2e}")
+            t0, window = time.time(), []
+        if (step + 1) % every == 0 or last:
+            _checkpoint(config, rank, step, params, opt, sched, history, extra)
+    return {"start_step": start, "history": history}
+
+
+def _checkpoint(config, rank, step, params, opt, sched, history, extra) -> None:
+    """Report step ``step`` with a checkpoint (rank 0's copy of the synthetic set; every rank holds the same)."""
+    import tempfile
+
+    import ray.train
+    from ray.train import Checkpoint
+
+    name = f"checkpoint_epoch_{step:06d}"
+    metrics = {"step": step + 1, "loss": history[-1]["loss"] if history else float("nan")}
+    local_root = config.get("local_checkpoint_dir")
+    if local_root:  # in-process: Ray Train keeps no copy
+        d = Path(local_root) / name
+        save_checkpoint(d, params, opt, step, history, {**extra, "scheduler": sched.state_dict()})
+        prune_checkpoints(Path(local_root), keep=2)
+        ray.train.report(metrics, checkpoint=Checkpoint.from_directory(str(d)))
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        ck = None
+        if rank == 0:
+            save_checkpoint(Path(tmp), params, opt, step, history, {**extra, "scheduler": sched.state_dict()})
+            ck = Checkpoint.from_directory(tmp)
+        ray.train.report(metrics, checkpoint=ck, checkpoint_dir_name=name)
+
+
+def _say(line: str) -> None:
+    import sys
+
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+

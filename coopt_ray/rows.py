@@ -1,0 +1,76 @@
+"""Row sets shaped like RUN/optimized (id, image PNG, target): decoded Ray Datasets, driver-side targets, subsets."""
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from .embeddings import column_matrix
+from .images import decode_image, resize_rgb
+from .rundir import RunError
+
+
+def decode_batch(batch: dict, image_size: int) -> dict:
+    """``map_batches`` fn: PNG/JPEG bytes -> uint8 (N, S, S, 3) RGB; targets pass through.
+
+    Every merged row was decoded once by its participant, so a row that no longer decodes means RUN/optimized
+    was damaged: fail, naming the id, rather than train on fewer rows than metrics.json would report."""
+    imgs = []
+    for i, data in enumerate(batch["image"]):
+        try:
+            imgs.append(resize_rgb(decode_image(data), image_size))
+        except ValueError as e:
+            raise RunError(f"optimized row {batch['id'][i]!r} no longer decodes ({e}); RUN/optimized is damaged: "
+                           "delete RUN/optimized and RUN/manifest.json and rerun `coopt optimize`") from None
+    target = np.asarray(batch["target"], dtype=np.float32)
+    if target.dtype == object:
+        target = np.stack([np.asarray(t, dtype=np.float32) for t in batch["target"]])
+    out = np.stack(imgs) if imgs else np.zeros((0, image_size, image_size, 3), np.uint8)
+    return {"image": out, "target": target.reshape(len(batch["image"]), -1)}
+
+
+def _keep_ids(batch, ids: frozenset):
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    return batch.filter(pc.is_in(batch.column("id"), value_set=pa.array(sorted(ids), pa.string())))
+
+
+def subset_ids(ids: list[str], limit: Optional[int], seed: int) -> Optional[frozenset]:
+    """A seeded random subset of ``limit`` ids (None: use all)."""
+    if limit is None or limit >= len(ids):
+        return None
+    h = np.array([int.from_bytes(hashlib.blake2b(f"student:{seed}:{i}".encode(), digest_size=8).digest(),
+                                 "little") for i in ids], dtype=np.uint64)
+    return frozenset(ids[j] for j in np.argsort(h, kind="stable")[:limit])
+
+
+def training_dataset(opt_dir: Path, image_size: int, keep: Optional[frozenset] = None, shuffle_seed=None):
+    """RUN/optimized as a Ray Dataset of decoded uint8 images + targets.
+
+    The merged parts are grouped by participant, so the rows are globally shuffled once (seeded); the
+    images are decoded once and the result is materialized in the object store (50k 32 px images are
+    ~150 MB), so an epoch only streams the blocks (each worker adds a local shuffle buffer, reseeded per
+    epoch) instead of re-reading, re-shuffling and re-decoding the Parquet every epoch.
+    """
+    import ray.data
+
+    ds = ray.data.read_parquet(str(opt_dir), file_extensions=["parquet"]).select_columns(["id", "image", "target"])
+    if keep is not None:
+        ds = ds.map_batches(_keep_ids, batch_format="pyarrow", fn_kwargs={"ids": keep})
+    ds = ds.random_shuffle(seed=shuffle_seed)
+    ds = ds.map_batches(decode_batch, batch_format="numpy", fn_kwargs={"image_size": image_size},
+                        batch_size=256)
+    ds = ds.materialize()
+    ds.set_name("student_train")
+    return ds
+
+
+def read_targets(opt_dir: Path) -> tuple[list[str], np.ndarray]:
+    """Ids and the target matrix of RUN/optimized (driver side, for the standardisation statistics)."""
+    import pyarrow.parquet as pq
+
+    t = pq.read_table(str(opt_dir), columns=["id", "target"])
+    return t.column("id").to_pylist(), column_matrix(t.column("target"))
