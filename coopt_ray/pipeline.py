@@ -1,5 +1,5 @@
-"""`coopt run` and `coopt optimize`: the order of the stages (zoo when missing -> optimize -> merge -> train ->
-evaluate -> report). Each stage skips itself when its done-marker says it finished with the same config."""
+"""`coopt run` and `coopt optimize`: the order of the stages (zoo when missing -> optimize -> merge -> [distill,
+when student.data names a distilled set] -> train -> evaluate -> report). Each stage skips itself when its done-marker says it finished with the same config."""
 from __future__ import annotations
 
 import os
@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from .config import Config, resolve_model, zoo_path
+from .distill.stage import run_distill
 from .evaluate import run_evaluate
 from .merge import finished_manifest, run_merge
 from .optimize import run_embed
@@ -35,7 +36,7 @@ def run_optimize(cfg: Config, run: str | os.PathLike, address: Optional[str] = N
 
 def run_all(cfg: Config, run: str | os.PathLike, address: Optional[str] = None,
             log: Callable[[str], None] = print) -> dict:
-    """`coopt run`: zoo (when missing) -> optimize -> train -> evaluate -> report; prints the probe table.
+    """`coopt run`: zoo (when missing) -> optimize -> [distill] -> train -> evaluate -> report; prints the probe table.
 
     The offline teacher zoo is built only when a participant's ``local-dir:`` folder is missing and
     ``zoo_dir`` is the default zoo; every stage skips itself when its done-marker matches.
@@ -53,7 +54,10 @@ def run_all(cfg: Config, run: str | os.PathLike, address: Optional[str] = None,
         build_zoo(zoo_path(cfg), progress=log)
         times["zoo"] = time.time() - t
     check_paths(cfg)
-    for stage, fn in (("optimize", lambda: run_optimize(cfg, run, address=address, log=log)),
+    stages = [("optimize", lambda: run_optimize(cfg, run, address=address, log=log))]
+    if cfg.student.data != "optimized":  # the student trains on a distilled set: distill it first
+        stages.append(("distill", lambda: run_distill(cfg, run, address=address, log=log)))
+    for stage, fn in (*stages,
                       ("train", lambda: run_train(cfg, run, address=address, log=log)),
                       ("evaluate", lambda: run_evaluate(cfg, run, address=address, log=log)),
                       ("report", lambda: build_report(run, log=log))):

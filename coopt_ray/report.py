@@ -14,7 +14,8 @@ from typing import Callable, Optional
 import numpy as np
 
 from .embeddings import read_shared
-from .rundir import ALIGN, EMBEDDINGS, EVAL, MANIFEST, REPORT, STUDENT, RunError, read_json
+from .rundir import (ALIGN, DISTILLED, DISTILLED_PARTS, EMBEDDINGS, EVAL, MANIFEST, OPTIMIZED, REPORT, STUDENT, RunError,
+                     read_json)
 
 COLORS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
           "#bcbd22", "#17becf"]
@@ -186,6 +187,10 @@ def build_report(run: str | os.PathLike, log: Callable[[str], None] = print) -> 
         plt.close(fig)
         figs.append(("probe.png", "Linear-probe test accuracy: teachers, the student, and a random-init student."))
 
+    dist = read_json(run / DISTILLED / "krr-st" / "distill.json")
+    if dist:
+        figs += distilled_figures(run / DISTILLED / "krr-st", run / OPTIMIZED, dist, out, plt, log)
+
     page = _html(run, manifest, metrics, ev, rows, figs)
     path = out / "report.html"
     tmp = path.with_name("report.html.tmp")
@@ -224,6 +229,48 @@ def _fmt(v) -> str:
     if isinstance(v, float):
         return f"{v:.4f}"
     return str(v)
+
+
+def distilled_figures(d: Path, optimized: Path, dist: dict, out: Path, plt, log, n: int = 12) -> list[tuple[str, str]]:
+    """The distillation's loss curve and a grid of synthetic images: the real rows they started from (top) and
+    the distilled ones (bottom)."""
+    import pyarrow.parquet as pq
+
+    from .images import decode_image
+
+    figs = []
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(dist["loss_steps"], dist["loss"], marker=".")
+    ax.set(xlabel="outer step", ylabel="KRR loss (mse, standardised targets)",
+           title=f"{dist['method']} distillation: M = {dist['size']}")
+    fig.tight_layout()
+    fig.savefig(out / "distill_loss.png", dpi=100)
+    plt.close(fig)
+    figs.append(("distill_loss.png", f"Distillation loss (mean over workers and each logging window), "
+                                     f"{dist['steps']} steps in {dist['seconds']:.0f} s."))
+    try:
+        t = pq.read_table(str(d / DISTILLED_PARTS), columns=["id", "image", "init_id"]).slice(0, n)
+        init = pq.read_table(str(optimized), columns=["id", "image"],
+                             filters=[("id", "in", t.column("init_id").to_pylist())])
+        by_id = dict(zip(init.column("id").to_pylist(), init.column("image").to_pylist()))
+        pairs = [(by_id.get(i), b) for i, b in zip(t.column("init_id").to_pylist(), t.column("image").to_pylist())]
+    except Exception as e:  # noqa: BLE001 - the rest of the report still stands
+        log(f"[report] no distilled image grid: {e}")
+        return figs
+    fig, axes = plt.subplots(2, len(pairs), figsize=(1.1 * len(pairs), 2.6), squeeze=False)
+    for j, (a, b) in enumerate(pairs):
+        for i, img in enumerate((a, b)):
+            axes[i][j].axis("off")
+            if img is not None:
+                axes[i][j].imshow(np.asarray(decode_image(img)))
+    axes[0][0].set_title("initial (real rows)", fontsize=8, loc="left")
+    axes[1][0].set_title("distilled", fontsize=8, loc="left")
+    fig.tight_layout()
+    fig.savefig(out / "distilled.png", dpi=100)
+    plt.close(fig)
+    figs.append(("distilled.png", f"The first {len(pairs)} synthetic rows: the real image each started from (top) "
+                                  "and the distilled image (bottom)."))
+    return figs
 
 
 def _html(run: Path, manifest: dict, metrics: Optional[dict], ev: Optional[dict], rows, figs) -> str:

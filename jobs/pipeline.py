@@ -1,4 +1,4 @@
-"""Ray job entrypoint: the whole pipeline (optimize, train, evaluate, report).
+"""Ray job entrypoint: the whole pipeline (optimize, [distill,] train, evaluate, report).
 
     ray job submit --working-dir . -- python jobs/pipeline.py --config configs/quick.yaml --out /mnt/shared/runs/quick
 """
@@ -17,7 +17,8 @@ def run(argv=None) -> None:
     if not hasattr(pipeline, "run_all"):  # the full pipeline lands in coopt_ray.pipeline.run_all
         raise SystemExit("coopt job: this coopt_ray has no pipeline.run_all yet; use jobs/optimize.py")
     pipeline.run_all(cfg, out, address=args.address, log=log)
-    for what, rel in (("manifest", "manifest.json"), ("optimized dataset", "optimized"), ("student", "student"),
+    distilled = [] if cfg.student.data == "optimized" else [("distilled set", cfg.student.data)]
+    for what, rel in (("manifest", "manifest.json"), ("optimized dataset", "optimized"), *distilled, ("student", "student"),
                       ("evaluation", "eval.json"), ("report", "report/report.html")):
         path = out / rel
         log(f"[job] {what}: {path}{'' if path.exists() else ' (not written)'}")

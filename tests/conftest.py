@@ -72,10 +72,10 @@ def forbid_ray_start(monkeypatch, why: str = "Ray was started for a bad config")
     def boom(*a, **k):
         raise AssertionError(why)
 
-    for info in pkgutil.iter_modules(coopt_ray.__path__):
-        if info.name == "__main__":
+    for info in pkgutil.walk_packages(coopt_ray.__path__, prefix="coopt_ray."):
+        if info.name.endswith("__main__"):
             continue
-        mod = importlib.import_module(f"coopt_ray.{info.name}")
+        mod = importlib.import_module(info.name)
         if hasattr(mod, "init_ray"):
             monkeypatch.setattr(mod, "init_ray", boom)
 

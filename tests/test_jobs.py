@@ -184,7 +184,7 @@ def test_entrypoints_parse_arguments_and_connect_to_the_job_cluster(monkeypatch)
         == "ray://h:10001"
 
 
-@pytest.mark.parametrize("job", ["optimize", "pipeline"])
+@pytest.mark.parametrize("job", ["optimize", "distill", "pipeline"])
 def test_entrypoint_bad_config_exits_2_before_ray_starts(job, tmp_path):
     cfg = write_config(tmp_path / "bad.yaml", ["local-dir:/nonexistent"], seed="zero")
     env = dict(os.environ)

@@ -62,6 +62,12 @@ class SyntheticSet(torch.nn.Module):
         return normalize_pixels(self.x), self.y
 
 
+def linear_lr(lr: float, final: float, step: int, steps: int) -> float:
+    """The learning rate of outer step ``step`` (0-based): linear from ``lr`` to ``final * lr`` over ``steps``
+    (as LinearLR; computed from the step, so a run resumed with more ``steps`` follows the new schedule)."""
+    return lr * (1.0 + (final - 1.0) * min(step, steps) / max(1, steps))
+
+
 # ---------------------------------------------------------------- the model pool
 class ModelPool:
     """``n`` ConvNets with a linear head onto the target space, each trained one full-batch SGD step after each
@@ -160,10 +166,8 @@ def distill_loop_per_worker(config: dict) -> dict:
         model = synth.to(device)
     params = model.module if hasattr(model, "module") else model
     opt = torch.optim.AdamW([params.x, params.y], lr=float(config["lr"]), weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LinearLR(opt, 1.0, float(config["lr_final"]), total_iters=steps)
     if state is not None:
         opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
         if rank == 0 and config.get("log", True):
             _say(f"[distill] resumed after step {start} from {resume_dir}")
     n_pool = int(config["pool"][rank])
@@ -187,8 +191,10 @@ def distill_loop_per_worker(config: dict) -> dict:
         loss = krr_loss(fr, net.features(xs), yr, ys)
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        lr = linear_lr(float(config["lr"]), float(config["lr_final"]), step, steps)
+        for g in opt.param_groups:
+            g["lr"] = lr
         opt.step()
-        sched.step()
         with torch.no_grad():
             params.x.clamp_(0.0, 1.0)  # stays an image: the Parquet stores it as PNG
         pool.train_step(i, normalize_pixels(params.x.detach()), params.y.detach())
@@ -203,14 +209,14 @@ def distill_loop_per_worker(config: dict) -> dict:
                             "steps_per_s": round(len(window) / max(dt, 1e-9), 3), "pool_resets": pool.resets})
             if rank == 0 and config.get("log", True):
                 _say(f"[distill] step {step + 1}/{steps}  loss {history[-1]['loss']:.4f}  "
-                     f"{history[-1]['steps_per_s']:.2f} steps/s  lr {sched.get_last_lr()[0]:.2e}")
+                     f"{history[-1]['steps_per_s']:.2f} steps/s  lr {lr:.2e}")
             t0, window = time.time(), []
         if (step + 1) % every == 0 or last:
-            _checkpoint(config, rank, step, params, opt, sched, history, extra)
+            _checkpoint(config, rank, step, params, opt, history, extra)
     return {"start_step": start, "history": history}
 
 
-def _checkpoint(config, rank, step, params, opt, sched, history, extra) -> None:
+def _checkpoint(config, rank, step, params, opt, history, extra) -> None:
     """Report step ``step`` with a checkpoint (rank 0's copy of the synthetic set; every rank holds the same)."""
     import tempfile
 
@@ -222,14 +228,14 @@ def _checkpoint(config, rank, step, params, opt, sched, history, extra) -> None:
     local_root = config.get("local_checkpoint_dir")
     if local_root:  # in-process: Ray Train keeps no copy
         d = Path(local_root) / name
-        save_checkpoint(d, params, opt, step, history, {**extra, "scheduler": sched.state_dict()})
+        save_checkpoint(d, params, opt, step, history, extra)
         prune_checkpoints(Path(local_root), keep=2)
         ray.train.report(metrics, checkpoint=Checkpoint.from_directory(str(d)))
         return
     with tempfile.TemporaryDirectory() as tmp:
         ck = None
         if rank == 0:
-            save_checkpoint(Path(tmp), params, opt, step, history, {**extra, "scheduler": sched.state_dict()})
+            save_checkpoint(Path(tmp), params, opt, step, history, extra)
             ck = Checkpoint.from_directory(tmp)
         ray.train.report(metrics, checkpoint=ck, checkpoint_dir_name=name)
 
