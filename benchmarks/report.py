@@ -150,7 +150,35 @@ def throughput_table(r: dict, mem: dict) -> str:
     return "\n".join(["| quantity | value |", "| --- | --- |"] + [f"| {a} | {b} |" for a, b in rows])
 
 
-def goals_table(fid, ali, cri, thr, mem) -> str:
+def distill_table(r: dict) -> str:
+    s, sm = r["settings"], r["summary"]
+    ds = sm["distill_seconds"]
+    lines = [f"KRR-ST on the demo's optimized set ({r['rows']} rows), {s['steps']} outer steps, lr {s['lr']:g}, pool of "
+             f"{s['pool_size']} ConvNet-{s['pool_width']} (reset every {s['pool_steps']} steps), real batch "
+             f"{s['real_batch']}, {s['workers']} Ray Train workers: {ds['mean']:.0f} ± {ds['std']:.0f} s per distillation. "
+             f"Students: {s['batch_size']} rows per step; (a) and (b) take the same optimizer steps "
+             f"({', '.join(f'{k} {v}' for k, v in s['steps_small'].items())}); (c) "
+             f"{', '.join(f'{k} {v} epoch(s)' for k, v in s['epochs_full'].items())}. Probe: t10k[5000:{5000 + s['probe_images']}] "
+             f"-> t10k[0:{s['test_images']}], {s['probe_epochs']} epochs.", "",
+             "| student | pre-training data | rows | probe accuracy % (mean ± std, seeds) | pre-training seconds |",
+             "| --- | --- | --- | --- | --- |"]
+    names = {"random_init": "(d) random init", "whole_set": "(c) the whole optimized set"}
+    for arch, t in sm["table"].items():
+        order = ["random_init"] + [f"{v}_{m}" for m in s["sizes"] for v in ("distilled", "random_subset")] + ["whole_set"]
+        for k in order:
+            v = t.get(k)
+            if not v or not v["accuracy"]:
+                continue
+            variant, _, size = k.rpartition("_")
+            name = names.get(k) or ("(a) distilled (KRR-ST)" if variant == "distilled" else "(b) random subset, own targets")
+            rows = size if size.isdigit() else ("0" if k == "random_init" else str(r["rows"]))
+            a = v["accuracy"]
+            lines.append(f"| {arch} | {name} | {rows} | {100 * a['mean']:.2f} ± {100 * a['std']:.2f} ({a['n']}) | "
+                         f"{v['train_seconds']['mean']:.0f} |")
+    return "\n".join(lines)
+
+
+def goals_table(fid, ali, cri, thr, mem, dis=None) -> str:
     rows = []
 
     def row(goal, target, measured, ok):
@@ -198,11 +226,23 @@ def goals_table(fid, ali, cri, thr, mem) -> str:
         m = mem["rss"]
         row("driver peak memory, 6k vs 50k images", "flat (< 5 % growth)", f"{m['small_mb']} vs {m['large_mb']} MB",
             m["large_mb"] <= 1.05 * m["small_mb"])
+    if dis:
+        for arch, g in dis["summary"]["goals"].items():
+            for k, v in sorted(g.items()):
+                if k.startswith("a_minus_b_"):
+                    row(f"{arch}: distilled vs random subset, M = {k.rsplit('_', 1)[1]}", ">= +2 points, beyond the stds",
+                        f"{v['points']:+.2f} (stds {v['stds'][0]:.2f} / {v['stds'][1]:.2f})", v["met"])
+            if "gap_closed" in g:
+                row(f"{arch}: distilled M = {max(dis['settings']['sizes'])} closes the random-init -> whole-set gap",
+                    ">= 60 %", f"{100 * g['gap_closed']['fraction']:.0f} %", g["gap_closed"]["met"])
+                row(f"{arch}: pre-training time, distilled vs whole set", "<= 5 %",
+                    f"{100 * g['time_ratio']['fraction']:.1f} %", g["time_ratio"]["met"])
     return "\n".join(["| goal | target | measured | status |", "| --- | --- | --- | --- |"] + rows)
 
 
 def render() -> str:
     fid, ali, cri, thr, mem = load("fidelity"), load("alignment"), load("criteria"), load("throughput"), load("memory")
+    dis = load("distill")
     parts = []
     if fid:
         parts += ["### Fidelity", "", fidelity_tables(fid)]
@@ -212,7 +252,9 @@ def render() -> str:
         parts += ["", "### Choosing the best model", "", criteria_table(cri)]
     if thr:
         parts += ["", "### Speed and memory", "", throughput_table(thr, mem)]
-    parts += ["", "### Against the goals", "", goals_table(fid, ali, cri, thr, mem)]
+    if dis:
+        parts += ["", "### Distillation (KRR-ST)", "", distill_table(dis)]
+    parts += ["", "### Against the goals", "", goals_table(fid, ali, cri, thr, mem, dis)]
     return "\n".join(parts) + "\n"
 
 
