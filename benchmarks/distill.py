@@ -59,6 +59,8 @@ def parse_args(argv=None):
     ap.add_argument("--epochs-full", default="convnet3_w16:3,resnet10t:1", help="epochs of (c), per arch")
     ap.add_argument("--batch-size", type=int, default=100)
     ap.add_argument("--student-lr", type=float, default=1e-3)
+    ap.add_argument("--no-augment", action="store_true", help="students train on un-augmented images (KRR-ST's "
+                    "pre-training recipe; student.augment: false) instead of the product's default augmentations")
     ap.add_argument("--probe-images", type=int, default=2000)
     ap.add_argument("--test-images", type=int, default=2000)
     ap.add_argument("--probe-epochs", type=int, default=100)
@@ -146,7 +148,8 @@ def main(argv=None) -> dict:
             if steps is not None:  # (a) and (b): a fixed number of optimizer steps over the M rows
                 epochs = max(1, round(steps * a.batch_size / len(imgs)))
             _, hist = B.train_coopt(arch, imgs, tgts, epochs, batch_size=min(a.batch_size, len(imgs)),
-                                    lr=a.student_lr, seed=seed, probe=FinalOnly(prober, epochs), log=lambda m: None)
+                                    lr=a.student_lr, seed=seed, probe=FinalOnly(prober, epochs), log=lambda m: None,
+                                    augment=not a.no_augment)
             acc, secs = hist[-1]["probe_accuracy"], hist[-1]["train_seconds"]
         res["runs"].append({"arch": arch, "variant": variant, "size": size, "seed": seed, "rows": len(imgs),
                             "epochs": epochs, "probe_accuracy": acc, "train_seconds": secs})

@@ -92,9 +92,10 @@ def _aug_batch(images: np.ndarray, idx: np.ndarray, aug: BatchAugment, gen: torc
 def train_coopt(arch: str, images: np.ndarray, targets: np.ndarray, epochs: int, batch_size: int = 256,
                 lr: float = 1e-3, weight_decay: float = 0.01, seed: int = 0, whiten: bool = False,
                 probe=None, log=print, crop_min: float = 0.5,
-                weights: Optional[np.ndarray] = None) -> tuple[torch.nn.Module, list[dict]]:
+                weights: Optional[np.ndarray] = None, augment: bool = True) -> tuple[torch.nn.Module, list[dict]]:
     """CoOpt student: regress standardised targets with ``1 - cos`` (the train stage's objective); ``weights``
-    (one per row, optional) weight each row's loss."""
+    (one per row, optional) weight each row's loss; ``augment=False`` trains on the un-augmented images
+    (``student.augment: false``)."""
     torch.manual_seed(seed)
     size = images.shape[1]
     fdim = feature_dim(arch, size)
@@ -102,7 +103,7 @@ def train_coopt(arch: str, images: np.ndarray, targets: np.ndarray, epochs: int,
     y = torch.from_numpy((targets.astype(np.float32) - mean) @ proj)
     torch.manual_seed(seed)
     student = Student(arch, size, y.shape[1])
-    aug = BatchAugment(size, scale=(crop_min, 1.0))
+    aug = BatchAugment(size, scale=(crop_min, 1.0)) if augment else (lambda x, gen: x)
     w = None if weights is None else torch.as_tensor(np.asarray(weights, dtype=np.float32))
 
     def step(idx, gen):

@@ -79,6 +79,7 @@ class StudentConfig:
     limit: Optional[int] = None
     cpus_per_worker: Optional[float] = None
     data: str = "optimized"      # what the student regresses: RUN/optimized, or a distilled set (distilled/krr-st)
+    augment: bool = True         # RELA's augmentations on every batch; false: the un-augmented images (KRR-ST's recipe)
 
 
 STUDENT_DATA = ("optimized", "distilled/krr-st")

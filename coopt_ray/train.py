@@ -87,7 +87,7 @@ def train_loop_per_worker(config: dict) -> dict:
     if state is not None and rank == 0 and config.get("log", True):
         _say(f"[train] resumed after epoch {start} from {resume_dir}")
 
-    aug = BatchAugment(int(config["image_size"]))
+    aug = BatchAugment(int(config["image_size"])) if config.get("augment", True) else None
     shard = ray.train.get_dataset_shard("train")
     epochs = int(config["epochs"])
     bs = int(config["batch_size"])
@@ -105,7 +105,7 @@ def train_loop_per_worker(config: dict) -> dict:
                                               local_shuffle_buffer_size=SHUFFLE_BUFFER,
                                               local_shuffle_seed=seed * 100_003 + epoch * 1_009 + rank):
             x = to_float_nchw(batch["image"].to(device))
-            x = normalize_pixels(aug(x, gen))
+            x = normalize_pixels(aug(x, gen) if aug is not None else x)
             y = (batch["target"].to(device) - mean) @ proj
             loss = (1 - F.cosine_similarity(model(x), y, dim=1)).mean()
             opt.zero_grad(set_to_none=True)
@@ -173,6 +173,8 @@ def train_fingerprint(cfg: Config, manifest: dict, with_epochs: bool = True, run
     s = dataclasses.asdict(cfg.student)
     for k in ("workers", "use_gpu", "cpus_per_worker") + (() if with_epochs else ("epochs",)):
         s.pop(k, None)  # how many workers is not what is learned
+    if s.get("augment", True):
+        s.pop("augment", None)  # the default: fingerprints of runs made before the switch existed still match
     data = manifest.get("fingerprint")
     if s.pop("data") != "optimized":  # a distilled set: what it was distilled with (RUN/distilled/<m>/_DONE.json)
         data = [data, (read_done(run / cfg.student.data) or {}).get("fingerprint")] if run else data
@@ -248,7 +250,7 @@ def run_train(cfg: Config, run: str | os.PathLike, address: Optional[str] = None
             "arch": s.arch, "image_size": cfg.data.image_size, "target_dim": int(y.shape[1]),
             "target_mean": mean.tolist(), "target_proj": proj.tolist(), "epochs": s.epochs,
             "batch_size": per_worker, "lr": s.lr, "weight_decay": s.weight_decay, "seed": cfg.seed,
-            "fingerprint": rfp, "threads": threads, "use_gpu": s.use_gpu,
+            "fingerprint": rfp, "threads": threads, "use_gpu": s.use_gpu, "augment": s.augment,
             "resume_from": str(latest[0]) if latest else None,
             "local_checkpoint_dir": str(exp) if workers == 0 else None, "checkpoint_root": str(exp),
         }

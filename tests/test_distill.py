@@ -274,3 +274,13 @@ def test_distill_size_larger_than_the_optimized_set_exits_2(tmp_path, monkeypatc
     rc = cli.main(["distill", "--config", str(cfg), "--run", str(run)])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and "'distill.size' (50) is larger than RUN/optimized (30 rows)" in err[0], err
+
+
+def test_student_augment_switch_changes_what_training_depends_on(tmp_path):
+    from coopt_ray.train import train_fingerprint
+
+    on = distill_config(tmp_path)
+    off = dataclasses.replace(on, student=dataclasses.replace(on.student, augment=False))
+    man = {"fingerprint": "x"}
+    assert train_fingerprint(on, man) != train_fingerprint(off, man)
+    assert train_fingerprint(on, man) == train_fingerprint(on, man)
