@@ -44,7 +44,8 @@ def parse_args(argv=None):
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--full-seeds", type=int, default=None, help="seeds for (c), the whole set (default: --seeds; "
                     "resnet10t's (c) is the costliest part of the CPU run)")
-    ap.add_argument("--full-seeds-arch", default="resnet10t:1", help="per-arch override of --full-seeds")
+    ap.add_argument("--full-seeds-arch", default="resnet10t:1", help="per-arch override of --full-seeds "
+                    "(an empty string: none)")
     ap.add_argument("--steps", type=int, default=300, help="distillation outer steps")
     ap.add_argument("--lr", type=float, default=3e-3, help="distillation AdamW lr (the paper: 1e-4 over 160k steps)")
     ap.add_argument("--pool-width", type=int, default=16)
@@ -65,6 +66,7 @@ def parse_args(argv=None):
     ap.add_argument("--test-images", type=int, default=2000)
     ap.add_argument("--probe-epochs", type=int, default=100)
     ap.add_argument("--work", default=str(ROOT / "runs" / "bench-distill"))
+    ap.add_argument("--note", default="", help="what this run changes (lever runs: shown in the README's levers table)")
     ap.add_argument("--out", default=None)
     a = ap.parse_args(argv)
     if a.quick:
@@ -77,7 +79,7 @@ def parse_args(argv=None):
     a.steps_small = {k: int(v) for k, v in (x.split(":") for x in a.steps_small.split(","))}
     a.epochs_full = {k: int(v) for k, v in (x.split(":") for x in a.epochs_full.split(","))}
     fs = {k: int(v) for k, v in (x.split(":") for x in a.full_seeds_arch.split(",") if x)}
-    a.full_seeds = {arch: fs.get(arch, a.full_seeds or a.seeds) for arch in a.archs}
+    a.full_seeds = {arch: fs.get(arch, a.seeds if a.full_seeds is None else a.full_seeds) for arch in a.archs}
     a.out = Path(a.out or RESULTS / f"distill{'_quick' if a.quick else ''}.json")
     return a
 
@@ -220,13 +222,19 @@ def summarise(res: dict, a) -> dict:
         if c and d and table[arch].get(top) and c["accuracy"] and d["accuracy"]:
             span = c["accuracy"]["mean"] - d["accuracy"]["mean"]
             closed = (table[arch][top]["accuracy"]["mean"] - d["accuracy"]["mean"]) / span if span else float("nan")
+            sub = table[arch].get(top.replace("distilled", "random_subset"))
+            control = ((sub["accuracy"]["mean"] - d["accuracy"]["mean"]) / span if span and sub and sub["accuracy"]
+                       else None)
             ratio = table[arch][top]["train_seconds"]["mean"] / max(c["train_seconds"]["mean"], 1e-9)
-            g["gap_closed"] = {"fraction": round(closed, 3), "met": bool(closed >= 0.6)}
+            g["gap_closed"] = {"fraction": round(closed, 3), "met": bool(closed >= 0.6),
+                               "random_subset_fraction": None if control is None else round(control, 3)}
             g["time_ratio"] = {"fraction": round(ratio, 4), "met": bool(ratio <= 0.05)}
         goals[arch] = g
     dist = [v for v in res["distill"].values()]
     res["summary"] = {"table": table, "goals": goals,
                       "distill_seconds": _ms([v["seconds"] for v in dist]),
+                      "distill_seconds_by_size": {str(m): _ms([v["seconds"] for k, v in res["distill"].items()
+                                                               if k.startswith(f"m{m}-")]) for m in a.sizes},
                       "distill_loss_first_last": _ms([v["loss"][0] - v["loss"][-1] for v in dist])}
     return res
 

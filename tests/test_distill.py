@@ -284,3 +284,24 @@ def test_student_augment_switch_changes_what_training_depends_on(tmp_path):
     man = {"fingerprint": "x"}
     assert train_fingerprint(on, man) != train_fingerprint(off, man)
     assert train_fingerprint(on, man) == train_fingerprint(on, man)
+
+
+def test_coopt_run_includes_the_distill_stage_when_the_student_trains_on_it(tmp_path, tiny_models, ray_session,
+                                                                            capsys):
+    """`coopt run` with student.data: distilled/krr-st: optimize -> distill -> train -> evaluate -> report, the
+    student trained on the distilled rows, the report showing the distillation."""
+    cfg = write_config(tmp_path / "c.yaml", tiny_models[:2], data={"source": "fashion-mnist", "limit": 200},
+                       distill={"size": 20, "steps": 4, "pool_size": 1, "pool_width": 16, "real_batch": 32,
+                                "workers": 1, "checkpoint_every": 2, "log_every": 2},
+                       student={"arch": "convnet3_w16", "epochs": 1, "batch_size": 10, "workers": 1,
+                                "data": "distilled/krr-st"},
+                       eval={"probe_epochs": 5, "probe_limit": 200, "test_limit": 100})
+    run = tmp_path / "run"
+    assert cli.main(["run", "--config", str(cfg), "--out", str(run)]) == 0
+    out = capsys.readouterr().out
+    stages = [out.index(f"---- {s} ----") for s in ("optimize", "distill", "train", "evaluate", "report")]
+    assert stages == sorted(stages)
+    metrics = json.loads((run / "student" / "metrics.json").read_text())
+    assert metrics["rows"] == 20 and metrics["data"] == "distilled/krr-st"
+    assert (run / "report" / "distilled.png").stat().st_size > 1000 and (run / "report" / "distill_loss.png").is_file()
+    assert "distilled.png" in (run / "report" / "report.html").read_text()
