@@ -66,6 +66,8 @@ def parse_args(argv=None):
     ap.add_argument("--test-images", type=int, default=2000)
     ap.add_argument("--probe-epochs", type=int, default=100)
     ap.add_argument("--work", default=str(ROOT / "runs" / "bench-distill"))
+    ap.add_argument("--drift-only", action="store_true", help="only add to --out how far each distilled set moved "
+                    "from its starting rows (pixels, targets)")
     ap.add_argument("--note", default="", help="what this run changes (lever runs: shown in the README's levers table)")
     ap.add_argument("--out", default=None)
     a = ap.parse_args(argv)
@@ -124,10 +126,36 @@ def distill(a, run: Path, size: int, seed: int) -> dict:
             "dir": str(w / "distilled" / "krr-st" / "data")}
 
 
+def drift(d: Path, run: Path) -> dict:
+    """How far a distilled set moved from the real rows it started from: mean |pixel change| (of 255, at 32 px)
+    and mean |target change| in units of the optimized set's per-dimension std."""
+    import pyarrow.parquet as pq
+
+    ids, x, y = read_rows(d)
+    init = pq.read_table(str(d), columns=["init_id"]).column("init_id").to_pylist()
+    oid, ox, oy = read_rows(run / "optimized")
+    pos = {v: j for j, v in enumerate(oid)}
+    j = [pos[i] for i in init]
+    return {"pixel_abs_change": round(float(np.abs(x.astype(float) - ox[j]).mean()), 3),
+            "target_change_in_stds": round(float((np.abs(y - oy[j]) / np.maximum(oy.std(0), 1e-9)).mean()), 4)}
+
+
+def add_drift(a) -> dict:
+    import json
+
+    res = json.loads(a.out.read_text())
+    for v in res["distill"].values():
+        v["drift"] = drift(Path(v["dir"]), Path(a.run))
+    write_json(a.out, res)
+    return res
+
+
 def main(argv=None) -> dict:
     import torch
 
     a = parse_args(argv)
+    if a.drift_only:
+        return add_drift(a)
     t0 = time.time()
     run = Path(a.run)
     ensure_optimized(run)
@@ -174,6 +202,8 @@ def main(argv=None) -> dict:
             if seed < a.full_seeds[arch]:
                 student(arch, "whole_set", len(ids), seed, images, targets, epochs=a.epochs_full[arch])
     res["seconds_total"] = round(time.time() - t0, 1)
+    for v in res["distill"].values():
+        v["drift"] = drift(Path(v["dir"]), run)
     save()
     plot(summarise(res, a), a)
     log(f"[distill-bench] wrote {a.out} in {res['seconds_total']:.0f}s")

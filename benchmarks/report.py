@@ -195,7 +195,8 @@ def distill_levers_table(main: dict) -> str:
     keys = sorted({(a, m) for _, r in runs for (a, v, m) in seed0(r)})
     lines = ["Levers, seed 0 (one change each against the main run; the distillations are cached, so a lever that "
              "changes only the students reuses the main run's distilled sets): (a) distilled / (b) random subset, "
-             "probe accuracy %, and the KRR loss first -> last logged window:", "",
+             "probe accuracy %; the KRR loss, first -> last logged window, and how far the "
+             "synthetic rows moved from the real rows they started from:", "",
              "| lever | " + " | ".join(f"{a} M={m}" for a, m in keys) + " | KRR loss |",
              "| --- " * (len(keys) + 2) + "|"]
     for name, r in runs:
@@ -204,8 +205,10 @@ def distill_levers_table(main: dict) -> str:
         for a, m in keys:
             da, db = acc.get((a, "distilled", m)), acc.get((a, "random_subset", m))
             cells.append("" if da is None or db is None else f"{100 * da:.2f} / {100 * db:.2f} ({100 * (da - db):+.2f})")
-        loss = "; ".join(f"{k.split('-')[0]}: {v['loss'][0]:.3f} -> {v['loss'][-1]:.3f}"
-                         for k, v in r["distill"].items() if k.endswith("-s0"))
+        loss = "; ".join(f"{k.split('-')[0]}: {v['loss'][0]:.3f} -> {v['loss'][-1]:.3f}" + (
+            f" (moved {v['drift']['pixel_abs_change']:.1f} / 255 per pixel, "
+            f"{v['drift']['target_change_in_stds']:.3f} std per target)" if v.get("drift") else "")
+            for k, v in r["distill"].items() if k.endswith("-s0"))
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {loss} |")
     return "\n".join(lines)
 
