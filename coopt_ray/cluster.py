@@ -303,3 +303,21 @@ def check_tasks_fit(demands: list, nodes: list) -> None:
             want = ", ".join(f"{k}={v:g}" for k, v in dem.items())
             have = "; ".join(", ".join(f"{k}={n['resources'].get(k, 0.0):g}" for k in dem) for n in nodes)
             raise ConfigError(f"'{key}': a task of {{{want}}} fits on no node of the cluster ({have or 'no nodes'})")
+
+
+def fit_torch_trainer(loop, loop_cfg: dict, plan: "WorkerPlan", use_gpu: bool, name: str, storage, dataset) -> None:
+    """Run ``loop`` under a Ray Train ``TorchTrainer`` named ``name`` on ``plan``'s workers (nccl on GPU, gloo on
+    CPU), ``dataset`` as its "train" dataset, checkpoints under ``storage`` (the newest two kept); a dead worker
+    restarts the group from the last checkpoint (up to 3 times)."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    w = plan.workers
+    scaling = ScalingConfig(num_workers=w, use_gpu=use_gpu, resources_per_worker={"CPU": plan.cpus} if w else None,
+                            label_selector=plan.label_selector() if w else None)
+    TorchTrainer(loop, train_loop_config=loop_cfg, scaling_config=scaling,
+                 torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+                 run_config=RunConfig(name=name, storage_path=str(storage),
+                                      checkpoint_config=CheckpointConfig(num_to_keep=2),
+                                      failure_config=FailureConfig(max_failures=3)),
+                 datasets={"train": dataset}).fit()

@@ -266,9 +266,7 @@ def _check_values(cfg: Config) -> None:
         raise ConfigError(f"'student.workers' must be >= 0, got {s.workers}")
     if s.lr <= 0:
         raise ConfigError(f"'student.lr' must be > 0, got {s.lr}")
-    if s.cpus_per_worker is not None and (isinstance(s.cpus_per_worker, bool) or
-                                          not isinstance(s.cpus_per_worker, (int, float)) or s.cpus_per_worker <= 0):
-        raise ConfigError(f"'student.cpus_per_worker' must be a number > 0, got {s.cpus_per_worker!r}")
+    _check_cpus("student.cpus_per_worker", s.cpus_per_worker)
     if s.limit is not None and (isinstance(s.limit, bool) or not isinstance(s.limit, int) or s.limit < 2):
         raise ConfigError(f"'student.limit' must be an integer >= 2, got {s.limit!r}")
     if s.data not in STUDENT_DATA:
@@ -276,6 +274,11 @@ def _check_values(cfg: Config) -> None:
     _check_distill(cfg.distill)
     if cfg.eval.probe_epochs < 1:
         raise ConfigError(f"'eval.probe_epochs' must be >= 1, got {cfg.eval.probe_epochs}")
+
+
+def _check_cpus(key: str, v) -> None:
+    if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0):
+        raise ConfigError(f"'{key}' must be a number > 0, got {v!r}")
 
 
 def _check_distill(d: DistillConfig) -> None:
@@ -298,9 +301,7 @@ def _check_distill(d: DistillConfig) -> None:
     if d.pool_size < max(1, d.workers) or d.real_batch < max(1, d.workers):
         raise ConfigError(f"'distill.pool_size' and 'distill.real_batch' must be >= distill.workers ({d.workers}): "
                           f"every worker owns pool models and real rows, got {d.pool_size} and {d.real_batch}")
-    if d.cpus_per_worker is not None and (isinstance(d.cpus_per_worker, bool) or
-                                          not isinstance(d.cpus_per_worker, (int, float)) or d.cpus_per_worker <= 0):
-        raise ConfigError(f"'distill.cpus_per_worker' must be a number > 0, got {d.cpus_per_worker!r}")
+    _check_cpus("distill.cpus_per_worker", d.cpus_per_worker)
 
 
 def load_config(path: str | os.PathLike, overrides: Optional[dict] = None) -> Config:

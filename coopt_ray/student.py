@@ -167,6 +167,43 @@ def resume_state(ckpt, config: dict) -> tuple[Optional[dict], Optional[str]]:
     return None, None
 
 
+def report_checkpoint(config: dict, rank: int, name: str, metrics: dict, model, optimizer, epoch: int,
+                      history: list, extra: dict) -> None:
+    """Inside a Ray Train loop: report ``metrics`` with a checkpoint folder ``name`` written by rank 0 (every rank
+    holds the same model). In-process runs (``config["local_checkpoint_dir"]``) keep the folders themselves,
+    the newest two, since Ray Train keeps no copy there."""
+    import tempfile
+
+    import ray.train
+    from ray.train import Checkpoint
+
+    local_root = config.get("local_checkpoint_dir")
+    if local_root:
+        d = Path(local_root) / name
+        if rank == 0:
+            save_checkpoint(d, model, optimizer, epoch, history, extra)
+            prune_checkpoints(Path(local_root), keep=2)
+        ray.train.report(metrics, checkpoint=Checkpoint.from_directory(str(d)) if rank == 0 else None)
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        ck = None
+        if rank == 0:
+            save_checkpoint(Path(tmp), model, optimizer, epoch, history, extra)
+            ck = Checkpoint.from_directory(tmp)
+        ray.train.report(metrics, checkpoint=ck, checkpoint_dir_name=name)
+
+
+def usable_checkpoint(exp: Path, fingerprint: str, log, tag: str) -> Optional[tuple[Path, dict]]:
+    """The newest checkpoint under a Ray Train experiment folder when it was made with ``fingerprint``; a folder
+    of checkpoints from another config is removed (logged as ``[tag] ...``) and None returned."""
+    latest = latest_checkpoint(exp)
+    if latest and latest[1].get("fingerprint") != fingerprint:
+        log(f"[{tag}] checkpoints in {exp} were made with a different config; starting over")
+        shutil.rmtree(exp, ignore_errors=True)
+        return None
+    return latest
+
+
 def prune_checkpoints(root: Path, keep: int) -> None:
     """Keep the newest ``keep`` checkpoint folders under ``root``."""
     dirs = sorted(root.glob(f"{CKPT_PREFIX}*"), key=lambda d: d.name)

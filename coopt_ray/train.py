@@ -14,8 +14,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Callable, Optional
@@ -24,13 +22,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .cluster import cluster_nodes, driver_node_id, init_ray, plan_workers
+from .cluster import cluster_nodes, driver_node_id, fit_torch_trainer, init_ray, plan_workers
 from .config import Config
 from .images import BatchAugment, normalize_pixels, to_float_nchw
 from .rundir import DISTILLED_PARTS, DONE, MANIFEST, OPTIMIZED, STUDENT, RunError, prepare_run_dir, read_done, write_json_atomic
 from .rows import read_targets, subset_ids, training_dataset
 from .student import (CKPT_PREFIX, METRICS, WEIGHTS, Student, feature_dim, latest_checkpoint, load_state,
-                      prune_checkpoints, resume_state, save_checkpoint, target_transform)
+                      report_checkpoint, resume_state, target_transform, usable_checkpoint)
 
 SHUFFLE_BUFFER = 2048       # rows in each worker's local shuffle buffer (reseeded every epoch)
 
@@ -46,7 +44,6 @@ def train_loop_per_worker(config: dict) -> dict:
     (in-process runs: where checkpoints are kept), log (print per-epoch lines on rank 0).
     """
     import ray.train
-    from ray.train import Checkpoint
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -128,20 +125,7 @@ def train_loop_per_worker(config: dict) -> dict:
         if rank == 0 and config.get("log", True):
             _say(f"[train] epoch {epoch + 1}/{epochs}  loss {metrics['loss']:.4f}  "
                  f"{metrics['images']} images in {dt:.1f}s ({metrics['images_per_s']:.1f} img/s)")
-        local_root = config.get("local_checkpoint_dir")
-        if local_root:  # in-process run: Ray Train keeps no copy, so keep it ourselves
-            d = Path(local_root) / name
-            if rank == 0:
-                save_checkpoint(d, model, opt, epoch, history, extra)
-                prune_checkpoints(Path(local_root), keep=2)
-            ray.train.report(metrics, checkpoint=Checkpoint.from_directory(str(d)) if rank == 0 else None)
-        else:
-            with tempfile.TemporaryDirectory() as tmp:
-                ck = None
-                if rank == 0:
-                    save_checkpoint(Path(tmp), model, opt, epoch, history, extra)
-                    ck = Checkpoint.from_directory(tmp)
-                ray.train.report(metrics, checkpoint=ck, checkpoint_dir_name=name)
+        report_checkpoint(config, rank, name, metrics, model, opt, epoch, history, extra)
     return {"start_epoch": start, "history": history}
 
 
@@ -186,9 +170,6 @@ def train_fingerprint(cfg: Config, manifest: dict, with_epochs: bool = True, run
 def run_train(cfg: Config, run: str | os.PathLike, address: Optional[str] = None,
               log: Callable[[str], None] = print) -> dict:
     """The train stage: RUN/student/{student.pt, metrics.json, _DONE.json}; returns metrics.json content."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
-
     run = Path(run)
     s = cfg.student
     man_path = run / MANIFEST
@@ -233,11 +214,7 @@ def run_train(cfg: Config, run: str | os.PathLike, address: Optional[str] = None
     storage = (out / "ray_results").resolve()
     exp = storage / name
     rfp = train_fingerprint(cfg, manifest, with_epochs=False, run=run)
-    latest = latest_checkpoint(exp)
-    if latest and latest[1].get("fingerprint") != rfp:
-        log(f"[train] checkpoints in {exp} are from a different student config; starting over")
-        shutil.rmtree(exp, ignore_errors=True)
-        latest = None
+    latest = usable_checkpoint(exp, rfp, log, "train")
     log(f"[train] student {s.arch} on {rows} rows of {s.data} (target dim {y.shape[1]} -> {proj.shape[1]}"
         f"{', whitened' if s.whiten else ', standardised'}), {s.epochs} epochs, "
         f"{plan.message}, batch {per_worker}/worker, run name {name}")
@@ -255,19 +232,7 @@ def run_train(cfg: Config, run: str | os.PathLike, address: Optional[str] = None
             "local_checkpoint_dir": str(exp) if workers == 0 else None, "checkpoint_root": str(exp),
         }
         ds = training_dataset(rows_dir, cfg.data.image_size, keep, shuffle_seed=cfg.seed)
-        scaling = ScalingConfig(num_workers=workers, use_gpu=s.use_gpu,
-                                resources_per_worker={"CPU": cpw} if workers else None,
-                                label_selector=plan.label_selector() if workers else None)
-        trainer = TorchTrainer(
-            train_loop_per_worker, train_loop_config=loop_cfg, scaling_config=scaling,
-            torch_config=TorchConfig(backend="nccl" if s.use_gpu else "gloo"),
-            run_config=RunConfig(name=name, storage_path=str(storage),
-                                 checkpoint_config=CheckpointConfig(num_to_keep=2),
-                                 # a dead worker restarts the group from the last epoch's checkpoint
-                                 failure_config=FailureConfig(max_failures=3)),
-            datasets={"train": ds},
-        )
-        trainer.fit()
+        fit_torch_trainer(train_loop_per_worker, loop_cfg, plan, s.use_gpu, name, storage, ds)
         latest = latest_checkpoint(exp)
         if latest is None:
             raise RunError(f"training finished without a checkpoint in {exp}")

@@ -28,6 +28,7 @@ from coopt_ray.images import arrays_to_rgb, decode_image, encode_png, normalize_
 from coopt_ray.rundir import DONE
 
 from conftest import forbid_ray_start, write_config
+from test_reliability import _my_train_workers
 
 ROWS, DIM = 240, 8
 
@@ -192,13 +193,6 @@ def test_train_on_a_distilled_set_that_does_not_exist_says_what_to_run(tmp_path)
         run_train(distill_config(tmp_path), run, log=lambda s: None)
 
 
-def _train_workers() -> dict[str, tuple[str, int]]:
-    import ray._private.state as state
-
-    return {aid: (a.get("State"), int(a.get("Pid") or 0)) for aid, a in state.actors().items()
-            if "RayTrainWorker" in a.get("ActorClassName", "")}
-
-
 @pytest.mark.slow
 def test_killed_worker_resumes_from_the_checkpoint(tmp_path, ray_session):
     from coopt_ray.student import latest_checkpoint, load_state
@@ -208,7 +202,7 @@ def test_killed_worker_resumes_from_the_checkpoint(tmp_path, ray_session):
     steps = 200
     cfg = distill_config(tmp_path, steps=steps, checkpoint_every=10, log_every=10)
     exp = run / "distilled" / "krr-st" / "ray_results" / "coopt-distill-run"
-    before = set(_train_workers())
+    before = set(_my_train_workers())
     result: dict = {}
 
     def work():
@@ -223,7 +217,7 @@ def test_killed_worker_resumes_from_the_checkpoint(tmp_path, ray_session):
     while victim is None and th.is_alive() and time.time() - t0 < 300:
         latest = latest_checkpoint(exp)
         if latest is not None and latest[1]["epoch"] + 1 < steps - 40:
-            alive = {a: pid for a, (st, pid) in _train_workers().items() if a not in before and st == "ALIVE" and pid}
+            alive = {a: pid for a, (st, pid) in _my_train_workers().items() if a not in before and st == "ALIVE" and pid}
             if len(alive) == 2:
                 try:
                     ckpt_history = load_state(latest[0])["history"]
@@ -241,7 +235,7 @@ def test_killed_worker_resumes_from_the_checkpoint(tmp_path, ray_session):
     res = result["res"]
     assert res["loss_steps"] == list(range(10, steps + 1, 10))
     assert res["history"][:len(ckpt_history)] == ckpt_history, "steps before the checkpoint were distilled again"
-    assert len({a for a in _train_workers() if a not in before}) >= 4, "no second worker group after the kill"
+    assert len({a for a in _my_train_workers() if a not in before}) >= 4, "no second worker group after the kill"
     assert pq.read_table(run / "distilled" / "krr-st" / "data").num_rows == 20
 
 

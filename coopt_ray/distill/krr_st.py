@@ -17,14 +17,13 @@ that many steps, which costs more than a CPU run can spend).
 from __future__ import annotations
 
 import time
-from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from ..convnet import ConvNet
 from ..images import normalize_pixels, to_float_nchw
-from ..student import prune_checkpoints, resume_state, save_checkpoint
+from ..student import report_checkpoint, resume_state
 
 RIDGE = 1e-6                 # lambda = RIDGE * trace(K_ss), as released
 SHUFFLE_BUFFER = 2048
@@ -212,32 +211,9 @@ def distill_loop_per_worker(config: dict) -> dict:
                      f"{history[-1]['steps_per_s']:.2f} steps/s  lr {lr:.2e}")
             t0, window = time.time(), []
         if (step + 1) % every == 0 or last:
-            _checkpoint(config, rank, step, params, opt, history, extra)
+            metrics = {"step": step + 1, "loss": history[-1]["loss"] if history else float("nan")}
+            report_checkpoint(config, rank, f"checkpoint_epoch_{step:06d}", metrics, params, opt, step, history, extra)
     return {"start_step": start, "history": history}
-
-
-def _checkpoint(config, rank, step, params, opt, history, extra) -> None:
-    """Report step ``step`` with a checkpoint (rank 0's copy of the synthetic set; every rank holds the same)."""
-    import tempfile
-
-    import ray.train
-    from ray.train import Checkpoint
-
-    name = f"checkpoint_epoch_{step:06d}"
-    metrics = {"step": step + 1, "loss": history[-1]["loss"] if history else float("nan")}
-    local_root = config.get("local_checkpoint_dir")
-    if local_root:  # in-process: Ray Train keeps no copy
-        d = Path(local_root) / name
-        save_checkpoint(d, params, opt, step, history, extra)
-        prune_checkpoints(Path(local_root), keep=2)
-        ray.train.report(metrics, checkpoint=Checkpoint.from_directory(str(d)))
-        return
-    with tempfile.TemporaryDirectory() as tmp:
-        ck = None
-        if rank == 0:
-            save_checkpoint(Path(tmp), params, opt, step, history, extra)
-            ck = Checkpoint.from_directory(tmp)
-        ray.train.report(metrics, checkpoint=ck, checkpoint_dir_name=name)
 
 
 def _say(line: str) -> None:

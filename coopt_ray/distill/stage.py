@@ -19,13 +19,13 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from ..cluster import cluster_nodes, driver_node_id, init_ray, plan_workers
+from ..cluster import cluster_nodes, driver_node_id, fit_torch_trainer, init_ray, plan_workers
 from ..config import Config, ConfigError
 from ..embeddings import column_matrix
 from ..images import decode_image, encode_png, resize_rgb
 from ..rows import read_targets, training_dataset
 from ..rundir import DISTILLED, DISTILLED_PARTS as PARTS, DONE, MANIFEST, OPTIMIZED, RunError, prepare_run_dir, read_done, write_json_atomic
-from ..student import latest_checkpoint, load_state, target_transform
+from ..student import latest_checkpoint, load_state, target_transform, usable_checkpoint
 from .krr_st import distill_loop_per_worker
 
 DISTILL_JSON = "distill.json"
@@ -93,9 +93,6 @@ def write_distilled(out: Path, x: np.ndarray, y: np.ndarray, init_ids: list[str]
 def run_distill(cfg: Config, run: str | os.PathLike, address: Optional[str] = None,
                 log: Callable[[str], None] = print) -> dict:
     """The distill stage: RUN/distilled/<method>/{data/, distill.json, _DONE.json}; returns distill.json."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
-
     run, d = Path(run), cfg.distill
     if not (run / MANIFEST).exists() or not (run / OPTIMIZED).is_dir():
         raise RunError(f"{run} has no optimized dataset; run `coopt optimize --config CFG --out {run}` first")
@@ -131,11 +128,7 @@ def run_distill(cfg: Config, run: str | os.PathLike, address: Optional[str] = No
     storage = (out / "ray_results").resolve()
     exp = storage / name
     rfp = distill_fingerprint(cfg, manifest, resumable=True)
-    latest = latest_checkpoint(exp)
-    if latest and latest[1].get("fingerprint") != rfp:
-        log(f"[distill] checkpoints in {exp} are from a different distill config; starting over")
-        shutil.rmtree(exp, ignore_errors=True)
-        latest = None
+    latest = usable_checkpoint(exp, rfp, log, "distill")
     log(f"[distill] {d.method}: {d.size} synthetic rows from {len(ids)} real ones (target dim {y.shape[1]}), "
         f"{d.steps} steps, pool {d.pool_size} ConvNet-{d.pool_width} (reset every {d.pool_steps} steps), "
         f"real batch {real}/worker, {plan.message}, run name {name}")
@@ -153,18 +146,7 @@ def run_distill(cfg: Config, run: str | os.PathLike, address: Optional[str] = No
             "local_checkpoint_dir": str(exp) if plan.workers == 0 else None, "checkpoint_root": str(exp),
         }
         ds = training_dataset(run / OPTIMIZED, cfg.data.image_size, None, shuffle_seed=cfg.seed)
-        trainer = TorchTrainer(
-            distill_loop_per_worker, train_loop_config=loop_cfg,
-            scaling_config=ScalingConfig(num_workers=plan.workers, use_gpu=d.use_gpu,
-                                         resources_per_worker={"CPU": plan.cpus} if plan.workers else None,
-                                         label_selector=plan.label_selector() if plan.workers else None),
-            torch_config=TorchConfig(backend="nccl" if d.use_gpu else "gloo"),
-            run_config=RunConfig(name=name, storage_path=str(storage),
-                                 checkpoint_config=CheckpointConfig(num_to_keep=2),
-                                 failure_config=FailureConfig(max_failures=3)),
-            datasets={"train": ds},
-        )
-        trainer.fit()
+        fit_torch_trainer(distill_loop_per_worker, loop_cfg, plan, d.use_gpu, name, storage, ds)
         latest = latest_checkpoint(exp)
         if latest is None:
             raise RunError(f"distillation finished without a checkpoint in {exp}")
