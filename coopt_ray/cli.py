@@ -5,6 +5,7 @@ import argparse
 import dataclasses
 import os
 import sys
+from pathlib import Path
 from typing import Optional, Sequence
 
 from .config import Config, ConfigError, load_config
@@ -118,7 +119,11 @@ def cmd_run(args) -> int:
     from .pipeline import run_all
 
     cfg = _load(args, check_models=False)  # run_all builds a missing default zoo, then checks models
-    run_all(cfg, args.out, address=args.address, log=_log)
+    if args.rounds is not None:
+        from .rounds import check_rounds_run
+
+        check_rounds_run(Path(args.out), args.rounds)
+    run_all(cfg, args.out, address=args.address, log=_log, rounds=args.rounds)
     return 0
 
 
@@ -135,6 +140,8 @@ def _register_more(sub, stage) -> None:
     p = stage("run", cmd_run, "all stages: zoo (if missing) -> optimize -> train -> evaluate -> report")
     p.add_argument("--max-error-fraction", type=float, default=None,
                    help="fail past this fraction of unreadable images (default from config: 0.05)")
+    p.add_argument("--rounds", type=int, default=None, help="continual rounds: RUN/rounds/1..R, round r's student "
+                   "joins round r + 1's participants (overrides rounds.count; see rounds.join)")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -40,6 +40,7 @@ class ParticipantConfig:
     accelerator_type: Optional[str] = None
     resources: Optional[dict] = None
     node_labels: Optional[dict] = None   # Ray label selector for the pool's nodes, e.g. {gpu-type: A100}
+    share: float = 1.0           # relative share of the images this participant owns; 0: it embeds only S
 
 
 @dataclass(frozen=True)
@@ -80,6 +81,7 @@ class StudentConfig:
     cpus_per_worker: Optional[float] = None
     data: str = "optimized"      # what the student regresses: RUN/optimized, or a distilled set (distilled/krr-st)
     augment: bool = True         # RELA's augmentations on every batch; false: the un-augmented images (KRR-ST's recipe)
+    init: Optional[str] = None   # warm start: a student folder (RUN/student) whose weights start training
 
 
 STUDENT_DATA = ("optimized", "distilled/krr-st")
@@ -106,6 +108,18 @@ class DistillConfig:
     log_every: int = 20          # outer steps between progress lines
 
 
+ROUND_JOINS = ("extra", "replace", "relabel")
+
+
+@dataclass(frozen=True)
+class RoundsConfig:
+    """Continual rounds (``coopt run --rounds R``): round r's student joins round r + 1's participants."""
+    count: int = 1               # R; more than 1 (or --rounds) puts each round in RUN/rounds/<r>/
+    join: str = "extra"          # extra: K + 1 shards; replace: takes the worst-uniformity participant's place;
+                                 # relabel: the student owns every image, the first round's participants embed only S
+    warm_start: bool = False     # round r + 1's student starts from round r's weights
+
+
 @dataclass(frozen=True)
 class EvalConfig:
     probe_epochs: int = 100
@@ -128,6 +142,7 @@ class Config:
     student: StudentConfig = field(default_factory=StudentConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    rounds: RoundsConfig = field(default_factory=RoundsConfig)
 
     def to_dict(self) -> dict:
         """Plain-dict form, suitable for YAML/JSON."""
@@ -135,9 +150,19 @@ class Config:
         d["participants"] = [dataclasses.asdict(p) for p in self.participants]
         return d
 
+    def fingerprint_view(self) -> dict:
+        """``to_dict`` without keys added later that sit at their defaults, so older runs' fingerprints hold."""
+        d = self.to_dict()
+        for p in d["participants"]:
+            if p.get("share") == 1.0:
+                p.pop("share")
+        if d["student"].get("init") is None:
+            d["student"].pop("init")
+        return d
+
     def fingerprint(self, *sections: str) -> str:
         """Stable hash of the given top-level sections (all when none given)."""
-        d = self.to_dict()
+        d = self.fingerprint_view()
         if sections:
             d = {k: d[k] for k in sections}
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
@@ -195,6 +220,7 @@ def parse_config(raw: Any, base_dir: str | os.PathLike = ".") -> Config:
         "student": StudentConfig,
         "distill": DistillConfig,
         "eval": EvalConfig,
+        "rounds": RoundsConfig,
     }
     parts_raw = raw.pop("participants", None)
     built = {k: _build(c, raw.pop(k, None), k) for k, c in sub.items()}
@@ -258,6 +284,10 @@ def _check_values(cfg: Config) -> None:
             raise ConfigError(f"'{key}.resources' values must be numbers >= 0, got {p.resources!r}")
         if p.actors_max is not None and p.actors_max < p.actors:
             raise ConfigError(f"'{key}.actors_max' must be >= actors ({p.actors}), got {p.actors_max}")
+        if p.share < 0:
+            raise ConfigError(f"'{key}.share' must be >= 0, got {p.share}")
+    if not any(p.share > 0 for p in cfg.participants):
+        raise ConfigError("'participants[*].share': at least one participant must own images (share > 0)")
     s = cfg.student
     for k in ("epochs", "batch_size"):
         if getattr(s, k) < 1:
@@ -272,6 +302,11 @@ def _check_values(cfg: Config) -> None:
     if s.data not in STUDENT_DATA:
         raise ConfigError(f"'student.data' must be one of {', '.join(STUDENT_DATA)}, got {s.data!r}")
     _check_distill(cfg.distill)
+    r = cfg.rounds
+    if r.count < 1:
+        raise ConfigError(f"'rounds.count' must be >= 1, got {r.count}")
+    if r.join not in ROUND_JOINS:
+        raise ConfigError(f"'rounds.join' must be one of {', '.join(ROUND_JOINS)}, got {r.join!r}")
     if cfg.eval.probe_epochs < 1:
         raise ConfigError(f"'eval.probe_epochs' must be >= 1, got {cfg.eval.probe_epochs}")
 

@@ -246,9 +246,20 @@ def _hash64(values: Iterable[str], salt: str) -> np.ndarray:
     )
 
 
-def owner_of(ids: Sequence[str], k: int, seed: int) -> np.ndarray:
-    """Participant index (0..k-1) that owns each id: a seeded hash, so shards are disjoint and complete."""
-    return (_hash64(ids, f"owner:{seed}") % np.uint64(k)).astype(np.int64)
+def owner_of(ids: Sequence[str], k: int, seed: int, shares: Optional[Sequence[float]] = None) -> np.ndarray:
+    """Participant index (0..k-1) that owns each id: a seeded hash, so shards are disjoint and complete.
+
+    ``shares`` (one weight >= 0 per participant) gives participant j about ``shares[j] / sum(shares)`` of the
+    ids and none at weight 0; equal shares (or None) are the plain ``hash % k`` split."""
+    h = _hash64(ids, f"owner:{seed}")
+    if shares is None or len(set(shares)) == 1:
+        return (h % np.uint64(k)).astype(np.int64)
+    w = np.asarray(shares, dtype=np.float64)
+    if len(w) != k or (w < 0).any() or w.sum() <= 0:
+        raise ValueError(f"shares must be {k} weights >= 0 with a positive sum, got {list(shares)}")
+    edges = np.cumsum(w / w.sum())[:-1]
+    u = (h >> np.uint64(11)).astype(np.float64) / float(1 << 53)  # uniform in [0, 1)
+    return np.searchsorted(edges, u, side="right").astype(np.int64)
 
 
 def shared_size(n: int, fraction: float, minimum: int) -> int:
@@ -268,8 +279,9 @@ def shared_subset(ids: Sequence[str], fraction: float, minimum: int, seed: int) 
     return sorted(ids[i] for i in idx)
 
 
-def split(ids: Sequence[str], k: int, fraction: float, minimum: int, seed: int):
+def split(ids: Sequence[str], k: int, fraction: float, minimum: int, seed: int,
+          shares: Optional[Sequence[float]] = None):
     """Shards D(0..k-1) as lists of ids, plus the shared subset S."""
-    owner = owner_of(ids, k, seed)
+    owner = owner_of(ids, k, seed, shares)
     shards = [[i for i, o in zip(ids, owner) if o == j] for j in range(k)]
     return shards, shared_subset(ids, fraction, minimum, seed)

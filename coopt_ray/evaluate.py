@@ -149,7 +149,7 @@ def _score_task(kind: str, args: dict, data: dict, state: Optional[dict] = None)
 
 def eval_fingerprint(cfg, train_done: dict) -> str:
     blob = json.dumps({"student": train_done.get("fingerprint"), "eval": dataclasses.asdict(cfg.eval),
-                       "participants": [dataclasses.asdict(p) for p in cfg.participants],
+                       "participants": cfg.fingerprint_view()["participants"],
                        "image_size": cfg.data.image_size, "data": cfg.data.path, "seed": cfg.seed},
                       sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]

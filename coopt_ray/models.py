@@ -1,4 +1,5 @@
-"""Participant model loading through open_clip (hub tags, checkpoint files, ``local-dir:``), device choice."""
+"""Participant model loading: open_clip (hub tags, checkpoint files, ``local-dir:``), trained students
+(``student:RUN``), device choice."""
 from __future__ import annotations
 
 import json
@@ -9,6 +10,7 @@ from typing import Optional
 import torch
 
 LOCAL_DIR = "local-dir:"
+STUDENT = "student:"         # student:RUN (or student:RUN/rounds/<r>): a trained coopt student as a participant
 WEIGHT_NAMES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
 
 
@@ -39,6 +41,14 @@ def check_model_spec(model: str, pretrained: Optional[str] = None) -> None:
     """Cheap checks that ``model``/``pretrained`` name something loadable; raise ModelSpecError."""
     import open_clip
 
+    if model.startswith(STUDENT):
+        from .student import WEIGHTS, student_folder
+
+        try:
+            check_weights_file(student_folder(model[len(STUDENT):]) / WEIGHTS)
+        except ValueError as e:
+            raise ModelSpecError(str(e)) from None
+        return
     if model.startswith(LOCAL_DIR):
         d = Path(model[len(LOCAL_DIR):])
         if not d.is_dir():
@@ -77,6 +87,12 @@ def load_model(model: str, pretrained: Optional[str] = None, device: Optional[st
     import open_clip
 
     device = device or pick_device()
+    if model.startswith(STUDENT):  # a trained student: its head's output space, its own input path
+        from .student import StudentEncoder, load_student, student_preprocess
+
+        student, meta = load_student(model[len(STUDENT):])
+        return (StudentEncoder(student).to(device).eval(), student_preprocess(int(meta["image_size"])),
+                int(meta["head_dim"]))
     m, _, preprocess = open_clip.create_model_and_transforms(
         model, pretrained=pretrained, device=device, weights_only=True
     )

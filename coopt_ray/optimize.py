@@ -66,10 +66,10 @@ class ParticipantEmbedder:
         }
 
 
-def select_rows(batch: pa.Table, index: int, k: int, seed: int, shared_ids: frozenset) -> pa.Table:
+def select_rows(batch: pa.Table, index: int, k: int, seed: int, shared_ids: frozenset, shares=None) -> pa.Table:
     """Keep the rows of D(index) ∪ S, flagging ``owned`` and ``is_shared``."""
     ids = batch.column("id").to_pylist()
-    owned = owner_of(ids, k, seed) == index
+    owned = owner_of(ids, k, seed, shares) == index
     shared = np.array([i in shared_ids for i in ids], dtype=bool)
     keep = owned | shared
     out = batch.append_column("owned", pa.array(owned)).append_column("is_shared", pa.array(shared))
@@ -86,7 +86,8 @@ def embed_participant(cfg: Config, index: int, source: Source, shared_ids: froze
     ds = source.dataset(name=f"source_{p.name}")
     ds = ds.map_batches(
         select_rows, batch_format="pyarrow",
-        fn_kwargs=dict(index=index, k=k, seed=cfg.seed, shared_ids=shared_ids),
+        fn_kwargs=dict(index=index, k=k, seed=cfg.seed, shared_ids=shared_ids,
+                       shares=[q.share for q in cfg.participants]),
     )
     cls = type(f"Participant_{p.name.replace('-', '_')}", (ParticipantEmbedder,), {})
     remote = {}

@@ -1,4 +1,4 @@
-"""`coopt run` and `coopt optimize`: the order of the stages (zoo when missing -> optimize -> merge -> [distill,
+"""`coopt run` (one round, or continual rounds through rounds.py) and `coopt optimize`: the order of the stages (zoo when missing -> optimize -> merge -> [distill,
 when student.data names a distilled set] -> train -> evaluate -> report). Each stage skips itself when its done-marker says it finished with the same config."""
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from .merge import finished_manifest, run_merge
 from .optimize import run_embed
 from .preflight import check_paths
 from .report import build_report, summary_table
+from .rounds import run_rounds
 from .rundir import EVAL, MANIFEST, REPORT, STUDENT, prepare_run_dir, read_json
 from .student import METRICS
 from .train import run_train
@@ -35,8 +36,19 @@ def run_optimize(cfg: Config, run: str | os.PathLike, address: Optional[str] = N
 
 
 def run_all(cfg: Config, run: str | os.PathLike, address: Optional[str] = None,
-            log: Callable[[str], None] = print) -> dict:
-    """`coopt run`: zoo (when missing) -> optimize -> [distill] -> train -> evaluate -> report; prints the probe table.
+            log: Callable[[str], None] = print, rounds: Optional[int] = None) -> dict:
+    """`coopt run`: one round in RUN, or with ``rounds`` (``--rounds R``) or ``rounds.count`` > 1 the continual
+    rounds RUN/rounds/<r>/ (rounds.py), each one round of :func:`run_round`. Returns that round's or RUN/rounds.json's
+    content."""
+    if rounds is not None or cfg.rounds.count > 1:
+        return run_rounds(cfg, run, cfg.rounds.count if rounds is None else rounds,
+                          lambda c, d: run_round(c, d, address=address, log=log), log=log)
+    return run_round(cfg, run, address=address, log=log)
+
+
+def run_round(cfg: Config, run: str | os.PathLike, address: Optional[str] = None,
+              log: Callable[[str], None] = print) -> dict:
+    """zoo (when missing) -> optimize -> [distill] -> train -> evaluate -> report; prints the probe table.
 
     The offline teacher zoo is built only when a participant's ``local-dir:`` folder is missing and
     ``zoo_dir`` is the default zoo; every stage skips itself when its done-marker matches.

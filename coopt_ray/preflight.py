@@ -36,6 +36,8 @@ def check_paths(cfg: Config, *, check_models: bool = True) -> None:
     if m > n:
         raise ConfigError(f"'shared.min': the shared subset ({m} images) is bigger than the data ({n} images)")
     check_student_arch(cfg.student.arch)
+    if cfg.student.init:
+        check_student_init(cfg)
     if not check_models:
         return
     for i, p in enumerate(cfg.participants):
@@ -43,3 +45,19 @@ def check_paths(cfg: Config, *, check_models: bool = True) -> None:
             check_model_spec(resolve_model(cfg, p.model), p.pretrained)
         except ModelSpecError as e:
             raise ConfigError(f"'participants[{i}].model': {e}") from None
+
+
+def check_student_init(cfg: Config) -> None:
+    """``student.init`` must hold a trained student of the same ``student.arch`` and image size."""
+    import json
+
+    from .student import METRICS, student_folder
+
+    try:
+        d = student_folder(cfg.student.init)
+    except ValueError as e:
+        raise ConfigError(f"'student.init': {e}") from None
+    meta = json.loads((d / METRICS).read_text())
+    if meta.get("arch") != cfg.student.arch or int(meta.get("image_size", -1)) != cfg.data.image_size:
+        raise ConfigError(f"'student.init': {d} holds a {meta.get('arch')} student at image size "
+                          f"{meta.get('image_size')}; this config trains {cfg.student.arch} at {cfg.data.image_size}")

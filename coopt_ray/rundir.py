@@ -24,11 +24,19 @@ DISTILLED = "distilled"      # distilled/<method>/: a distilled set (Parquet) + 
 DISTILLED_PARTS = "data"     # distilled/<method>/data/: its Parquet part(s), columns as RUN/optimized's
 REPORT = "report"            # report/: report.html + plots
 SOURCE = "source"            # source/: the Fashion-MNIST unlabeled split converted to Parquet
+ROUNDS = "rounds"            # rounds/<r>/: continual rounds, each a complete run folder
+ROUNDS_SUMMARY = "rounds.json"  # RUN/rounds.json: the per-round summary
 OPTIMIZE_SECTIONS = ("seed", "data", "participants", "shared", "score", "align")
 
 
 class RunError(RuntimeError):
     """A run that cannot finish (for example, too many unreadable images); the message says why."""
+
+
+def run_label(run: Path) -> str:
+    """RUN's name for the dashboard: its folder name, or ``<RUN>-round<r>`` for a round folder RUN/rounds/<r>."""
+    run = run.resolve()
+    return f"{run.parent.parent.name}-round{run.name}" if run.parent.name == ROUNDS else run.name
 
 
 def write_json_atomic(path: Path, obj) -> None:

@@ -214,8 +214,73 @@ def prune_checkpoints(root: Path, keep: int) -> None:
 
 def load_student_backbone(out: str | os.PathLike) -> tuple[torch.nn.Module, dict]:
     """The trained student's backbone (eval mode) and metrics from its folder (RUN/student)."""
-    out = Path(out)
-    meta = json.loads((out / METRICS).read_text())
-    student = Student(meta["arch"], int(meta["image_size"]), int(meta["head_dim"]))
-    student.load_state_dict(torch.load(out / WEIGHTS, map_location="cpu", weights_only=True))
+    student, meta = load_student(out)
     return student.backbone.eval(), meta
+
+
+# ---------------------------------------------------------------- the student as a participant (student:RUN)
+class StudentEncoder(torch.nn.Module):
+    """A trained student as a participant model: ``encode_image`` is its head's output (the target space it
+    learned), on the images prepared by :func:`student_preprocess`."""
+
+    def __init__(self, student: Student):
+        super().__init__()
+        self.student = student
+
+    def encode_image(self, x: torch.Tensor) -> torch.Tensor:
+        return self.student(x)
+
+
+def student_preprocess(image_size: int):
+    """PIL image -> normalised float CHW tensor, the student's own training input path (resize, [0,1], normalise)."""
+    from .images import normalize_pixels, resize_rgb
+
+    def prep(img) -> torch.Tensor:
+        x = torch.from_numpy(resize_rgb(img, image_size).copy()).permute(2, 0, 1).float().div_(255.0)
+        return normalize_pixels(x)
+
+    return prep
+
+
+def student_folder(path: str | os.PathLike) -> Path:
+    """The student folder behind a ``student:`` spec: a run folder (its student/) or the student folder itself;
+    ValueError naming what is missing."""
+    p = Path(path).expanduser()
+    for d in (p / "student", p):
+        if (d / WEIGHTS).is_file() and (d / METRICS).is_file():
+            return d
+    raise ValueError(f"no trained student in {p} (expected {p / 'student' / WEIGHTS} and {METRICS}; "
+                     "train one with `coopt run` or `coopt train`)")
+
+
+def load_student(path: str | os.PathLike, map_location="cpu") -> tuple[Student, dict]:
+    """The whole trained student (backbone + head, eval mode) and its metrics, from a run or student folder."""
+    d = student_folder(path)
+    meta = json.loads((d / METRICS).read_text())
+    student = Student(meta["arch"], int(meta["image_size"]), int(meta["head_dim"]))
+    student.load_state_dict(torch.load(d / WEIGHTS, map_location=map_location, weights_only=True))
+    return student.eval(), meta
+
+
+def warm_start(student: Student, path: str | os.PathLike) -> str:
+    """Load a trained student's weights into ``student`` (``student.init``): the backbone always, the head when
+    its shape matches (the target space can change between rounds). Returns what was loaded, for the log."""
+    d = student_folder(path)
+    state = torch.load(d / WEIGHTS, map_location="cpu", weights_only=True)
+    head = {k[len("head."):]: v for k, v in state.items() if k.startswith("head.")}
+    student.backbone.load_state_dict({k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")})
+    if all(student.head.state_dict()[k].shape == v.shape for k, v in head.items()):
+        student.head.load_state_dict(head)
+        return f"backbone and head from {d}"
+    return f"backbone from {d} (head re-initialised: the target space changed)"
+
+
+def init_fingerprint(path: Optional[str]) -> Optional[str]:
+    """What a warm start depends on: the init student's own training fingerprint (None without ``student.init``)."""
+    if not path:
+        return None
+    try:
+        done = json.loads((student_folder(path) / "_DONE.json").read_text())
+    except (ValueError, OSError):
+        return str(path)
+    return done.get("fingerprint")

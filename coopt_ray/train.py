@@ -25,10 +25,11 @@ import torch.nn.functional as F
 from .cluster import cluster_nodes, driver_node_id, fit_torch_trainer, init_ray, plan_workers
 from .config import Config
 from .images import BatchAugment, normalize_pixels, to_float_nchw
-from .rundir import DISTILLED_PARTS, DONE, MANIFEST, OPTIMIZED, STUDENT, RunError, prepare_run_dir, read_done, write_json_atomic
+from .rundir import (DISTILLED_PARTS, DONE, MANIFEST, OPTIMIZED, STUDENT, RunError, prepare_run_dir, read_done, run_label,
+                     write_json_atomic)
 from .rows import read_targets, subset_ids, training_dataset
-from .student import (CKPT_PREFIX, METRICS, WEIGHTS, Student, feature_dim, latest_checkpoint, load_state,
-                      report_checkpoint, resume_state, target_transform, usable_checkpoint)
+from .student import (CKPT_PREFIX, METRICS, WEIGHTS, Student, feature_dim, init_fingerprint, latest_checkpoint,
+                      load_state, report_checkpoint, resume_state, target_transform, usable_checkpoint, warm_start)
 
 SHUFFLE_BUFFER = 2048       # rows in each worker's local shuffle buffer (reseeded every epoch)
 
@@ -70,6 +71,10 @@ def train_loop_per_worker(config: dict) -> dict:
         student.load_state_dict(state["model"])
         history = list(state.get("history", []))
         start = int(state["epoch"]) + 1
+    elif config.get("init_from"):  # student.init: a warm start from a trained student
+        what = warm_start(student, config["init_from"])
+        if rank == 0 and config.get("log", True):
+            _say(f"[train] warm start: {what}")
 
     if world > 1:
         import ray.train.torch as rtt
@@ -159,6 +164,10 @@ def train_fingerprint(cfg: Config, manifest: dict, with_epochs: bool = True, run
         s.pop(k, None)  # how many workers is not what is learned
     if s.get("augment", True):
         s.pop("augment", None)  # the default: fingerprints of runs made before the switch existed still match
+    if s.get("init") is None:
+        s.pop("init", None)
+    else:
+        s["init"] = [s["init"], init_fingerprint(s["init"])]  # the weights it starts from, not just the path
     data = manifest.get("fingerprint")
     if s.pop("data") != "optimized":  # a distilled set: what it was distilled with (RUN/distilled/<m>/_DONE.json)
         data = [data, (read_done(run / cfg.student.data) or {}).get("fingerprint")] if run else data
@@ -210,7 +219,7 @@ def run_train(cfg: Config, run: str | os.PathLike, address: Optional[str] = None
         per_worker = max(2, rows // world)
         log(f"[train] only {rows} rows for {world} worker(s): per-worker batch lowered to {per_worker}")
 
-    name = f"coopt-train-{run.resolve().name}"
+    name = f"coopt-train-{run_label(run)}"
     storage = (out / "ray_results").resolve()
     exp = storage / name
     rfp = train_fingerprint(cfg, manifest, with_epochs=False, run=run)
@@ -228,7 +237,7 @@ def run_train(cfg: Config, run: str | os.PathLike, address: Optional[str] = None
             "target_mean": mean.tolist(), "target_proj": proj.tolist(), "epochs": s.epochs,
             "batch_size": per_worker, "lr": s.lr, "weight_decay": s.weight_decay, "seed": cfg.seed,
             "fingerprint": rfp, "threads": threads, "use_gpu": s.use_gpu, "augment": s.augment,
-            "resume_from": str(latest[0]) if latest else None,
+            "resume_from": str(latest[0]) if latest else None, "init_from": s.init,
             "local_checkpoint_dir": str(exp) if workers == 0 else None, "checkpoint_root": str(exp),
         }
         ds = training_dataset(rows_dir, cfg.data.image_size, keep, shuffle_seed=cfg.seed)

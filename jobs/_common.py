@@ -22,7 +22,7 @@ def log(msg: str) -> None:
     print(msg, flush=True)
 
 
-def parse_args(description: str, argv=None) -> argparse.Namespace:
+def parse_args(description: str, argv=None, rounds: bool = False) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=description)
     ap.add_argument("--config", required=True, help="YAML config (e.g. configs/quick.yaml)")
     ap.add_argument("--out", required=True,
@@ -30,6 +30,9 @@ def parse_args(description: str, argv=None) -> argparse.Namespace:
     ap.add_argument("--address", default=None,
                     help="Ray address; default: 'auto' when run as a Ray job (RAY_ADDRESS is set), else a local Ray")
     ap.add_argument("--zoo", default=None, help="teacher zoo directory (overrides zoo_dir in the config)")
+    if rounds:
+        ap.add_argument("--rounds", type=int, default=None,
+                        help="continual rounds RUN/rounds/1..R (overrides rounds.count in the config)")
     args = ap.parse_args(argv)
     if args.address is None and os.environ.get("RAY_ADDRESS"):
         args.address = "auto"

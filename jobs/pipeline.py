@@ -1,6 +1,7 @@
 """Ray job entrypoint: the whole pipeline (optimize, [distill,] train, evaluate, report).
 
     ray job submit --working-dir . -- python jobs/pipeline.py --config configs/quick.yaml --out /mnt/shared/runs/quick
+    ray job submit --working-dir . -- python jobs/pipeline.py --config configs/quick.yaml --rounds 3 --out /mnt/shared/runs/r3
 """
 from __future__ import annotations
 
@@ -10,12 +11,18 @@ from _common import load, log, main, parse_args
 
 
 def run(argv=None) -> None:
-    args = parse_args("coopt run (all stages) as a Ray job", argv)
+    args = parse_args("coopt run (all stages) as a Ray job", argv, rounds=True)
     cfg, out = load(args, check_models=False)  # run_all builds a missing default zoo, then checks
     from coopt_ray import pipeline
+    from coopt_ray.rounds import check_rounds_run
 
-    if not hasattr(pipeline, "run_all"):  # the full pipeline lands in coopt_ray.pipeline.run_all
-        raise SystemExit("coopt job: this coopt_ray has no pipeline.run_all yet; use jobs/optimize.py")
+    count = cfg.rounds.count if args.rounds is None else args.rounds
+    if args.rounds is not None or count > 1:
+        check_rounds_run(out, count)  # before any cluster work
+        pipeline.run_all(cfg, out, address=args.address, log=log, rounds=count)
+        for what, rel in (("per-round summary", "rounds.json"), ("rounds", "rounds"), ("report", "report/report.html")):
+            log(f"[job] {what}: {out / rel}{'' if (out / rel).exists() else ' (not written)'}")
+        return
     pipeline.run_all(cfg, out, address=args.address, log=log)
     distilled = [] if cfg.student.data == "optimized" else [("distilled set", cfg.student.data)]
     for what, rel in (("manifest", "manifest.json"), ("optimized dataset", "optimized"), *distilled, ("student", "student"),

@@ -24,7 +24,8 @@ from ..config import Config, ConfigError
 from ..embeddings import column_matrix
 from ..images import decode_image, encode_png, resize_rgb
 from ..rows import read_targets, training_dataset
-from ..rundir import DISTILLED, DISTILLED_PARTS as PARTS, DONE, MANIFEST, OPTIMIZED, RunError, prepare_run_dir, read_done, write_json_atomic
+from ..rundir import (DISTILLED, DISTILLED_PARTS as PARTS, DONE, MANIFEST, OPTIMIZED, RunError, prepare_run_dir, read_done,
+                      run_label, write_json_atomic)
 from ..student import latest_checkpoint, load_state, target_transform, usable_checkpoint
 from .krr_st import distill_loop_per_worker
 
@@ -124,7 +125,7 @@ def run_distill(cfg: Config, run: str | os.PathLike, address: Optional[str] = No
     init_ids, x0, y0 = initial_rows(run / OPTIMIZED, ids, d.size, cfg.seed, cfg.data.image_size)
     y0 = (y0 - mean) * scale
 
-    name = f"coopt-distill-{run.resolve().name}"
+    name = f"coopt-distill-{run_label(run)}"
     storage = (out / "ray_results").resolve()
     exp = storage / name
     rfp = distill_fingerprint(cfg, manifest, resumable=True)
