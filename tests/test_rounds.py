@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -16,7 +15,7 @@ import pytest
 import torch
 
 from coopt_ray import cli
-from coopt_ray.config import ConfigError, load_config
+from coopt_ray.config import load_config
 from coopt_ray.data import _hash64, owner_of
 from coopt_ray.rounds import round_config, worst_participant
 from coopt_ray.student import METRICS, WEIGHTS, Student, warm_start
