@@ -213,7 +213,31 @@ def distill_levers_table(main: dict) -> str:
     return "\n".join(lines)
 
 
-def goals_table(fid, ali, cri, thr, mem, dis=None) -> str:
+def rounds_table(r: dict) -> str:
+    """Student probe accuracy per round and arm (benchmarks/rounds.py), mean ± std over seeds, and the gain."""
+    s, sm = r["settings"], r["summary"]
+    n = s["rounds"]
+    lines = [f"`coopt run --rounds {n}` per arm, {s['seeds']} seeds; pool of {s['pool']} images, 4 zoo teachers, student "
+             f"{s['arch']} on {s['student_limit'] or s['pool']} rows for {s['epochs']} epochs a round; probe "
+             f"{s['probe']} public-train -> {s['probe']} t10k images, {s['probe_epochs']} epochs. Student probe "
+             "accuracy %, mean ± std:", "",
+             "| arm | " + " | ".join(f"round {i}" for i in range(1, n + 1)) + " | last - first | student best from round |",
+             "| --- " * (n + 3) + "|"]
+    for arm, v in sm.items():
+        cells = [f"{m:.2f} ± {sd:.2f}" for m, sd in zip(v["probe_mean"], v["probe_std"])]
+        best = ", ".join("never" if x is None else str(x) for x in v.get("student_first_best_round", [])) or "—"
+        lines.append(f"| {arm} | " + " | ".join(cells) + f" | {v['gain_mean']:+.2f} ± {v['gain_std']:.2f} | {best} |")
+    secs = r.get("seconds") or {}
+    lines += ["", "Seconds per seed, every stage of every round (round 1 computed once and copied, control: train + "
+              "evaluate only): " + ", ".join(f"{a} {sum(v) / len(v):.0f}" for a, v in secs.items() if v) + "."]
+    ranks = {a: v["student_uniformity_rank"] for a, v in sm.items() if v.get("student_uniformity_rank")}
+    if ranks:
+        lines.append("The joining student's uniformity rank among the round's participants (1 = the alignment target), "
+                     "per seed, rounds 2.." + str(n) + ": " + "; ".join(f"{a} {ranks[a]}" for a in ranks) + ".")
+    return "\n".join(lines)
+
+
+def goals_table(fid, ali, cri, thr, mem, dis=None, rnd=None) -> str:
     rows = []
 
     def row(goal, target, measured, ok):
@@ -273,12 +297,20 @@ def goals_table(fid, ali, cri, thr, mem, dis=None) -> str:
                     f"{100 * (g['gap_closed'].get('random_subset_fraction') or 0):.0f} %)", g["gap_closed"]["met"])
                 row(f"{arch}: pre-training time, distilled vs whole set", "<= 5 %",
                     f"{100 * g['time_ratio']['fraction']:.1f} %", g["time_ratio"]["met"])
+    if rnd:
+        for arm, v in rnd["summary"].items():
+            if arm.startswith("control"):
+                continue
+            row(f"rounds, {arm}: student probe, round 1 -> round {rnd['settings']['rounds']}",
+                ">= +1.5 points, beyond the std", f"{v['gain_mean']:+.2f} ± {v['gain_std']:.2f}", v["goal_gain_1_5"])
+            row(f"rounds, {arm}: no round below round 1", "every round", f"worst {v['worst_round_vs_first']:+.2f}",
+                v["goal_no_round_below_first"])
     return "\n".join(["| goal | target | measured | status |", "| --- | --- | --- | --- |"] + rows)
 
 
 def render() -> str:
     fid, ali, cri, thr, mem = load("fidelity"), load("alignment"), load("criteria"), load("throughput"), load("memory")
-    dis = load("distill")
+    dis, rnd = load("distill"), load("rounds")
     parts = []
     if fid:
         parts += ["### Fidelity", "", fidelity_tables(fid)]
@@ -293,7 +325,9 @@ def render() -> str:
         lev = distill_levers_table(dis)
         if lev:
             parts += ["", lev]
-    parts += ["", "### Against the goals", "", goals_table(fid, ali, cri, thr, mem, dis)]
+    if rnd:
+        parts += ["", "### Continual rounds", "", rounds_table(rnd)]
+    parts += ["", "### Against the goals", "", goals_table(fid, ali, cri, thr, mem, dis, rnd)]
     return "\n".join(parts) + "\n"
 
 

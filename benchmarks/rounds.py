@@ -119,8 +119,13 @@ def summarise(per_seed: dict, rounds: int) -> dict:
             "goal_gain_1_5": bool(gain.mean() >= 1.5 and gain.mean() > gain.std()),
             "goal_no_round_below_first": bool((mean[1:] >= mean[0]).all()),
         }
-        firsts = [next((r["round"] for r in rows if r.get("student_is_best")), None) for rows in runs]
-        out[arm]["student_first_best_round"] = firsts
+        if arm != CONTROL:  # which round's student (if any) the score picked as the alignment target
+            out[arm]["student_first_best_round"] = [next((r["round"] for r in rows if r["student_is_best"]), None)
+                                                    for rows in runs]
+            out[arm]["student_uniformity_rank"] = [  # per seed, per round from 2: the joining student's rank (1 = best)
+                [1 + sorted(q["uniformity"] for q in r["participants"]).index(
+                    next(q["uniformity"] for q in r["participants"] if q["name"] == f"student-r{r['round'] - 1}"))
+                 for r in rows[1:]] for rows in runs]
     return out
 
 

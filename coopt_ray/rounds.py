@@ -2,7 +2,8 @@
 complete run folder RUN/rounds/<r>/, RUN/rounds.json the per-round summary, RUN/report/ its plots.
 
 How the student joins (``rounds.join``):
-- ``extra``: as one more participant, so round r + 1 has K + 1 shards;
+- ``extra``: as one more participant next to the user's K, so every round from 2 on has K + 1 shards (round r's
+  student takes round r - 1's place);
 - ``replace``: in the place of the participant the score ranked last in round r (the highest uniformity value,
   or the lowest coverage with ``score.method: coverage``);
 - ``relabel``: it owns every image (``share`` 1) and round 1's participants embed only S (``share`` 0), so every
@@ -46,8 +47,8 @@ def round_config(base: Config, prev: Config, prev_dir: Path, prev_manifest: dict
     """The config of round ``r + 1`` from ``base`` (the user's), round r's config ``prev``, its folder and manifest."""
     join = base.rounds.join
     template = base.participants[0]
-    if join == "extra":
-        parts = prev.participants + (student_participant(prev_dir, r, template),)
+    if join == "extra":  # the user's K participants and the newest student: K + 1 shards in every round
+        parts = base.participants + (student_participant(prev_dir, r, template),)
     elif join == "replace":
         worst = worst_participant(prev_manifest, base.score.method)
         parts = tuple(student_participant(prev_dir, r, p) if p.name == worst else p for p in prev.participants)

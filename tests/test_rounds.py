@@ -75,6 +75,9 @@ def test_round_configs_for_each_join_mode(base, tmp_path):
                         rep, tmp_path / "run" / "rounds" / "2", man2, 2)
     assert [p.name for p in rep3.participants] == ["p0", "student-r2", "p2"]
 
+    ext3 = round_config(base, extra, tmp_path / "run" / "rounds" / "2", man2, 2)  # K + 1: the newest student only
+    assert [p.name for p in ext3.participants] == ["p0", "p1", "p2", "student-r2"]
+
     rel = round_config(dataclasses.replace(base, rounds=dataclasses.replace(base.rounds, join="relabel")),
                        extra, prev_dir, man, 1)
     assert [(p.name, p.share) for p in rel.participants] == [("p0", 0.0), ("p1", 0.0), ("p2", 0.0),
