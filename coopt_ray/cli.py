@@ -110,7 +110,14 @@ def cmd_evaluate(args) -> int:
 
 def cmd_report(args) -> int:
     from .report import build_report
+    from .rundir import MANIFEST, ROUNDS_SUMMARY, read_json
 
+    summary = read_json(Path(args.run) / ROUNDS_SUMMARY)
+    if summary is not None and not (Path(args.run) / MANIFEST).exists():  # a continual-rounds RUN
+        from .rounds import write_rounds_report
+
+        _log(f"[report] {write_rounds_report(Path(args.run), summary)} (each round's own: RUN/rounds/<r>/report/)")
+        return 0
     build_report(args.run, log=_log)
     return 0
 

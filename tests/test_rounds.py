@@ -214,3 +214,5 @@ def test_two_rounds_killed_in_round_two_resume_without_redoing_round_one(tmp_pat
     page = (run / "report" / "report.html").read_text()
     assert "rounds_probe.png" in page and (run / "report" / "rounds_uniformity.png").stat().st_size > 1000
     assert "coopt-train-run-round2" in out  # the dashboard names say which round
+    (run / "report" / "rounds_probe.png").unlink()
+    assert cli.main(["report", "--run", str(run)]) == 0 and (run / "report" / "rounds_probe.png").exists()
