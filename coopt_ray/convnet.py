@@ -14,15 +14,17 @@ WIDTHS = (16, 32, 64, 128)   # registered bases: convnet3_w16 ... convnet3_w128
 
 class ConvNet(torch.nn.Module):
     """``depth`` blocks (conv3x3 -> BatchNorm -> ReLU -> AvgPool2), widths doubling from ``width``; returns the
-    flattened last map (``feature_width`` values per image). ``num_classes > 0`` adds a linear head."""
+    flattened last map (``feature_width`` values per image). ``num_classes > 0`` adds a linear head.
+    ``norm="instance", double=False`` is MTT's expert ConvNet (every block ``width`` wide, GroupNorm(C, C))."""
 
     def __init__(self, width: int = 128, depth: int = 3, in_chans: int = 3, img_size: int = 32,
-                 num_classes: int = 0):
+                 num_classes: int = 0, norm: str = "batch", double: bool = True):
         super().__init__()
         layers, c, s = [], in_chans, img_size
         for i in range(depth):
-            w = width * 2 ** i
-            layers += [torch.nn.Conv2d(c, w, 3, padding=1), torch.nn.BatchNorm2d(w), torch.nn.ReLU(inplace=True),
+            w = width * 2 ** i if double else width
+            nrm = torch.nn.BatchNorm2d(w) if norm == "batch" else torch.nn.GroupNorm(w, w)  # instance norm (MTT)
+            layers += [torch.nn.Conv2d(c, w, 3, padding=1), nrm, torch.nn.ReLU(inplace=norm == "batch"),
                        torch.nn.AvgPool2d(2)]
             c, s = w, s // 2
         self.features = torch.nn.Sequential(*layers, torch.nn.Flatten())
