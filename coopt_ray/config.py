@@ -12,7 +12,7 @@ from typing import Any, Optional
 import yaml
 
 DEFAULT_FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
-SOURCES = ("fashion-mnist", "images", "parquet")
+SOURCES = ("fashion-mnist", "images", "parquet", "webdataset")
 
 
 class ConfigError(ValueError):

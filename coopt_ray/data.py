@@ -1,4 +1,4 @@
-"""Data sources (Fashion-MNIST IDX, image folders, Parquet), stable ids, and the seeded split.
+"""Data sources (Fashion-MNIST IDX, image folders, Parquet, WebDataset tar shards), stable ids, and the seeded split.
 
 Every source becomes rows of ``id`` (str), ``image`` (encoded bytes) and ``label`` (int, -1 when
 unknown). Decoding happens later, inside the participant actors, so one unreadable image becomes
@@ -144,8 +144,13 @@ class Source:
             self.path = Path(cfg.path).expanduser().resolve()
             if not self.path.exists():
                 raise ConfigError(f"'data.path' does not exist: {self.path}")
-            self.kind_read = "images" if self.kind == "images" else "parquet"
-        if self.kind_read == "images":
+            self.kind_read = self.kind if self.kind in ("images", "webdataset") else "parquet"
+        if self.kind_read == "webdataset":
+            self.shards = webdataset_shards(self.path)
+            self.ids, self.prefixed = webdataset_ids(self.shards)
+            if cfg.limit is not None:
+                self.ids = self.ids[: cfg.limit]
+        elif self.kind_read == "images":
             self.files = list_image_files(self.path)
             if cfg.limit is not None:
                 self.files = self.files[: cfg.limit]
@@ -179,6 +184,11 @@ class Source:
                 )
 
             ds = ds.map_batches(to_rows, batch_format="pyarrow")
+        elif self.kind_read == "webdataset":  # raw member bytes: a bad image is an error row in its participant
+            ds = ray.data.read_webdataset([str(f) for f in self.shards], decoder=None)
+            keep = frozenset(self.ids) if self.cfg.limit is not None else None
+            ds = ds.map_batches(_webdataset_rows, batch_format="numpy", batch_size=None,
+                                fn_kwargs=dict(prefixed=self.prefixed, keep=keep))
         else:
             ds = ray.data.read_parquet(str(self.path), file_extensions=["parquet"])
             if self.kind == "parquet":
@@ -187,6 +197,62 @@ class Source:
                     ds = ds.map_batches(_keep_ids, batch_format="pyarrow", fn_kwargs=dict(keep=frozenset(self.ids)))
         ds.set_name(name)
         return ds
+
+
+WDS_IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+
+
+def webdataset_shards(path: Path) -> list[Path]:
+    """The ``.tar`` shards of a WebDataset source (a folder of shards or one shard), sorted."""
+    shards = [path] if path.is_file() else sorted(path.rglob("*.tar"))
+    if not shards:
+        raise ConfigError(f"'data.path': no .tar shards in {path}")
+    return shards
+
+
+def _wds_key(member: str) -> str:
+    """WebDataset's sample key: the member path up to the first '.' of its file name."""
+    head, _, base = member.rpartition("/")
+    return (head + "/" if head else "") + base.split(".", 1)[0]
+
+
+def webdataset_ids(shards: list[Path]) -> tuple[list[str], bool]:
+    """Sample ids in shard order, and whether they carry their shard's name (``<shard>/<key>``, when a key repeats
+    across shards). Reads only the tar headers."""
+    import tarfile
+
+    keys: list[tuple[str, str]] = []
+    for f in shards:
+        try:
+            with tarfile.open(f) as tf:
+                seen = dict.fromkeys(_wds_key(m.name) for m in tf.getmembers() if m.isfile())
+        except (tarfile.TarError, OSError) as e:
+            raise ConfigError(f"'data.path': {f} is not a readable tar shard ({e})") from None
+        keys += [(f.stem, k) for k in seen]
+    prefixed = len({k for _, k in keys}) != len(keys)
+    return [f"{s}/{k}" if prefixed else k for s, k in keys], prefixed
+
+
+def _webdataset_rows(batch: dict, prefixed: bool, keep: Optional[frozenset]) -> pa.Table:
+    """read_webdataset rows -> (id, image bytes, label): the first image member (jpg/jpeg/png/webp; none: empty
+    bytes, an error row later), the label from ``.cls`` (-1 without one)."""
+    n = len(batch["__key__"])
+    shard = [Path(u).stem for u in batch["__url__"]]
+    ids = [f"{s}/{k}" if prefixed else str(k) for s, k in zip(shard, batch["__key__"])]
+    def member(ext: str, i: int) -> Optional[bytes]:  # a sample without this member holds None or NaN
+        v = batch[ext][i] if ext in batch else None
+        return bytes(v) if isinstance(v, (bytes, bytearray, memoryview)) else None
+
+    images, labels = [], []
+    for i in range(n):
+        images.append(next((b for b in (member(e, i) for e in WDS_IMAGE_EXTENSIONS) if b is not None), b""))
+        cls = member("cls", i)
+        try:
+            labels.append(int(cls.decode().strip()) if cls is not None else -1)
+        except ValueError:
+            labels.append(-1)
+    t = pa.table({"id": ids, "image": images, "label": labels}, schema=SOURCE_SCHEMA)
+    return _keep_ids(t, keep) if keep is not None else t
 
 
 def _keep_ids(batch: pa.Table, keep: frozenset) -> pa.Table:
@@ -225,6 +291,8 @@ def count_images(cfg: DataConfig) -> int:
         path = Path(cfg.path).expanduser()
         if cfg.source == "images":
             n = len(list_image_files(path))
+        elif cfg.source == "webdataset":
+            n = len(webdataset_ids(webdataset_shards(path))[0])
         else:
             files = [path] if path.is_file() else sorted(path.rglob("*.parquet"))
             n = sum(pq.ParquetFile(f).metadata.num_rows for f in files)
