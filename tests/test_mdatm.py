@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from coopt_ray.distill.mdatm import (DSA, DSA_TRANSFORMS, correctly_classified, expert_net, flat_params, hard_labels,
+from coopt_ray.distill.mdatm import (DSA, DSA_TRANSFORMS, Matcher, correctly_classified, expert_net, flat_params, hard_labels,
                                      matching_loss, start_bound, train_expert, unflatten, unroll)
 
 
@@ -110,3 +110,36 @@ def test_a_tiny_expert_learns_and_initialises_from_correct_images():
     assert y[idx].tolist() == [0] * 5 + [1] * 5 and len(set(idx.tolist())) == 10
     with pytest.raises(ValueError, match="fewer than ipc"):
         correctly_classified(traj[-1], x, y, classes=2, ipc=61, seed=0, width=4)
+
+
+def test_matching_iterations_pull_the_student_towards_the_expert_and_checkpoint_round_trip():
+    torch.manual_seed(0)
+    y = torch.arange(2).repeat(40)
+    x = torch.randn(80, 1, 8, 8) * 0.3 + (y.view(-1, 1, 1, 1) * 2 - 1) * 0.8
+    trajs = [train_expert(x, y, classes=2, epochs=4, seed=s, lr=0.05, batch=16, width=4) for s in range(2)]
+    idx = correctly_classified(trajs[0][-1], x, y, classes=2, ipc=3, seed=0, width=4)
+    m = Matcher(x[idx], y[idx], classes=2, lr_img=1.0, lr_lr=1e-5, lr_init=0.05, width=4)
+    kw = dict(syn_steps=6, expert_steps=2, t_lo=0, t=1, t_hi=2, expand_until=10, batch_syn=6, aug=None)
+
+    def fixed_draws():  # the matching loss on every (expert, start epoch) pair, the same batches each time
+        return sum(float(matching_loss(unroll(m.model, tr[s], m.x, m.labels, m.syn_lr, 6, 6,
+                                              torch.Generator().manual_seed(0)), tr[s], tr[s + 2]).detach())
+                   for tr in trajs for s in range(3)) / 6
+
+    before = fixed_draws()
+    gen = torch.Generator().manual_seed(0)
+    losses = [m.step(trajs, it, gen, **kw)["loss"] for it in range(30)]
+    assert all(0 < v < 10 for v in losses)
+    assert fixed_draws() < 0.97 * before  # the images learn to reproduce the experts' progress (0.877 -> 0.832)
+    assert not torch.equal(m.x.detach(), x[idx]) and torch.equal(m.labels, y[idx])
+    state = m.state_dict()
+    m2 = Matcher(x[idx], y[idx], classes=2, lr_img=1.0, lr_lr=1e-5, lr_init=0.05, width=4)
+    m2.load_state_dict(state)
+    g1, g2 = torch.Generator().manual_seed(9), torch.Generator().manual_seed(9)
+    torch.manual_seed(1)
+    a = m.step(trajs, 30, g1, **kw)
+    torch.manual_seed(1)
+    b = m2.step(trajs, 30, g2, **kw)
+    assert a == b and torch.equal(m.x, m2.x)  # a resumed matcher continues exactly
+    with pytest.raises(ValueError, match="T\\+ \\+ M"):
+        m.step(trajs, 0, gen, **{**kw, "expert_steps": 5})

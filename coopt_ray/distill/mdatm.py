@@ -159,7 +159,7 @@ def train_expert(images: torch.Tensor, labels: torch.Tensor, classes: int, epoch
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            total, seen = total + float(loss) * len(idx), seen + len(idx)
+            total, seen = total + float(loss.detach()) * len(idx), seen + len(idx)
         traj.append(flat_params(model))
         if log:
             log(f"[mdatm] expert seed {seed}: epoch {epoch + 1}/{epochs}  loss {total / max(seen, 1):.4f}")
@@ -184,3 +184,57 @@ def correctly_classified(flat: torch.Tensor, images: torch.Tensor, labels: torch
         ok = pred[idx] == c
         out.append(torch.cat([idx[ok], idx[~ok]])[:ipc])
     return torch.cat(out)
+
+
+# ---------------------------------------------------------------- matching
+class Matcher:
+    """The synthetic set of M-DATM and its two optimizers: images ``x`` (SGD ``lr_img``, momentum 0.5) and the
+    student's step size ``syn_lr`` (SGD ``lr_lr``, momentum 0.5, initialised to the experts' lr), with fixed hard
+    labels (M1). ``step`` is one matching iteration against a randomly drawn expert and start epoch."""
+
+    def __init__(self, x: torch.Tensor, labels: torch.Tensor, classes: int, lr_img: float, lr_lr: float,
+                 lr_init: float = 0.01, width: int = 128):
+        self.x = x.detach().clone().requires_grad_(True)
+        self.labels = labels.clone()
+        self.syn_lr = torch.tensor(float(lr_init), requires_grad=True)
+        self.model = expert_net(classes, x.shape[1], x.shape[2], width)
+        self.opt_img = torch.optim.SGD([self.x], lr=lr_img, momentum=0.5)
+        self.opt_lr = torch.optim.SGD([self.syn_lr], lr=lr_lr, momentum=0.5)
+
+    def step(self, trajectories: list, it: int, gen: torch.Generator, *, syn_steps: int, expert_steps: int,
+             t_lo: int, t: int, t_hi: int, expand_until: int, batch_syn: int, aug: Optional[DSA]) -> dict:
+        """One iteration: start epoch in [T-, U(it)], N unrolled steps from it, the normalised distance to the
+        expert ``expert_steps`` epochs later; updates images and step size. Returns the loss and the draw."""
+        hi = start_bound(it, t, t_hi, expand_until)
+        start_ep = int(torch.randint(t_lo, hi + 1, (1,), generator=gen))
+        e = int(torch.randint(len(trajectories), (1,), generator=gen))
+        traj = trajectories[e]
+        if start_ep + expert_steps >= len(traj):
+            raise ValueError(f"expert {e} has {len(traj) - 1} epochs; start {start_ep} + M {expert_steps} needs more "
+                             "(train experts for T+ + M epochs)")
+        start, target = traj[start_ep], traj[start_ep + expert_steps]
+        theta = unroll(self.model, start, self.x, self.labels, self.syn_lr, syn_steps, batch_syn, gen, aug)
+        loss = matching_loss(theta, start, target)
+        self.opt_img.zero_grad(set_to_none=True)
+        self.opt_lr.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt_img.step()
+        self.opt_lr.step()
+        with torch.no_grad():
+            self.syn_lr.clamp_(min=1e-6)  # a negative step size would ascend the student's loss
+        return {"loss": float(loss.detach()), "start_epoch": start_ep, "expert": e, "syn_lr": float(self.syn_lr)}
+
+    def state_dict(self) -> dict:
+        """A copy (optimizer momentum included) that later steps do not change: tensors only, for weights_only loads."""
+        import copy
+
+        return copy.deepcopy({"x": self.x.detach(), "labels": self.labels, "syn_lr": self.syn_lr.detach(),
+                              "opt_img": self.opt_img.state_dict(), "opt_lr": self.opt_lr.state_dict()})
+
+    def load_state_dict(self, state: dict) -> None:
+        with torch.no_grad():
+            self.x.copy_(state["x"])
+            self.syn_lr.copy_(state["syn_lr"])
+        self.labels = state["labels"].clone()
+        self.opt_img.load_state_dict(state["opt_img"])
+        self.opt_lr.load_state_dict(state["opt_lr"])
