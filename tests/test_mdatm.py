@@ -143,3 +143,27 @@ def test_matching_iterations_pull_the_student_towards_the_expert_and_checkpoint_
     assert a == b and torch.equal(m.x, m2.x)  # a resumed matcher continues exactly
     with pytest.raises(ValueError, match="T\\+ \\+ M"):
         m.step(trajs, 0, gen, **{**kw, "expert_steps": 5})
+
+
+def test_experts_train_as_ray_tasks_and_a_rerun_redoes_only_unfinished_ones(tmp_path, ray_session):
+    from coopt_ray.distill.mdatm_experts import DONE, TRAJ, load_trajectories, run_experts
+
+    torch.manual_seed(0)
+    y = torch.arange(2).repeat(50)
+    x = torch.randn(100, 1, 8, 8)
+    kw = dict(classes=2, out_dir=tmp_path / "experts", experts=2, epochs=2, fingerprint="f1", lr=0.05, batch=20,
+              width=4, log=lambda s: None)
+    metas = run_experts(x, y, **kw)
+    assert [m["expert"] for m in metas] == [0, 1] and all(m["epochs"] == 2 for m in metas)
+    trajs = load_trajectories(tmp_path / "experts", 2)
+    assert [tuple(t.shape) for t in trajs] == [(3, metas[0]["parameters"])] * 2 and not torch.equal(trajs[0], trajs[1])
+    t0 = (tmp_path / "experts" / TRAJ.format(0)).stat().st_mtime_ns
+    (tmp_path / "experts" / DONE.format(1)).unlink()  # expert 1 was killed before its marker
+    lines = []
+    run_experts(x, y, **{**kw, "log": lines.append})
+    assert "experts [0] already done; training [1]" in lines[0]
+    assert (tmp_path / "experts" / TRAJ.format(0)).stat().st_mtime_ns == t0
+    assert torch.equal(load_trajectories(tmp_path / "experts", 2)[1], trajs[1])  # seeded: the same trajectory
+    lines.clear()
+    run_experts(x, y, **{**kw, "fingerprint": "f2", "log": lines.append})  # another config: every expert again
+    assert not any("already done" in s for s in lines)

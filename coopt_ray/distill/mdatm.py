@@ -222,7 +222,7 @@ class Matcher:
         self.opt_lr.step()
         with torch.no_grad():
             self.syn_lr.clamp_(min=1e-6)  # a negative step size would ascend the student's loss
-        return {"loss": float(loss.detach()), "start_epoch": start_ep, "expert": e, "syn_lr": float(self.syn_lr)}
+        return {"loss": float(loss.detach()), "start_epoch": start_ep, "expert": e, "syn_lr": float(self.syn_lr.detach())}
 
     def state_dict(self) -> dict:
         """A copy (optimizer momentum included) that later steps do not change: tensors only, for weights_only loads."""
