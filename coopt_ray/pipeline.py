@@ -1,5 +1,6 @@
-"""`coopt run` (one round, or continual rounds through rounds.py) and `coopt optimize`: the order of the stages (zoo when missing -> optimize -> merge -> [distill,
-when student.data names a distilled set] -> train -> evaluate -> report). Each stage skips itself when its done-marker says it finished with the same config."""
+"""`coopt run` (one round, or continual rounds through rounds.py) and `coopt optimize`: the order of the stages
+(zoo when missing -> optimize -> merge -> [distill, when student.data names a distilled set] -> train -> evaluate ->
+report). Each stage skips itself when its done-marker says it finished with the same config."""
 from __future__ import annotations
 
 import os
