@@ -230,6 +230,14 @@ def rounds_table(r: dict) -> str:
     secs = r.get("seconds") or {}
     lines += ["", "Seconds per seed, every stage of every round (round 1 computed once and copied, control: train + "
               "evaluate only): " + ", ".join(f"{a} {sum(v) / len(v):.0f}" for a, v in secs.items() if v) + "."]
+    warm, ctl = sm.get("extra+warm"), sm.get("control: warm, no join")
+    if warm and ctl:
+        lines.append(f"The warm start against its control (the same warm start, the student not joining): "
+                     f"{warm['gain_mean']:+.2f} vs {ctl['gain_mean']:+.2f} points from round 1 to round {n}.")
+    joined = [x for a, v in sm.items() for x in v.get("student_first_best_round", [])]
+    if joined:
+        lines.append(f"The joining student became the alignment target (the best uniformity) in "
+                     f"{sum(x is not None for x in joined)} of {len(joined)} arm-seed runs.")
     ranks = {a: v["student_uniformity_rank"] for a, v in sm.items() if v.get("student_uniformity_rank")}
     if ranks:
         lines.append("The joining student's uniformity rank among the round's participants (1 = the alignment target), "
