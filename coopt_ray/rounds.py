@@ -37,9 +37,9 @@ def student_participant(round_dir: Path, r: int, template) -> object:
 def worst_participant(manifest: dict, score_method: str) -> str:
     """The participant the score ranked last in a finished round (ties: the later name)."""
     parts = manifest["participants"]
-    if score_method == "coverage":
-        return min(parts, key=lambda p: (p["coverage"] if p["coverage"] is not None else float("inf"),
-                                         [-ord(c) for c in p["name"]]))["name"]
+    if score_method == "coverage":  # higher is better: the worst is the lowest (a missing value never is)
+        return max(parts, key=lambda p: (-(p["coverage"] if p["coverage"] is not None else float("inf")),
+                                         p["name"]))["name"]
     return max(parts, key=lambda p: (p["uniformity"], p["name"]))["name"]
 
 

@@ -280,7 +280,9 @@ def init_fingerprint(path: Optional[str]) -> Optional[str]:
     if not path:
         return None
     try:
-        done = json.loads((student_folder(path) / "_DONE.json").read_text())
+        from .rundir import DONE
+
+        done = json.loads((student_folder(path) / DONE).read_text())
     except (ValueError, OSError):
         return str(path)
     return done.get("fingerprint")
