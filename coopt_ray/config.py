@@ -11,12 +11,11 @@ from typing import Any, Optional
 
 import yaml
 
+from .config_distill import DistillConfig, check_distill, distill_view
+from .errors import ConfigError
+
 DEFAULT_FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 SOURCES = ("fashion-mnist", "images", "parquet", "webdataset")
-
-
-class ConfigError(ValueError):
-    """A config problem; the message names the offending key."""
 
 
 @dataclass(frozen=True)
@@ -85,29 +84,6 @@ class StudentConfig:
 
 
 STUDENT_DATA = ("optimized", "distilled/krr-st")
-DISTILL_METHODS = ("krr-st",)
-
-
-@dataclass(frozen=True)
-class DistillConfig:
-    """KRR-ST (Lee et al., ICLR 2024) on RUN/optimized; defaults are the paper's except ``steps`` (160,000)."""
-    method: str = "krr-st"
-    size: int = 1000             # M synthetic rows, initialised from M real rows of RUN/optimized
-    steps: int = 2000            # outer steps
-    lr: float = 1.0e-4           # AdamW on the synthetic images and targets (weight decay 0)
-    lr_final: float = 1.0e-3     # LinearLR end factor over ``steps``
-    real_batch: int = 1024       # real rows per step (split over the workers)
-    pool_size: int = 10          # ConvNets in the model pool (split over the workers)
-    pool_width: int = 128        # ConvNet widths width-2width-4width (the paper's 128-256-512)
-    pool_steps: int = 1000       # a pool model is re-initialised after this many SGD steps of its own
-    pool_lr: float = 0.1         # the pool models' full-batch SGD on (X_s, Y_s)
-    workers: int = 1             # Ray Train workers; 0 = in-process
-    use_gpu: bool = False
-    cpus_per_worker: Optional[float] = None
-    checkpoint_every: int = 100  # outer steps between checkpoints
-    log_every: int = 20          # outer steps between progress lines
-
-
 ROUND_JOINS = ("extra", "replace", "relabel")
 
 
@@ -158,6 +134,7 @@ class Config:
                 p.pop("share")
         if d["student"].get("init") is None:
             d["student"].pop("init")
+        d["distill"] = distill_view(self.distill)
         return d
 
     def fingerprint(self, *sections: str) -> str:
@@ -301,7 +278,7 @@ def _check_values(cfg: Config) -> None:
         raise ConfigError(f"'student.limit' must be an integer >= 2, got {s.limit!r}")
     if s.data not in STUDENT_DATA:
         raise ConfigError(f"'student.data' must be one of {', '.join(STUDENT_DATA)}, got {s.data!r}")
-    _check_distill(cfg.distill)
+    check_distill(cfg.distill)
     r = cfg.rounds
     if r.count < 1:
         raise ConfigError(f"'rounds.count' must be >= 1, got {r.count}")
@@ -314,29 +291,6 @@ def _check_values(cfg: Config) -> None:
 def _check_cpus(key: str, v) -> None:
     if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0):
         raise ConfigError(f"'{key}' must be a number > 0, got {v!r}")
-
-
-def _check_distill(d: DistillConfig) -> None:
-    if d.method not in DISTILL_METHODS:
-        raise ConfigError(f"'distill.method' must be one of {', '.join(DISTILL_METHODS)}, got {d.method!r}")
-    for k in ("size", "steps", "real_batch", "pool_size", "pool_width", "checkpoint_every", "log_every"):
-        if getattr(d, k) < 1:
-            raise ConfigError(f"'distill.{k}' must be >= 1, got {getattr(d, k)}")
-    if d.size < 2:
-        raise ConfigError(f"'distill.size' must be >= 2, got {d.size}")
-    if d.pool_steps < 0:
-        raise ConfigError(f"'distill.pool_steps' must be >= 0 (0: a fresh network every step), got {d.pool_steps}")
-    for k in ("lr", "pool_lr"):
-        if getattr(d, k) <= 0:
-            raise ConfigError(f"'distill.{k}' must be > 0, got {getattr(d, k)}")
-    if not 0 < d.lr_final <= 1:
-        raise ConfigError(f"'distill.lr_final' must be in (0, 1], got {d.lr_final}")
-    if d.workers < 0:
-        raise ConfigError(f"'distill.workers' must be >= 0, got {d.workers}")
-    if d.pool_size < max(1, d.workers) or d.real_batch < max(1, d.workers):
-        raise ConfigError(f"'distill.pool_size' and 'distill.real_batch' must be >= distill.workers ({d.workers}): "
-                          f"every worker owns pool models and real rows, got {d.pool_size} and {d.real_batch}")
-    _check_cpus("distill.cpus_per_worker", d.cpus_per_worker)
 
 
 def load_config(path: str | os.PathLike, overrides: Optional[dict] = None) -> Config:

@@ -15,8 +15,8 @@ import torch
 
 from .cluster import check_tasks_fit, cluster_nodes, init_ray
 from .config import resolve_model
-from .data import fashion_mnist_split, folder_classes, label_for, list_image_files
-from .images import arrays_to_rgb, decode_image, resize_rgb
+from .images import arrays_to_rgb
+from .labeled import EvalSkipped, labeled_splits, load_labeled  # noqa: F401 (the stage's public names)
 from .models import load_model, pick_device
 from .probe import backbone_features, embed_arrays, linear_probe
 from .rundir import EVAL, STUDENT, RunError, read_done, read_json, write_json_atomic
@@ -24,88 +24,6 @@ from .student import METRICS, WEIGHTS, build_backbone, load_student_backbone
 
 
 # ---------------------------------------------------------------- the evaluate stage
-class EvalSkipped(Exception):
-    """No labeled probe/test split for this data source; the message says what to set."""
-
-
-def _seeded_take(n: int, limit: Optional[int], seed: int, shuffle: bool) -> np.ndarray:
-    idx = np.arange(n)
-    if shuffle:
-        idx = np.random.default_rng(seed).permutation(n)
-    return idx if limit is None else idx[:limit]
-
-
-def load_labeled(path: str, image_size: int, limit: Optional[int] = None, seed: int = 0):
-    """A labeled split from a folder with class subfolders, or Parquet (``image`` bytes + ``label``).
-
-    Returns ``(uint8 (N, S, S, 3) RGB images, int labels, class names)``; a seeded random ``limit``
-    rows are kept (a folder lists classes in order, so the first rows would be one class).
-    """
-    p = Path(path).expanduser()
-    if not p.exists():
-        raise EvalSkipped(f"labeled split not found: {p}")
-    if p.is_dir() and not any(p.rglob("*.parquet")):
-        classes = folder_classes(p)
-        if not classes:
-            raise EvalSkipped(f"{p} has no class subfolders, so it has no labels for the probe")
-        files = [f for f in list_image_files(p) if label_for(f, classes) >= 0]
-        take = _seeded_take(len(files), limit, seed, shuffle=True)
-        images, labels = [], []
-        for i in take:
-            try:
-                images.append(resize_rgb(decode_image((p / files[i]).read_bytes()), image_size))
-                labels.append(label_for(files[i], classes))
-            except ValueError:
-                continue
-    else:
-        import pyarrow.parquet as pq
-
-        t = pq.read_table(str(p), columns=["image", "label"])
-        take = _seeded_take(t.num_rows, limit, seed, shuffle=True)
-        raw, lab = t.column("image").to_pylist(), t.column("label").to_pylist()
-        images, labels = [], []
-        for i in take:
-            if lab[i] is None or lab[i] < 0:
-                continue
-            try:
-                images.append(resize_rgb(decode_image(raw[i]), image_size))
-                labels.append(int(lab[i]))
-            except ValueError:
-                continue
-        classes = [str(c) for c in sorted(set(labels))]
-    if not images:
-        raise EvalSkipped(f"no readable labeled images in {p}")
-    return np.stack(images), np.asarray(labels, dtype=np.int64), classes
-
-
-def labeled_splits(cfg) -> dict:
-    """The probe (train) and test splits for ``cfg``: images (uint8), labels and a description.
-
-    Fashion-MNIST: probe = public train[0:10k] (``eval.probe_limit`` trims it), test = t10k
-    (``eval.test_limit``). Other sources: ``eval.probe_path`` and ``eval.test_path`` (class
-    subfolders or labeled Parquet); without them the stage is skipped with :class:`EvalSkipped`.
-    """
-    e = cfg.eval
-    if e.probe_path or e.test_path:
-        if not (e.probe_path and e.test_path):
-            raise EvalSkipped("set both eval.probe_path and eval.test_path (labeled folders or Parquet)")
-        px, py, _ = load_labeled(e.probe_path, cfg.data.image_size, e.probe_limit, cfg.seed)
-        tx, ty, _ = load_labeled(e.test_path, cfg.data.image_size, e.test_limit, cfg.seed + 1)
-        return {"probe": (px, py), "test": (tx, ty),
-                "description": f"probe {e.probe_path} ({len(py)}), test {e.test_path} ({len(ty)})"}
-    if cfg.data.source == "fashion-mnist":
-        px, py = fashion_mnist_split("public", cfg.data.path)
-        tx, ty = fashion_mnist_split("test", cfg.data.path)
-        px, py = px[: e.probe_limit], py[: e.probe_limit]
-        tx, ty = tx[: e.test_limit], ty[: e.test_limit]
-        return {"probe": (px, py), "test": (tx, ty),
-                "description": f"Fashion-MNIST probe = public train[0:{len(py)}], test = t10k[0:{len(ty)}]"}
-    raise EvalSkipped(
-        f"data.source={cfg.data.source} has no labeled probe split: set eval.probe_path and eval.test_path "
-        "to folders with one subfolder per class (or Parquet with image and label columns)"
-    )
-
-
 def score_backbone(state: Optional[dict], arch: str, image_size: int, data: dict, epochs: int,
                    seed: int = 0, use_gpu: bool = False) -> dict:
     """Linear-probe accuracy of a student backbone (``state`` None: random init, seeded)."""

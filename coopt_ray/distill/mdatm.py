@@ -193,11 +193,12 @@ class Matcher:
     labels (M1). ``step`` is one matching iteration against a randomly drawn expert and start epoch."""
 
     def __init__(self, x: torch.Tensor, labels: torch.Tensor, classes: int, lr_img: float, lr_lr: float,
-                 lr_init: float = 0.01, width: int = 128):
+                 lr_init: float = 0.01, width: int = 128, bounds: Optional[tuple] = None):
         self.x = x.detach().clone().requires_grad_(True)
         self.labels = labels.clone()
         self.syn_lr = torch.tensor(float(lr_init), requires_grad=True)
-        self.model = expert_net(classes, x.shape[1], x.shape[2], width)
+        self.model = expert_net(classes, x.shape[1], x.shape[2], width).to(x.device)
+        self.bounds = bounds  # per-channel (lo, hi) the images are kept in: the valid pixel range, normalised
         self.opt_img = torch.optim.SGD([self.x], lr=lr_img, momentum=0.5)
         self.opt_lr = torch.optim.SGD([self.syn_lr], lr=lr_lr, momentum=0.5)
 
@@ -222,6 +223,8 @@ class Matcher:
         self.opt_lr.step()
         with torch.no_grad():
             self.syn_lr.clamp_(min=1e-6)  # a negative step size would ascend the student's loss
+            if self.bounds is not None:
+                self.x.copy_(torch.maximum(torch.minimum(self.x, self.bounds[1]), self.bounds[0]))
         return {"loss": float(loss.detach()), "start_epoch": start_ep, "expert": e, "syn_lr": float(self.syn_lr.detach())}
 
     def state_dict(self) -> dict:
@@ -238,3 +241,29 @@ class Matcher:
         self.labels = state["labels"].clone()
         self.opt_img.load_state_dict(state["opt_img"])
         self.opt_lr.load_state_dict(state["opt_lr"])
+
+
+# ---------------------------------------------------------------- the challenge's scorer
+def score_synthetic(x: torch.Tensor, y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor, classes: int,
+                    epochs: int, seed: int, width: int = 128, lr: float = 0.01, batch: int = 256) -> float:
+    """Test accuracy of a fresh ConvNet-3 trained on ``(x, y)`` as the ECCV 2024 challenge scores a synthetic set:
+    SGD (momentum 0.9, weight decay 5e-4), lr / 10 at half the epochs, DSA views, cross-entropy."""
+    torch.manual_seed(seed)
+    gen, aug = torch.Generator().manual_seed(seed), DSA()
+    model = expert_net(classes, x.shape[1], x.shape[2], width).to(x.device)
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
+    sched = torch.optim.lr_scheduler.MultiStepLR(opt, [epochs // 2], 0.1)
+    for _ in range(epochs):
+        order = torch.randperm(len(x), generator=gen)
+        for s in range(0, len(x), batch):
+            idx = order[s:s + batch]
+            loss = F.cross_entropy(model(aug(x[idx], gen)), y[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        sched.step()
+    model.eval()
+    with torch.no_grad():
+        hits = sum(int((model(test_x[s:s + 1024]).argmax(1) == test_y[s:s + 1024]).sum())
+                   for s in range(0, len(test_x), 1024))
+    return hits / len(test_x)

@@ -1,4 +1,5 @@
-"""`coopt distill`: shrink RUN/optimized to M synthetic rows (KRR-ST) on Ray Train -> RUN/distilled/krr-st/.
+"""`coopt distill`: shrink RUN/optimized to M synthetic rows (KRR-ST) on Ray Train -> RUN/distilled/krr-st/
+(``method: mdatm``, labeled images -> RUN/distilled/mdatm/, is mdatm_stage.py).
 
 The driver standardises the targets (per dimension, as the student does), draws the M initial rows (seeded),
 plans the workers (``distill.workers``, ``use_gpu``, ``cpus_per_worker``: the same planner as the student) and
@@ -21,6 +22,7 @@ import numpy as np
 
 from ..cluster import cluster_nodes, driver_node_id, fit_torch_trainer, init_ray, plan_workers
 from ..config import Config, ConfigError
+from ..config_distill import distill_view
 from ..embeddings import column_matrix
 from ..images import decode_image, encode_png, resize_rgb
 from ..rows import read_targets, training_dataset
@@ -36,7 +38,7 @@ def distill_fingerprint(cfg: Config, manifest: dict, resumable: bool = False) ->
     """What a finished distillation depends on (``resumable``: what its checkpoints depend on, without the
     number of steps and the logging). Workers and devices are left out: they do not change what is learned
     in expectation, and a cluster that grows must be able to finish a run."""
-    d = dataclasses.asdict(cfg.distill)
+    d = distill_view(cfg.distill)
     for k in ("use_gpu", "cpus_per_worker", "log_every") + (("steps", "checkpoint_every") if resumable else ()):
         d.pop(k)
     blob = json.dumps({"distill": d, "optimized": manifest.get("fingerprint"), "image_size": cfg.data.image_size,
@@ -93,8 +95,13 @@ def write_distilled(out: Path, x: np.ndarray, y: np.ndarray, init_ids: list[str]
 
 def run_distill(cfg: Config, run: str | os.PathLike, address: Optional[str] = None,
                 log: Callable[[str], None] = print) -> dict:
-    """The distill stage: RUN/distilled/<method>/{data/, distill.json, _DONE.json}; returns distill.json."""
+    """The distill stage: RUN/distilled/<method>/{data/, distill.json, _DONE.json}; returns distill.json.
+    ``method: mdatm`` distills labeled images instead (mdatm_stage.py) and needs no optimize run."""
     run, d = Path(run), cfg.distill
+    if d.method == "mdatm":
+        from .mdatm_stage import run_mdatm
+
+        return run_mdatm(cfg, run, address, log)
     if not (run / MANIFEST).exists() or not (run / OPTIMIZED).is_dir():
         raise RunError(f"{run} has no optimized dataset; run `coopt optimize --config CFG --out {run}` first")
     manifest = json.loads((run / MANIFEST).read_text())

@@ -1,0 +1,128 @@
+"""The ``distill:`` section of the YAML schema: KRR-ST (unlabeled, on RUN/optimized) and M-DATM (labeled)."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Optional
+
+from .errors import ConfigError
+
+DISTILL_METHODS = ("krr-st", "mdatm")
+COMMON_KEYS = ("method", "workers", "use_gpu", "cpus_per_worker", "checkpoint_every", "log_every")
+KRR_KEYS = ("size", "steps", "lr", "lr_final", "real_batch", "pool_size", "pool_width", "pool_steps", "pool_lr")
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    """KRR-ST (Lee et al., ICLR 2024) on RUN/optimized; defaults are the paper's except ``steps`` (160,000).
+    M-DATM (Zhou et al. 2024) on labeled images; defaults are DATM's CIFAR-10 IPC 10 ones, range (0, 20)."""
+    method: str = "krr-st"
+    size: int = 1000             # M synthetic rows, initialised from M real rows of RUN/optimized
+    steps: int = 2000            # outer steps
+    lr: float = 1.0e-4           # AdamW on the synthetic images and targets (weight decay 0)
+    lr_final: float = 1.0e-3     # LinearLR end factor over ``steps``
+    real_batch: int = 1024       # real rows per step (split over the workers)
+    pool_size: int = 10          # ConvNets in the model pool (split over the workers)
+    pool_width: int = 128        # ConvNet widths width-2width-4width (the paper's 128-256-512)
+    pool_steps: int = 1000       # a pool model is re-initialised after this many SGD steps of its own
+    pool_lr: float = 0.1         # the pool models' full-batch SGD on (X_s, Y_s)
+    workers: int = 1             # Ray Train workers (krr-st); 0 = in-process
+    use_gpu: bool = False        # krr-st: per Ray Train worker; mdatm: one GPU per expert / matching task
+    cpus_per_worker: Optional[float] = None  # mdatm: CPUs per expert / scorer task (default 1)
+    checkpoint_every: int = 100  # outer steps (mdatm: iterations) between checkpoints
+    log_every: int = 20          # outer steps (mdatm: iterations) between progress lines
+    # ---- M-DATM (method: mdatm): labeled images -> ipc images per class, hard labels in class order
+    ipc: int = 10                # synthetic images per class
+    labeled_path: Optional[str] = None   # a labeled folder / Parquet; default the Fashion-MNIST train split
+    labeled_limit: Optional[int] = None  # a seeded random subset of the labeled images
+    experts: int = 10            # E expert trajectories, one Ray task each
+    expert_epochs: Optional[int] = None  # default T+ + expert_steps, the last epoch matching can reach
+    expert_lr: float = 0.01      # the experts' SGD (no momentum); also the synthetic step size's start
+    expert_batch: int = 256
+    width: int = 128             # the ConvNet-3 of the experts, the matching and the scorer
+    syn_steps: int = 80          # N unrolled student steps per iteration
+    expert_steps: int = 2        # M expert epochs the N steps must cover
+    range: list = field(default_factory=lambda: [0, 20])  # (T-, T+): start epochs (M-DATM's narrow range)
+    range_start: Optional[int] = None    # T, the start bound U's first value (default the middle of range)
+    range_grow: Optional[int] = None     # iterations over which U grows from T to T+ (default iterations // 2)
+    iterations: int = 5000
+    lr_img: float = 100.0        # SGD (momentum 0.5) on the synthetic images
+    lr_lr: float = 1.0e-5        # SGD (momentum 0.5) on the synthetic step size
+    batch_syn: Optional[int] = None      # synthetic images per unrolled step (default all of them)
+    eval_runs: int = 3           # the scorer: fresh ConvNet-3s trained on the synthetic set, averaged
+    eval_epochs: int = 1000      # the scorer's epochs (lr / 10 at half)
+
+
+def distill_view(d: DistillConfig) -> dict:
+    """The keys the configured method reads (krr-st's view is the section as it was before mdatm existed, so
+    existing runs keep their fingerprints)."""
+    full = dataclasses.asdict(d)
+    if d.method == "krr-st":
+        return {k: full[k] for k in COMMON_KEYS + KRR_KEYS}
+    return {k: v for k, v in full.items() if k not in KRR_KEYS}
+
+
+def expert_epochs(d: DistillConfig) -> int:
+    """The epochs each expert trains: ``expert_epochs``, or T+ + M."""
+    return d.expert_epochs if d.expert_epochs is not None else d.range[1] + d.expert_steps
+
+
+def check_distill(d: DistillConfig) -> None:
+    """Reject bad ``distill:`` values with the key's name."""
+    if d.method not in DISTILL_METHODS:
+        raise ConfigError(f"'distill.method' must be one of {', '.join(DISTILL_METHODS)}, got {d.method!r}")
+    for k in ("checkpoint_every", "log_every"):
+        if getattr(d, k) < 1:
+            raise ConfigError(f"'distill.{k}' must be >= 1, got {getattr(d, k)}")
+    if d.cpus_per_worker is not None and (isinstance(d.cpus_per_worker, bool)
+                                          or not isinstance(d.cpus_per_worker, (int, float)) or d.cpus_per_worker <= 0):
+        raise ConfigError(f"'distill.cpus_per_worker' must be a number > 0, got {d.cpus_per_worker!r}")
+    if d.workers < 0:
+        raise ConfigError(f"'distill.workers' must be >= 0, got {d.workers}")
+    (_check_krr if d.method == "krr-st" else _check_mdatm)(d)
+
+
+def _check_krr(d: DistillConfig) -> None:
+    for k in ("size", "steps", "real_batch", "pool_size", "pool_width"):
+        if getattr(d, k) < 1:
+            raise ConfigError(f"'distill.{k}' must be >= 1, got {getattr(d, k)}")
+    if d.size < 2:
+        raise ConfigError(f"'distill.size' must be >= 2, got {d.size}")
+    if d.pool_steps < 0:
+        raise ConfigError(f"'distill.pool_steps' must be >= 0 (0: a fresh network every step), got {d.pool_steps}")
+    for k in ("lr", "pool_lr"):
+        if getattr(d, k) <= 0:
+            raise ConfigError(f"'distill.{k}' must be > 0, got {getattr(d, k)}")
+    if not 0 < d.lr_final <= 1:
+        raise ConfigError(f"'distill.lr_final' must be in (0, 1], got {d.lr_final}")
+    if d.pool_size < max(1, d.workers) or d.real_batch < max(1, d.workers):
+        raise ConfigError(f"'distill.pool_size' and 'distill.real_batch' must be >= distill.workers ({d.workers}): "
+                          f"every worker owns pool models and real rows, got {d.pool_size} and {d.real_batch}")
+
+
+def _check_mdatm(d: DistillConfig) -> None:
+    for k in ("ipc", "experts", "expert_batch", "width", "syn_steps", "expert_steps", "iterations", "eval_epochs"):
+        if getattr(d, k) < 1:
+            raise ConfigError(f"'distill.{k}' must be >= 1, got {getattr(d, k)}")
+    if d.eval_runs < 0:
+        raise ConfigError(f"'distill.eval_runs' must be >= 0 (0: no scoring), got {d.eval_runs}")
+    for k in ("expert_lr", "lr_img", "lr_lr"):
+        if getattr(d, k) <= 0:
+            raise ConfigError(f"'distill.{k}' must be > 0, got {getattr(d, k)}")
+    r = d.range
+    if (not isinstance(r, (list, tuple)) or len(r) != 2 or not all(isinstance(v, int) and not isinstance(v, bool)
+                                                                    for v in r) or not 0 <= r[0] <= r[1]):
+        raise ConfigError(f"'distill.range' must be [T-, T+], two integers with 0 <= T- <= T+, got {r!r}")
+    if d.range_start is not None and not r[0] <= d.range_start <= r[1]:
+        raise ConfigError(f"'distill.range_start' must lie in distill.range {list(r)}, got {d.range_start}")
+    if d.range_grow is not None and d.range_grow < 0:
+        raise ConfigError(f"'distill.range_grow' must be >= 0 (0: the whole range at once), got {d.range_grow}")
+    if d.expert_epochs is not None and d.expert_epochs < r[1] + d.expert_steps:
+        raise ConfigError(f"'distill.expert_epochs' ({d.expert_epochs}) must be >= T+ + expert_steps "
+                          f"({r[1]} + {d.expert_steps}): matching reads the experts' epoch T+ + M")
+    if d.batch_syn is not None and d.batch_syn < 1:
+        raise ConfigError(f"'distill.batch_syn' must be >= 1, got {d.batch_syn}")
+    for k in ("labeled_limit",):
+        v = getattr(d, k)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+            raise ConfigError(f"'distill.{k}' must be a positive integer, got {v!r}")
