@@ -136,7 +136,7 @@ def plot(res: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def main(argv=None) -> None:
+def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="smoke check")
     ap.add_argument("--full", action="store_true", help="the GPU protocol")
@@ -144,10 +144,12 @@ def main(argv=None) -> None:
     ap.add_argument("--ipcs", default="1,10")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--work", default=str(ROOT / "runs" / "bench-mdatm"))
+    ap.add_argument("--results", default=str(RESULTS), help="where the JSON and plots go")
     args = ap.parse_args(argv)
     name = "quick" if args.quick else "full" if args.full else "cpu"
     protocol, ipcs = PROTOCOLS[name], [int(v) for v in args.ipcs.split(",")]
-    work = fresh_dir(Path(args.work) / name)
+    work, out = fresh_dir(Path(args.work) / name), Path(args.results)
+    out.mkdir(parents=True, exist_ok=True)
     t_all = time.time()
     start_ray()
 
@@ -189,7 +191,8 @@ def main(argv=None) -> None:
         runs = dict(zip(ipcs, pool.map(one, ipcs)))
     res = {"protocol": name, "machine": machine(), "settings": {"common": protocol["common"],
                                                                  "ipc": {str(i): protocol["ipc"][i] for i in ipcs},
-                                                                 "labeled": splits["description"], "seed": args.seed},
+                                                                 "labeled": splits["description"], "seed": args.seed,
+                                                                 "speedup": protocol["speedup"]},
            "anchors": ANCHORS, "expert_speedup": speed, "expert_seconds": round(expert_seconds, 2), "ipc": {}}
     e = d0.experts
     res["expert_speedup"]["projection_gpus"] = {g: round(e / -(-e // g), 2) for g in (1, 2, 4, 8)}
@@ -206,12 +209,13 @@ def main(argv=None) -> None:
         log(f"[bench] IPC {i}: M-DATM {100 * np.mean(r['scores']):.2f} vs random {100 * np.mean(rnd):.2f} "
             f"({res['ipc'][str(i)]['gain_points']:+.2f} points)")
         shutil.copy(Path(r["data"]).parent / "images.png",
-                    RESULTS / f"distill_labeled{'' if name == 'cpu' else '_' + name}_ipc{i}.png")
+                    out / f"distill_labeled{'' if name == 'cpu' else '_' + name}_ipc{i}.png")
     res["seconds"] = round(time.time() - t_all, 1)
     stem = "distill_labeled" + ("" if name == "cpu" else f"_{name}")
-    write_json(RESULTS / f"{stem}.json", res)
-    plot(res, RESULTS / f"{stem}.png")
-    log(f"[bench] wrote {RESULTS / (stem + '.json')} in {res['seconds']:.0f} s")
+    write_json(out / f"{stem}.json", res)
+    plot(res, out / f"{stem}.png")
+    log(f"[bench] wrote {out / (stem + '.json')} in {res['seconds']:.0f} s")
+    return res
 
 
 if __name__ == "__main__":

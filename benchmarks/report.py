@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 from common import RESULTS, ROOT
+from report_labeled import labeled_goal_rows, labeled_table
 
 BEGIN, END = "<!-- generated:results:begin (benchmarks/report.py --readme) -->", "<!-- generated:results:end -->"
 NAMES = {
@@ -245,7 +246,7 @@ def rounds_table(r: dict) -> str:
     return "\n".join(lines)
 
 
-def goals_table(fid, ali, cri, thr, mem, dis=None, rnd=None) -> str:
+def goals_table(fid, ali, cri, thr, mem, dis=None, rnd=None, lab=None) -> str:
     rows = []
 
     def row(goal, target, measured, ok):
@@ -313,12 +314,14 @@ def goals_table(fid, ali, cri, thr, mem, dis=None, rnd=None) -> str:
                 ">= +1.5 points, beyond the std", f"{v['gain_mean']:+.2f} ± {v['gain_std']:.2f}", v["goal_gain_1_5"])
             row(f"rounds, {arm}: no round below round 1", "every round", f"worst {v['worst_round_vs_first']:+.2f}",
                 v["goal_no_round_below_first"])
+    if lab:
+        labeled_goal_rows(lab, row)
     return "\n".join(["| goal | target | measured | status |", "| --- | --- | --- | --- |"] + rows)
 
 
 def render() -> str:
     fid, ali, cri, thr, mem = load("fidelity"), load("alignment"), load("criteria"), load("throughput"), load("memory")
-    dis, rnd = load("distill"), load("rounds")
+    dis, rnd, lab = load("distill"), load("rounds"), load("distill_labeled_full") or load("distill_labeled")
     parts = []
     if fid:
         parts += ["### Fidelity", "", fidelity_tables(fid)]
@@ -335,7 +338,9 @@ def render() -> str:
             parts += ["", lev]
     if rnd:
         parts += ["", "### Continual rounds", "", rounds_table(rnd)]
-    parts += ["", "### Against the goals", "", goals_table(fid, ali, cri, thr, mem, dis, rnd)]
+    if lab:
+        parts += ["", "### Labeled distillation (M-DATM)", "", labeled_table(lab)]
+    parts += ["", "### Against the goals", "", goals_table(fid, ali, cri, thr, mem, dis, rnd, lab)]
     return "\n".join(parts) + "\n"
 
 

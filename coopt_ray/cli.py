@@ -118,6 +118,12 @@ def cmd_report(args) -> int:
 
         _log(f"[report] {write_rounds_report(Path(args.run), summary)} (each round's own: RUN/rounds/<r>/report/)")
         return 0
+    mdatm = Path(args.run) / "distilled" / "mdatm"
+    if not (Path(args.run) / MANIFEST).exists() and (mdatm / "distill.json").exists():  # an M-DATM-only RUN
+        from .distill.mdatm_stage import rebuild_report
+
+        _log(f"[report] {rebuild_report(mdatm)}")
+        return 0
     build_report(args.run, log=_log)
     return 0
 

@@ -54,3 +54,19 @@ def test_make_synthetic_writes_sources_the_pipeline_reads(tmp_path, ray_session)
     b, _ = MS.make_image(8, 1, *MS._base_images())
     assert a != b and a == MS.make_image(7, 1, *MS._base_images())[0] and 0 <= la < 10
     assert decode_image(a).size == (28, 28)
+
+
+def test_labeled_distillation_benchmark_quick_protocol_writes_its_json(tmp_path, ray_session):
+    import distill_labeled as DL
+    from report_labeled import labeled_goal_rows, labeled_table
+
+    r = DL.main(["--quick", "--work", str(tmp_path / "work"), "--results", str(tmp_path / "res")])
+    assert (tmp_path / "res" / "distill_labeled_quick.json").exists() and (tmp_path / "res" / "distill_labeled_quick.png").exists()
+    for i in ("1", "10"):
+        v = r["ipc"][i]
+        assert len(v["mdatm"]["runs"]) == len(v["random"]["runs"]) == 2
+        assert v["gain_points"] == round(100 * (v["mdatm"]["mean"] - v["random"]["mean"]), 2)
+    assert r["expert_speedup"]["speedup"] > 0 and r["expert_speedup"]["projection_gpus"][2] == 2.0
+    rows = []
+    labeled_goal_rows(r, lambda *a: rows.append(a))
+    assert len(rows) == 2 and "IPC 1" in labeled_table(r)

@@ -54,6 +54,8 @@ def test_mdatm_stage_writes_the_labeled_set_skips_when_done_and_resumes_for_more
     lines.clear()
     run_distill(load_config(_cfg(tmp_path)), run, log=lines.append)
     assert any("already done" in s for s in lines) and not any("iteration" in s for s in lines)
+    (out / "report.html").unlink()
+    assert cli.main(["report", "--run", str(run)]) == 0 and "2 per class" in (out / "report.html").read_text()
 
     lines.clear()
     res5 = run_distill(load_config(_cfg(tmp_path, "c5.yaml", iterations=5)), run, log=lines.append)

@@ -56,12 +56,12 @@ def fingerprints(cfg: Config) -> dict:
 def to_tensor(images: np.ndarray, mean=None, std=None):
     """uint8 (N, S, S, 3) -> normalised float NCHW (one channel when every image is grey), with the per-channel
     mean and std (computed from ``images`` unless given)."""
-    x = torch.from_numpy(images).permute(0, 3, 1, 2).float().div_(255.0)
     if mean is None:
         gray = bool((images[..., 0] == images[..., 1]).all() and (images[..., 0] == images[..., 2]).all())
-        x = x[:, :1] if gray else x
+        x = torch.from_numpy(images[..., :1] if gray else images).permute(0, 3, 1, 2).float().div_(255.0)
         mean, std = x.mean((0, 2, 3)).tolist(), x.std((0, 2, 3)).clamp_min(1e-3).tolist()
-    x = x[:, :len(mean)]
+    else:
+        x = torch.from_numpy(images[..., :len(mean)]).permute(0, 3, 1, 2).float().div_(255.0)
     return (x - torch.tensor(mean).view(1, -1, 1, 1)) / torch.tensor(std).view(1, -1, 1, 1), mean, std
 
 
@@ -180,6 +180,15 @@ def read_parquet_images(parts: Path) -> tuple[np.ndarray, np.ndarray]:
     t = pq.read_table(str(parts), columns=["image", "label"])
     imgs = np.stack([np.asarray(decode_image(b), dtype=np.uint8) for b in t.column("image").to_pylist()])
     return imgs, np.asarray(t.column("label").to_pylist(), dtype=np.int64)
+
+
+def rebuild_report(out: Path) -> Path:
+    """``coopt report`` on an M-DATM RUN: report.html again from distill.json and the Parquet."""
+    from .mdatm_report import write_report
+
+    result = json.loads((out / DISTILL_JSON).read_text())
+    imgs, labs = read_parquet_images(out / PARTS)
+    return write_report(out, imgs, labs, result["classes"], result)
 
 
 def run_mdatm(cfg: Config, run: str | os.PathLike, address: Optional[str] = None,
