@@ -15,10 +15,16 @@ def labeled_table(r: dict) -> str:
              f"{c['eval_epochs']} epochs, the same for both rows; random real images are a fresh draw per run. "
              "Test accuracy % on t10k, mean ± std:", "",
              "| set | " + " | ".join(f"IPC {i}" for i in ipcs) + " |", "| --- " * (len(ipcs) + 1) + "|"]
-    for key, name in (("mdatm", "M-DATM (ours, this run)"), ("random", "random real images (this run)")):
+    for key, name in (("mdatm", "M-DATM (ours, this run)"), ("random", "random real images (this run)"),
+                      ("init", "control: the real images M-DATM started from, unchanged (this run)")):
+        if not all(r["ipc"][i].get(key) for i in ipcs):
+            continue
         lines.append(f"| {name} | " + " | ".join(f"{100 * r['ipc'][i][key]['mean']:.2f} ± "
                                                f"{100 * r['ipc'][i][key]['std']:.2f}" for i in ipcs) + " |")
     lines.append("| M-DATM - random, points | " + " | ".join(f"{r['ipc'][i]['gain_points']:+.2f}" for i in ipcs) + " |")
+    if all("matching_gain_points" in r["ipc"][i] for i in ipcs):
+        lines.append("| M-DATM - its starting images, points | " +
+                     " | ".join(f"{r['ipc'][i]['matching_gain_points']:+.2f}" for i in ipcs) + " |")
     for name, v in a.items():
         if "all" in v:
             continue

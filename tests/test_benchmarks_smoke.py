@@ -64,7 +64,7 @@ def test_labeled_distillation_benchmark_quick_protocol_writes_its_json(tmp_path,
     assert (tmp_path / "res" / "distill_labeled_quick.json").exists() and (tmp_path / "res" / "distill_labeled_quick.png").exists()
     for i in ("1", "10"):
         v = r["ipc"][i]
-        assert len(v["mdatm"]["runs"]) == len(v["random"]["runs"]) == 2
+        assert len(v["mdatm"]["runs"]) == len(v["random"]["runs"]) == len(v["init"]["runs"]) == 2
         assert v["gain_points"] == round(100 * (v["mdatm"]["mean"] - v["random"]["mean"]), 2)
     assert r["expert_speedup"]["speedup"] > 0 and r["expert_speedup"]["projection_gpus"][2] == 2.0
     rows = []

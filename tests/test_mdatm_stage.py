@@ -44,6 +44,11 @@ def test_mdatm_stage_writes_the_labeled_set_skips_when_done_and_resumes_for_more
     assert img.size == (16, 16) and res["channels"] == 1  # Fashion-MNIST is grey: one channel
     assert len(res["loss"]) == 3 and res["loss_steps"] == [1, 2, 3] and len(res["experts"]) == 2
     assert len(res["scores"]) == 1 and 0.0 <= res["accuracy"] <= 1.0
+    init = np.asarray(res["init_rows"])  # each synthetic image's starting row, of its own class
+    from coopt_ray.labeled import distill_splits
+
+    labels = distill_splits(load_config(_cfg(tmp_path)))["train"][1]
+    assert len(set(init.tolist())) == 20 and labels[init].tolist() == t.column("label").to_pylist()
     assert json.loads((out / "_DONE.json").read_text())["size"] == 20
     page = (out / "report.html").read_text()
     assert "images.png" in page and "2 per class" in page and (out / "images.png").stat().st_size > 0

@@ -95,7 +95,7 @@ def matching_chunk(ck_dir: str, exp_dir: str, experts: int, start_it: int, count
         x0, history = images[pick].to(dev), []
     else:
         state = torch.load(ck / CKPT.format(start_it), map_location=dev, weights_only=True)
-        x0, history = state["matcher"]["x"], state["history"]
+        x0, history, pick = state["matcher"]["x"], state["history"], state["init"].cpu()
     m = Matcher(x0, y, classes, mc["lr_img"], mc["lr_lr"], mc["expert_lr"], mc["width"], bounds=(lo, hi))
     if start_it:
         m.load_state_dict(state["matcher"])
@@ -107,7 +107,7 @@ def matching_chunk(ck_dir: str, exp_dir: str, experts: int, start_it: int, count
                      t=mc["t"], t_hi=mc["t_hi"], expand_until=mc["grow"], batch_syn=mc["batch_syn"], aug=aug)
         history.append({"iteration": it + 1, **rec, "seconds": round(time.time() - t0, 4)})
     state = {"matcher": m.state_dict(), "iteration": start_it + count, "fingerprint": mc["fingerprint"],
-             "history": history}
+             "history": history, "init": pick}  # init: the labeled rows the images started from
     tmp = ck / (CKPT.format(start_it + count) + ".tmp")
     torch.save(state, tmp)
     os.replace(tmp, ck / CKPT.format(start_it + count))
@@ -279,6 +279,7 @@ def run_mdatm(cfg: Config, run: str | os.PathLike, address: Optional[str] = None
         "score_seconds": round(time.time() - t0, 3), "seconds": round(time.time() - t_start, 3),
         "loss": [h["loss"] for h in history], "loss_steps": [h["iteration"] for h in history],
         "syn_lr": history[-1]["syn_lr"] if history else d.expert_lr, "history": history,
+        "init_rows": state["init"].tolist(),  # per synthetic image, the labeled image (row as loaded) it started from
         "scores": scores, "accuracy": float(np.mean(scores)) if scores else None,
         "accuracy_std": float(np.std(scores)) if scores else None,
         "config": distill_view(d), "fingerprint": fps["done"],
