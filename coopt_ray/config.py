@@ -124,6 +124,7 @@ class Config:
         """Plain-dict form, suitable for YAML/JSON."""
         d = dataclasses.asdict(self)
         d["participants"] = [dataclasses.asdict(p) for p in self.participants]
+        d["distill"]["range"] = list(self.distill.range)
         return d
 
     def fingerprint_view(self) -> dict:

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional
 
 from .errors import ConfigError
@@ -42,7 +42,7 @@ class DistillConfig:
     width: int = 128             # the ConvNet-3 of the experts, the matching and the scorer
     syn_steps: int = 80          # N unrolled student steps per iteration
     expert_steps: int = 2        # M expert epochs the N steps must cover
-    range: list = field(default_factory=lambda: [0, 20])  # (T-, T+): start epochs (M-DATM's narrow range)
+    range: tuple = (0, 20)       # [T-, T+]: start epochs (M-DATM's narrow range); a YAML list becomes a tuple
     range_start: Optional[int] = None    # T, the start bound U's first value (default the middle of range)
     range_grow: Optional[int] = None     # iterations over which U grows from T to T+ (default iterations // 2)
     iterations: int = 5000
@@ -51,6 +51,10 @@ class DistillConfig:
     batch_syn: Optional[int] = None      # synthetic images per unrolled step (default all of them)
     eval_runs: int = 3           # the scorer: fresh ConvNet-3s trained on the synthetic set, averaged
     eval_epochs: int = 1000      # the scorer's epochs (lr / 10 at half)
+
+    def __post_init__(self):
+        if isinstance(self.range, list):  # keep the config hashable, as a frozen dataclass should be
+            object.__setattr__(self, "range", tuple(self.range))
 
 
 def distill_view(d: DistillConfig) -> dict:
