@@ -17,6 +17,7 @@ CPU protocol (the committed numbers, 2 cores, ~25 min):
 GPU protocol (a device machine; the paper's widths and lengths):
     python benchmarks/distill_labeled.py --full --use-gpu
     python benchmarks/distill_labeled.py --quick     # smoke check, ~1 min
+    python benchmarks/distill_labeled.py --plot-only # the plot again from the JSON
 Writes benchmarks/results/distill_labeled[_quick|_full].json and .png.
 """
 from __future__ import annotations
@@ -115,10 +116,12 @@ def plot(res: dict, path: Path) -> None:
     ipcs = sorted(res["ipc"], key=int)
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     ax = axes[0]
-    for j, (key, label) in enumerate((("random", "random real"), ("mdatm", "M-DATM (ours)"))):
+    bars = [(k, lab) for k, lab in (("random", "random real"), ("init", "control: M-DATM's starting images"),
+                                     ("mdatm", "M-DATM (ours)")) if all(res["ipc"][i].get(k) for i in ipcs)]
+    for j, (key, label) in enumerate(bars):
         m = [100 * res["ipc"][i][key]["mean"] for i in ipcs]
         s = [100 * res["ipc"][i][key]["std"] for i in ipcs]
-        ax.bar(np.arange(len(ipcs)) + (j - 0.5) * 0.35, m, 0.35, yerr=s, label=label, capsize=3)
+        ax.bar(np.arange(len(ipcs)) + (j - (len(bars) - 1) / 2) * 0.27, m, 0.27, yerr=s, label=label, capsize=3)
     for name, mark in (("DSA", "k_"), ("KIP images -> ConvNet", "r_")):
         ax.plot(range(len(ipcs)), [ANCHORS[name].get(int(i), np.nan) for i in ipcs], mark, ms=30, mew=2,
                 label=f"{name} (published)")
@@ -148,8 +151,16 @@ def main(argv=None) -> dict:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--work", default=str(ROOT / "runs" / "bench-mdatm"))
     ap.add_argument("--results", default=str(RESULTS), help="where the JSON and plots go")
+    ap.add_argument("--plot-only", action="store_true", help="redraw the plot from the protocol's JSON")
     args = ap.parse_args(argv)
     name = "quick" if args.quick else "full" if args.full else "cpu"
+    if args.plot_only:
+        import json
+
+        stem = Path(args.results) / ("distill_labeled" + ("" if name == "cpu" else f"_{name}"))
+        res = json.loads(stem.with_suffix(".json").read_text())
+        plot(res, stem.with_suffix(".png"))
+        return res
     protocol, ipcs = PROTOCOLS[name], [int(v) for v in args.ipcs.split(",")]
     work, out = fresh_dir(Path(args.work) / name), Path(args.results)
     out.mkdir(parents=True, exist_ok=True)

@@ -12,7 +12,7 @@ def labeled_table(r: dict) -> str:
     lines = [f"{r['protocol'].upper()} protocol: {r['settings']['labeled']}; {c['experts']} experts x "
              f"{c['expert_epochs']} epochs, ConvNet-3 width {c['width']}, N = {c['syn_steps']}, M = "
              f"{c['expert_steps']}, lr_img {c['lr_img']:g}; {per}. Scorer: {c['eval_runs']} runs of "
-             f"{c['eval_epochs']} epochs, the same for both rows; random real images are a fresh draw per run. "
+             f"{c['eval_epochs']} epochs, the same for every row; random real images are a fresh draw per run. "
              "Test accuracy % on t10k, mean ± std:", "",
              "| set | " + " | ".join(f"IPC {i}" for i in ipcs) + " |", "| --- " * (len(ipcs) + 1) + "|"]
     for key, name in (("mdatm", "M-DATM (ours, this run)"), ("random", "random real images (this run)"),
