@@ -100,6 +100,9 @@ def distill_splits(cfg) -> dict:
     d, e, size = cfg.distill, cfg.eval, cfg.data.image_size
     if d.labeled_path:
         x, y, classes = load_labeled(d.labeled_path, size, d.labeled_limit, cfg.seed)
+        names = _label_names(y, classes)
+        classes = [c for c in classes if c in set(names)]  # M-DATM's labels are 0..K-1 over the classes present
+        y = np.asarray([classes.index(n) for n in names], dtype=np.int64)
         train_desc = f"{d.labeled_path} ({len(y)} images)"
     elif cfg.data.source == "fashion-mnist":
         x, y = load_fashion_mnist("train", cfg.data.path)
@@ -111,7 +114,12 @@ def distill_splits(cfg) -> dict:
                           "set distill.labeled_path to a folder with one subfolder per class (or Parquet with "
                           "image and label columns)")
     if e.test_path:
-        tx, ty, _ = load_labeled(e.test_path, size, e.test_limit, cfg.seed + 1)
+        tx, ty, tclasses = load_labeled(e.test_path, size, e.test_limit, cfg.seed + 1)
+        tnames = _label_names(ty, tclasses)
+        unknown = sorted(set(tnames) - set(classes))
+        if unknown:
+            raise EvalSkipped(f"eval.test_path {e.test_path} has classes the labeled images lack: {unknown[:5]}")
+        ty = np.asarray([classes.index(n) for n in tnames], dtype=np.int64)
         test_desc = f"{e.test_path} ({len(ty)} images)"
     elif cfg.data.source == "fashion-mnist" and not d.labeled_path:
         tx, ty = fashion_mnist_split("test", cfg.data.path)
@@ -121,3 +129,10 @@ def distill_splits(cfg) -> dict:
         raise EvalSkipped("distill.labeled_path is set: set eval.test_path to its labeled test split as well")
     return {"train": (x, y), "test": (tx, ty), "classes": classes,
             "description": f"train {train_desc}, test {test_desc}"}
+
+
+def _label_names(y: np.ndarray, classes: list) -> list:
+    """Each label's class name: a class folder's name (labels index ``classes``), or for Parquet, whose
+    ``classes`` are its label values as strings, the value itself."""
+    values = [str(v) for v in sorted(set(y.tolist()))]
+    return [str(v) for v in y.tolist()] if classes == values else [classes[v] for v in y.tolist()]

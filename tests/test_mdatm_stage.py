@@ -156,3 +156,34 @@ def test_the_krr_fingerprint_ignores_the_mdatm_keys_and_the_labeled_splits_resiz
     s = distill_splits(m)
     assert s["train"][0].shape == (30, 16, 16, 3) and s["test"][0].shape == (200, 16, 16, 3)
     assert s["train"][0].dtype == np.uint8 and len(s["classes"]) == 10
+
+
+def test_a_labeled_parquet_source_maps_its_labels_to_classes_and_the_test_split_follows(tmp_path):
+    import pyarrow as pa
+
+    from coopt_ray.images import encode_png
+    from coopt_ray.labeled import EvalSkipped, distill_splits
+
+    def parquet(path, labels):
+        img = encode_png(np.full((8, 8), 100, np.uint8))
+        path.mkdir()
+        pq.write_table(pa.table({"image": [img] * len(labels), "label": labels}), path / "part-0.parquet")
+
+    parquet(tmp_path / "train", [3, 7, 7, 12, 3, 12])
+    parquet(tmp_path / "test", [12, 3])
+    cfg = load_config(_cfg(tmp_path, labeled_path=str(tmp_path / "train"), labeled_limit=None))
+    with pytest.raises(EvalSkipped, match="set eval.test_path"):
+        distill_splits(cfg)
+    cfg = load_config(write_config(tmp_path / "p.yaml", ["local-dir:/unused"], data={"image_size": 16},
+                                   distill={**TINY, "labeled_path": str(tmp_path / "train")},
+                                   eval={"test_path": str(tmp_path / "test")}))
+    s = distill_splits(cfg)
+    names = [s["classes"][i] for i in s["train"][1]]
+    assert sorted(s["classes"], key=int) == ["3", "7", "12"] and sorted(names) == ["12", "12", "3", "3", "7", "7"]
+    assert sorted(s["classes"][i] for i in s["test"][1]) == ["12", "3"] and s["train"][0].shape[1:] == (16, 16, 3)
+    parquet(tmp_path / "test2", [5])
+    cfg2 = load_config(write_config(tmp_path / "q.yaml", ["local-dir:/unused"],
+                                    distill={**TINY, "labeled_path": str(tmp_path / "train")},
+                                    eval={"test_path": str(tmp_path / "test2")}))
+    with pytest.raises(EvalSkipped, match=r"classes the labeled images lack: \['5'\]"):
+        distill_splits(cfg2)
