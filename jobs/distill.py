@@ -1,7 +1,10 @@
-"""Ray job entrypoint: distill a finished optimize run's RUN/optimized into RUN/distilled/<method>/ (KRR-ST).
+"""Ray job entrypoint: distill into RUN/distilled/<method>/: KRR-ST on a finished optimize run's RUN/optimized,
+or M-DATM (``distill.method: mdatm``) on labeled images, which needs no optimize run.
 
     ray job submit --working-dir . -- python jobs/distill.py --config configs/fashion-mnist-distill.yaml \
         --out /mnt/shared/runs/fmnist
+    ray job submit --working-dir . -- python jobs/distill.py --config configs/fashion-mnist-mdatm.yaml \
+        --out /mnt/shared/runs/fmnist-mdatm
 """
 from __future__ import annotations
 
@@ -14,7 +17,7 @@ def run(argv=None) -> None:
     from coopt_ray.distill.stage import distilled_dir, run_distill
 
     args = parse_args("coopt distill as a Ray job (after jobs/optimize.py on the same --out)", argv)
-    cfg, out = load(args, check_models=False)  # distillation reads RUN/optimized; no teacher runs
+    cfg, out = load(args, check_models=False)  # distillation reads RUN/optimized or labeled images; no teacher runs
     res = run_distill(cfg, out, address=args.address, log=log)
     d = distilled_dir(out, cfg.distill.method)
     log(f"[job] distilled set: {d / 'data'} ({res['size']} rows, loss {res['loss'][0]:.4f} -> {res['loss'][-1]:.4f})")
