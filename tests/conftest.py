@@ -72,10 +72,11 @@ def forbid_ray_start(monkeypatch, why: str = "Ray was started for a bad config")
     def boom(*a, **k):
         raise AssertionError(why)
 
-    for info in pkgutil.walk_packages(coopt_ray.__path__, prefix="coopt_ray."):
-        if info.name.endswith("__main__"):
-            continue
-        mod = importlib.import_module(info.name)
+    # Import every module before patching any: a module first imported after coopt_ray.cluster was patched
+    # would bind the patch as its own ``init_ray``, and the undo would then "restore" the patch for good.
+    mods = [importlib.import_module(info.name) for info in pkgutil.walk_packages(coopt_ray.__path__, prefix="coopt_ray.")
+            if not info.name.endswith("__main__")]
+    for mod in mods:
         if hasattr(mod, "init_ray"):
             monkeypatch.setattr(mod, "init_ray", boom)
 
