@@ -46,6 +46,20 @@ def write_json_atomic(path: Path, obj) -> None:
     os.replace(tmp, path)
 
 
+def write_parts_atomic(out: Path, table) -> Path:
+    """``out/data/part-0.parquet`` from a pyarrow ``table``: written to ``data.tmp/`` and renamed over ``data/``,
+    so a reader never sees half a set."""
+    import pyarrow.parquet as pq
+
+    tmp, final = out / (DISTILLED_PARTS + ".tmp"), out / DISTILLED_PARTS
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    pq.write_table(table, tmp / "part-0.parquet")
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    return final
+
+
 def read_json(path: Path) -> Optional[dict]:
     """A JSON file's content, or None when it does not exist."""
     return json.loads(path.read_text()) if path.exists() else None

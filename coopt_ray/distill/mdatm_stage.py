@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import time
 from pathlib import Path
 from typing import Callable, Optional
@@ -25,7 +24,9 @@ from ..config import Config, ConfigError
 from ..config_distill import distill_view, expert_epochs
 from ..images import decode_image, encode_png
 from ..labeled import EvalSkipped, distill_splits
-from ..rundir import DISTILLED, DISTILLED_PARTS as PARTS, DONE, prepare_run_dir, read_done, write_json_atomic
+from ..models import pick_device
+from ..rundir import (DISTILLED, DISTILLED_PARTS as PARTS, DONE, prepare_run_dir, read_done, write_json_atomic,
+                      write_parts_atomic)
 from .mdatm import DSA, Matcher, correctly_classified, hard_labels, score_synthetic
 from .mdatm_experts import load_trajectories, run_experts
 
@@ -72,17 +73,13 @@ def to_uint8(x: torch.Tensor, mean, std) -> np.ndarray:
     return arr[..., 0] if arr.shape[-1] == 1 else arr
 
 
-def _device(use_gpu: bool) -> torch.device:
-    return torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
-
-
 def matching_chunk(ck_dir: str, exp_dir: str, experts: int, start_it: int, count: int, mc: dict, images, labels,
                    threads: int = 1) -> list[dict]:
     """Iterations ``start_it`` .. ``start_it + count - 1`` of the matching (a Ray task). Starts from checkpoint
     ``start_it`` (or initialises from correctly classified real images when ``start_it`` is 0), writes checkpoint
     ``start_it + count`` and returns the iterations' records."""
     torch.set_num_threads(max(1, threads))
-    dev = _device(mc["use_gpu"])
+    dev = torch.device(pick_device(mc["use_gpu"]))
     traj = [t.to(dev) for t in load_trajectories(Path(exp_dir), experts)]
     classes, ipc = mc["classes"], mc["ipc"]
     y = hard_labels(classes, ipc).to(dev)
@@ -132,7 +129,7 @@ def latest_matching(ck: Path, fingerprint: str, upto: int, log) -> tuple[int, li
 
 def score_task(x, y, tx, ty, classes: int, epochs: int, seed: int, width: int, use_gpu: bool, threads: int) -> float:
     torch.set_num_threads(max(1, threads))
-    dev = _device(use_gpu)
+    dev = torch.device(pick_device(use_gpu))
     return score_synthetic(x.to(dev), y.to(dev), tx.to(dev), ty.to(dev), classes, epochs, seed, width)
 
 
@@ -158,19 +155,12 @@ def score_sets(sets: dict, test, classes: int, d, seed: int, log) -> dict:
 def write_parquet(out: Path, pixels: np.ndarray, labels: np.ndarray, class_names: list) -> Path:
     """RUN/distilled/mdatm/data/part-0.parquet: id, image (PNG), label, class; written aside and renamed."""
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
     table = pa.table({"id": [f"{METHOD}/{i:06d}" for i in range(len(pixels))],
                       "image": pa.array([encode_png(p) for p in pixels], pa.binary()),
                       "label": pa.array(labels.tolist(), pa.int64()),
                       "class": [class_names[c] for c in labels.tolist()]})
-    tmp, final = out / (PARTS + ".tmp"), out / PARTS
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    pq.write_table(table, tmp / "part-0.parquet")
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    return final
+    return write_parts_atomic(out, table)
 
 
 def read_parquet_images(parts: Path) -> tuple[np.ndarray, np.ndarray]:

@@ -13,7 +13,6 @@ import dataclasses
 import hashlib
 import json
 import os
-import shutil
 import time
 from pathlib import Path
 from typing import Callable, Optional
@@ -26,8 +25,8 @@ from ..config_distill import distill_view
 from ..embeddings import column_matrix
 from ..images import decode_image, encode_png, resize_rgb
 from ..rows import read_targets, training_dataset
-from ..rundir import (DISTILLED, DISTILLED_PARTS as PARTS, DONE, MANIFEST, OPTIMIZED, RunError, prepare_run_dir, read_done,
-                      run_label, write_json_atomic)
+from ..rundir import (DISTILLED, DONE, MANIFEST, OPTIMIZED, RunError, prepare_run_dir, read_done, run_label,
+                      write_json_atomic, write_parts_atomic)
 from ..student import latest_checkpoint, load_state, target_transform, usable_checkpoint
 from .krr_st import distill_loop_per_worker
 
@@ -69,7 +68,6 @@ def write_distilled(out: Path, x: np.ndarray, y: np.ndarray, init_ids: list[str]
     """RUN/distilled/<method>/data/part-0.parquet: id, image (PNG), label (null), target, participant, model,
     aligned, init_id; written to a temporary folder and renamed."""
     import pyarrow as pa
-    import pyarrow.parquet as pq
     from ray.data.extensions import ArrowTensorArray
 
     pixels = np.clip(np.rint(x.transpose(0, 2, 3, 1) * 255.0), 0, 255).astype(np.uint8)
@@ -84,13 +82,7 @@ def write_distilled(out: Path, x: np.ndarray, y: np.ndarray, init_ids: list[str]
         "aligned": pa.array([True] * n, pa.bool_()),
         "init_id": pa.array(init_ids, pa.string()),
     })
-    tmp, final = out / (PARTS + ".tmp"), out / PARTS
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    pq.write_table(table, tmp / "part-0.parquet")
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    return final
+    return write_parts_atomic(out, table)
 
 
 def run_distill(cfg: Config, run: str | os.PathLike, address: Optional[str] = None,
