@@ -101,8 +101,10 @@ def distill_splits(cfg) -> dict:
     if d.labeled_path:
         x, y, classes = load_labeled(d.labeled_path, size, d.labeled_limit, cfg.seed)
         names = _label_names(y, classes)
-        classes = [c for c in classes if c in set(names)]  # M-DATM's labels are 0..K-1 over the classes present
-        y = np.asarray([classes.index(n) for n in names], dtype=np.int64)
+        present = set(names)
+        classes = [c for c in classes if c in present]  # M-DATM's labels are 0..K-1 over the classes present
+        index = {c: i for i, c in enumerate(classes)}
+        y = np.asarray([index[n] for n in names], dtype=np.int64)
         train_desc = f"{d.labeled_path} ({len(y)} images)"
     elif cfg.data.source == "fashion-mnist":
         x, y = load_fashion_mnist("train", cfg.data.path)
@@ -119,7 +121,8 @@ def distill_splits(cfg) -> dict:
         unknown = sorted(set(tnames) - set(classes))
         if unknown:
             raise EvalSkipped(f"eval.test_path {e.test_path} has classes the labeled images lack: {unknown[:5]}")
-        ty = np.asarray([classes.index(n) for n in tnames], dtype=np.int64)
+        index = {c: i for i, c in enumerate(classes)}
+        ty = np.asarray([index[n] for n in tnames], dtype=np.int64)
         test_desc = f"{e.test_path} ({len(ty)} images)"
     elif cfg.data.source == "fashion-mnist" and not d.labeled_path:
         tx, ty = fashion_mnist_split("test", cfg.data.path)
