@@ -314,14 +314,15 @@ def goals_table(fid, ali, cri, thr, mem, dis=None, rnd=None, lab=None) -> str:
                 ">= +1.5 points, beyond the std", f"{v['gain_mean']:+.2f} ± {v['gain_std']:.2f}", v["goal_gain_1_5"])
             row(f"rounds, {arm}: no round below round 1", "every round", f"worst {v['worst_round_vs_first']:+.2f}",
                 v["goal_no_round_below_first"])
-    if lab:
-        labeled_goal_rows(lab, row)
+    for r in lab or []:
+        labeled_goal_rows(r, row)
     return "\n".join(["| goal | target | measured | status |", "| --- | --- | --- | --- |"] + rows)
 
 
 def render() -> str:
     fid, ali, cri, thr, mem = load("fidelity"), load("alignment"), load("criteria"), load("throughput"), load("memory")
-    dis, rnd, lab = load("distill"), load("rounds"), load("distill_labeled_full") or load("distill_labeled")
+    dis, rnd = load("distill"), load("rounds")
+    lab = [r for r in (load("distill_labeled"), load("distill_labeled_full")) if r]  # the CPU and GPU protocols
     parts = []
     if fid:
         parts += ["### Fidelity", "", fidelity_tables(fid)]
@@ -339,7 +340,7 @@ def render() -> str:
     if rnd:
         parts += ["", "### Continual rounds", "", rounds_table(rnd)]
     if lab:
-        parts += ["", "### Labeled distillation (M-DATM)", "", labeled_table(lab)]
+        parts += ["", "### Labeled distillation (M-DATM)", "", "\n\n".join(labeled_table(r) for r in lab)]
     parts += ["", "### Against the goals", "", goals_table(fid, ali, cri, thr, mem, dis, rnd, lab)]
     return "\n".join(parts) + "\n"
 
