@@ -20,7 +20,6 @@ import pyarrow.parquet as pq
 
 from .config import DEFAULT_FASHION_MNIST_DIR, ConfigError, DataConfig
 from .images import encode_png
-from .rundir import SOURCE
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 FASHION_MNIST_CLASSES = (
@@ -121,84 +120,6 @@ def label_for(rel_path: str, classes: Sequence[str]) -> int:
     return -1
 
 
-class Source:
-    """A resolved data source: its ids and how to build a Ray Dataset of (id, image, label)."""
-
-    def __init__(self, cfg: DataConfig, work_dir: Path):
-        self.cfg = cfg
-        self.kind = cfg.source
-        if self.kind == "fashion-mnist":
-            self.path = work_dir / SOURCE
-            if not (self.path / "_DONE").exists():
-                x, y = fashion_mnist_split("unlabeled", cfg.path)
-                n = len(x) if cfg.limit is None else min(cfg.limit, len(x))
-                ids = [f"train/{PUBLIC_SIZE + i}" for i in range(n)]
-                tmp = work_dir / (SOURCE + ".tmp")
-                _rmtree(tmp)
-                write_array_source(x[:n], y[:n], ids, tmp)
-                _rmtree(self.path)
-                tmp.rename(self.path)
-                (self.path / "_DONE").write_text(str(n))
-            self.kind_read = "parquet"
-        else:
-            self.path = Path(cfg.path).expanduser().resolve()
-            if not self.path.exists():
-                raise ConfigError(f"'data.path' does not exist: {self.path}")
-            self.kind_read = self.kind if self.kind in ("images", "webdataset") else "parquet"
-        if self.kind_read == "webdataset":
-            self.shards = webdataset_shards(self.path)
-            self.ids, self.prefixed = webdataset_ids(self.shards)
-            if cfg.limit is not None:
-                self.ids = self.ids[: cfg.limit]
-        elif self.kind_read == "images":
-            self.files = list_image_files(self.path)
-            if cfg.limit is not None:
-                self.files = self.files[: cfg.limit]
-            self.classes = folder_classes(self.path)
-            self.ids = list(self.files)
-        else:
-            self.ids = _read_ids(self.path)
-            if self.kind == "parquet" and cfg.limit is not None:
-                self.ids = self.ids[: cfg.limit]
-        if not self.ids:
-            raise ConfigError(f"'data.path': no images found in {self.path}")
-        if len(set(self.ids)) != len(self.ids):
-            raise ConfigError(f"'data.path': ids in {self.path} are not unique")
-
-    def dataset(self, name: str = "source"):
-        """A lazy Ray Dataset of (id, image, label) rows."""
-        import ray.data
-
-        if self.kind_read == "images":
-            root, classes = str(self.path), list(self.classes)
-            ds = ray.data.read_binary_files(
-                [str(self.path / f) for f in self.files], include_paths=True, ignore_missing_paths=False
-            )
-
-            def to_rows(batch: pa.Table) -> pa.Table:
-                paths = batch.column("path").to_pylist()
-                rel = [os.path.relpath(p if p.startswith("/") else "/" + p, root) for p in paths]
-                return pa.table(
-                    {"id": rel, "image": batch.column("bytes"), "label": [label_for(r, classes) for r in rel]},
-                    schema=SOURCE_SCHEMA,
-                )
-
-            ds = ds.map_batches(to_rows, batch_format="pyarrow")
-        elif self.kind_read == "webdataset":  # raw member bytes: a bad image is an error row in its participant
-            ds = ray.data.read_webdataset([str(f) for f in self.shards], decoder=None)
-            keep = frozenset(self.ids) if self.cfg.limit is not None else None
-            ds = ds.map_batches(_webdataset_rows, batch_format="numpy", batch_size=None,
-                                fn_kwargs=dict(prefixed=self.prefixed, keep=keep))
-        else:
-            ds = ray.data.read_parquet(str(self.path), file_extensions=["parquet"])
-            if self.kind == "parquet":
-                ds = ds.map_batches(_normalise_parquet_batch, batch_format="pyarrow")
-                if self.cfg.limit is not None:  # exactly self.ids: ds.limit() keeps whichever rows come first
-                    ds = ds.map_batches(_keep_ids, batch_format="pyarrow", fn_kwargs=dict(keep=frozenset(self.ids)))
-        ds.set_name(name)
-        return ds
-
-
 WDS_IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 
 
@@ -216,26 +137,39 @@ def _wds_key(member: str) -> str:
     return (head + "/" if head else "") + base.split(".", 1)[0]
 
 
-def webdataset_ids(shards: list[Path]) -> tuple[list[str], bool]:
-    """Sample ids in shard order, and whether they carry their shard's name (``<shard>/<key>``, when a key repeats
-    across shards). Reads only the tar headers."""
+def webdataset_keys(shard: Path) -> list[str]:
+    """The sample keys of one tar shard in member order (tar headers only; run inside a Ray task)."""
     import tarfile
 
-    keys: list[tuple[str, str]] = []
+    try:
+        with tarfile.open(shard) as tf:
+            return list(dict.fromkeys(_wds_key(m.name) for m in tf.getmembers() if m.isfile()))
+    except (tarfile.TarError, OSError) as e:
+        raise ConfigError(f"'data.path': {shard} is not a readable tar shard ({e})") from None
+
+
+def webdataset_count(shards: Sequence[Path]) -> int:
+    """Samples in the shards, streaming through the tar headers (no key list is kept)."""
+    import tarfile
+
+    n = 0
     for f in shards:
         try:
-            with tarfile.open(f) as tf:
-                seen = dict.fromkeys(_wds_key(m.name) for m in tf.getmembers() if m.isfile())
+            with tarfile.open(f, "r|") as tf:
+                last = None
+                for m in tf:
+                    k = _wds_key(m.name) if m.isfile() else None
+                    if k is not None and k != last:
+                        n, last = n + 1, k
         except (tarfile.TarError, OSError) as e:
             raise ConfigError(f"'data.path': {f} is not a readable tar shard ({e})") from None
-        keys += [(f.stem, k) for k in seen]
-    prefixed = len({k for _, k in keys}) != len(keys)
-    return [f"{s}/{k}" if prefixed else k for s, k in keys], prefixed
+    return n
 
 
-def _webdataset_rows(batch: dict, prefixed: bool, keep: Optional[frozenset]) -> pa.Table:
+def webdataset_rows(batch: dict, prefixed: bool, keep: Optional[dict] = None) -> pa.Table:
     """read_webdataset rows -> (id, image bytes, label): the first image member (jpg/jpeg/png/webp; none: empty
-    bytes, an error row later), the label from ``.cls`` (-1 without one)."""
+    bytes, an error row later), the label from ``.cls`` (-1 without one). ``keep`` maps a shard's name to the keys
+    kept of it (``data.limit``'s last shard); other shards are kept whole."""
     n = len(batch["__key__"])
     shard = [Path(u).stem for u in batch["__url__"]]
     ids = [f"{s}/{k}" if prefixed else str(k) for s, k in zip(shard, batch["__key__"])]
@@ -252,14 +186,13 @@ def _webdataset_rows(batch: dict, prefixed: bool, keep: Optional[frozenset]) -> 
         except ValueError:
             labels.append(-1)
     t = pa.table({"id": ids, "image": images, "label": labels}, schema=SOURCE_SCHEMA)
-    return _keep_ids(t, keep) if keep is not None else t
+    if keep:
+        mask = [s not in keep or str(k) in keep[s] for s, k in zip(shard, batch["__key__"])]
+        t = t.filter(pa.array(mask, pa.bool_()))
+    return t
 
 
-def _keep_ids(batch: pa.Table, keep: frozenset) -> pa.Table:
-    return batch.filter(pa.array([i in keep for i in batch.column("id").to_pylist()], pa.bool_()))
-
-
-def _normalise_parquet_batch(batch: pa.Table) -> pa.Table:
+def normalise_parquet_batch(batch: pa.Table) -> pa.Table:
     label = batch.column("label") if "label" in batch.column_names else pa.array([-1] * batch.num_rows)
     return pa.table(
         {"id": batch.column("id").cast(pa.string()), "image": batch.column("image").cast(pa.binary()),
@@ -268,15 +201,25 @@ def _normalise_parquet_batch(batch: pa.Table) -> pa.Table:
     )
 
 
-def _read_ids(path: Path) -> list[str]:
+def parquet_files(path: Path) -> list[Path]:
+    """The Parquet files of a Parquet source, sorted; each must hold 'id' and 'image' columns."""
     files = [path] if path.is_file() else sorted(path.rglob("*.parquet"))
-    ids: list[str] = []
     for f in files:
-        schema = pq.read_schema(f)
-        if "id" not in schema.names or "image" not in schema.names:
+        names = pq.read_schema(f).names
+        if "id" not in names or "image" not in names:
             raise ConfigError(f"'data.path': Parquet file {f} needs 'id' and 'image' columns")
-        ids.extend(pq.read_table(f, columns=["id"]).column("id").cast(pa.string()).to_pylist())
-    return ids
+    return files
+
+
+def iter_image_files(root: str | os.PathLike) -> Iterable[str]:
+    """Relative paths of the image files under ``root`` in a stable walk order (sorted folders and names),
+    streamed: a folder of any size is listed in constant memory."""
+    root = str(root)
+    for dirpath, dirs, files in os.walk(root):
+        dirs.sort()
+        for f in sorted(files):
+            if f.lower().endswith(IMAGE_EXTENSIONS):
+                yield os.path.relpath(os.path.join(dirpath, f), root)
 
 
 def count_images(cfg: DataConfig) -> int:
@@ -290,20 +233,12 @@ def count_images(cfg: DataConfig) -> int:
     else:
         path = Path(cfg.path).expanduser()
         if cfg.source == "images":
-            n = len(list_image_files(path))
+            n = sum(1 for _ in iter_image_files(path))
         elif cfg.source == "webdataset":
-            n = len(webdataset_ids(webdataset_shards(path))[0])
+            n = webdataset_count(webdataset_shards(path))
         else:
-            files = [path] if path.is_file() else sorted(path.rglob("*.parquet"))
-            n = sum(pq.ParquetFile(f).metadata.num_rows for f in files)
+            n = sum(pq.ParquetFile(f).metadata.num_rows for f in parquet_files(path))
     return n if cfg.limit is None else min(n, cfg.limit)
-
-
-def _rmtree(p: Path) -> None:
-    import shutil
-
-    if p.exists():
-        shutil.rmtree(p)
 
 
 # ---------------------------------------------------------------- split
@@ -326,30 +261,43 @@ def owner_of(ids: Sequence[str], k: int, seed: int, shares: Optional[Sequence[fl
     if len(w) != k or (w < 0).any() or w.sum() <= 0:
         raise ValueError(f"shares must be {k} weights >= 0 with a positive sum, got {list(shares)}")
     edges = np.cumsum(w / w.sum())[:-1]
-    u = (h >> np.uint64(11)).astype(np.float64) / float(1 << 53)  # uniform in [0, 1)
+    u = (h >> np.uint64(11)).astype(np.float64) / float(1 << 53)  # uniform in [0, 1), as unit_hash
     return np.searchsorted(edges, u, side="right").astype(np.int64)
 
 
+def unit_hash(ids: Sequence[str], salt: str) -> np.ndarray:
+    """A seeded hash of each id as a float, uniform in [0, 1)."""
+    return (_hash64(ids, salt) >> np.uint64(11)).astype(np.float64) / float(1 << 53)
+
+
 def shared_size(n: int, fraction: float, minimum: int) -> int:
-    """Size of the shared subset S: ``fraction`` of n, at least ``minimum``."""
+    """The expected size m of the shared subset S: ``fraction`` of n, at least ``minimum``."""
     return max(minimum, int(math.ceil(fraction * n)))
 
 
+def shared_threshold(n: int, fraction: float, minimum: int) -> float:
+    """t = m / n: an id is in S when its seeded hash is below t, so |S| is Binomial(n, t) with mean m and no
+    global sort or id list is needed (``n`` is the cheap count from metadata)."""
+    m = shared_size(n, fraction, minimum)
+    if m > n:
+        raise ConfigError(f"'shared.min': the shared subset ({m} images) is bigger than the data ({n} images)")
+    return m / n
+
+
+def in_shared(ids: Sequence[str], seed: int, threshold: float) -> np.ndarray:
+    """Membership of S for each id: a pure function of the id, the seed and the threshold."""
+    return unit_hash(ids, f"shared:{seed}") < threshold
+
+
 def shared_subset(ids: Sequence[str], fraction: float, minimum: int, seed: int) -> list[str]:
-    """The seeded shared subset S of ``ids`` (sorted)."""
-    m = shared_size(len(ids), fraction, minimum)
-    if m > len(ids):
-        raise ConfigError(
-            f"'shared.min': the shared subset ({m} images) is bigger than the data ({len(ids)} images)"
-        )
-    h = _hash64(ids, f"shared:{seed}")
-    idx = np.argsort(h, kind="stable")[:m]
-    return sorted(ids[i] for i in idx)
+    """The shared subset S of a complete id list (sorted): the reference for what the split stage writes."""
+    t = shared_threshold(len(ids), fraction, minimum)
+    return sorted(i for i, s in zip(ids, in_shared(ids, seed, t)) if s)
 
 
 def split(ids: Sequence[str], k: int, fraction: float, minimum: int, seed: int,
           shares: Optional[Sequence[float]] = None):
-    """Shards D(0..k-1) as lists of ids, plus the shared subset S."""
+    """Shards D(0..k-1) as lists of ids, plus the shared subset S (the reference for the split stage)."""
     owner = owner_of(ids, k, seed, shares)
     shards = [[i for i, o in zip(ids, owner) if o == j] for j in range(k)]
     return shards, shared_subset(ids, fraction, minimum, seed)

@@ -12,6 +12,7 @@ from typing import Callable, Optional
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
 from .align import Alignment, coverage, fit_with_stats
@@ -89,8 +90,9 @@ def write_errors(cfg: Config, run: Path) -> int:
     err_dir.mkdir(exist_ok=True)
     total = 0
     for p in cfg.participants:
-        t = pq.read_table(run / EMBEDDINGS / p.name, columns=["id", "owned", "error"])
-        t = t.filter(pc.and_(t.column("owned"), pc.not_equal(t.column("error"), "")))
+        # Only the failed rows come back to the driver (a filtered scan), never the participant's ids.
+        t = pads.dataset(str(run / EMBEDDINGS / p.name), format="parquet").to_table(
+            columns=["id", "error"], filter=pads.field("owned") & (pads.field("error") != ""))
         n = t.num_rows
         out = pa.table({"id": t.column("id"), "participant": pa.array([p.name] * n, pa.string()),
                         "stage": pa.array(["embed"] * n, pa.string()), "error": t.column("error")},
@@ -123,8 +125,19 @@ def merge(cfg: Config, run: Path, aligns: dict, target_dim: int, log: Callable[[
     return rows
 
 
+def split_summary(cfg: Config, emb_stats: list[dict], split: Optional[dict]) -> Optional[dict]:
+    """|S|, the source's bytes and each participant's bytes read (its own partitions) and their share of it."""
+    if not split:
+        return None
+    src = max(split["source_bytes"], 1)
+    return {"shared": split["shared"], "source_bytes": split["source_bytes"],
+            "bytes_read": {p.name: s.get("bytes_read") for p, s in zip(cfg.participants, emb_stats)},
+            "read_fraction": {p.name: round(s["bytes_read"] / src, 4) for p, s in zip(cfg.participants, emb_stats)
+                              if s.get("bytes_read") is not None}}
+
+
 def build_manifest(cfg: Config, emb_stats: list[dict], scored: dict, total_rows: int, optimized_rows: int,
-                   error_rows: int, timings: dict) -> dict:
+                   error_rows: int, timings: dict, split: Optional[dict] = None) -> dict:
     """The manifest.json content (DESIGN.md §3)."""
     import open_clip
     import ray
@@ -147,7 +160,7 @@ def build_manifest(cfg: Config, emb_stats: list[dict], scored: dict, total_rows:
     return {
         "participants": parts, "best": best, "score_method": cfg.score.method, "target_dim": dims[best],
         "shared_ids": scored["shared_ids"], "shared_dropped": shared_dropped(emb_stats, scored),
-        "total_rows": total_rows,
+        "total_rows": total_rows, "split": split_summary(cfg, emb_stats, split),
         "optimized_rows": optimized_rows, "error_rows": error_rows,
         "timings": {k: round(v, 3) for k, v in timings.items()},
         "fingerprint": cfg.fingerprint(*OPTIMIZE_SECTIONS),
@@ -201,7 +214,7 @@ def run_merge(cfg: Config, run: Path, embedded: dict, t_start: float, log: Calla
     man = build_manifest(cfg, stats, scored, total, rows, error_rows, {
         "optimize": embedded["seconds"], "score": scored["score_seconds"], "align": scored["align_seconds"],
         "merge": t_merge, "total": time.time() - t_start,
-    })
+    }, split=embedded.get("split"))
     write_json_atomic(run / MANIFEST, man)
     log(f"[optimize] done: best={man['best']} target_dim={man['target_dim']} optimized_rows={rows} "
         f"error_rows={error_rows} total_rows={total} in {time.time() - t_start:.1f}s -> {run / MANIFEST}")

@@ -1,5 +1,6 @@
-"""The optimize stage: split the images, then one named Ray Data actor pool per participant streams D(k) ∪ S
-through its model and writes every embedding (the image's new target) to RUN/embeddings/<name>/ (Parquet)."""
+"""The optimize stage: split the images once at the source (split.py), then one named Ray Data actor pool per
+participant streams D(k) ∪ S, read from its own partitions only, through its model and writes every embedding
+(the image's new target) to RUN/embeddings/<name>/ (Parquet). The driver holds nothing per image."""
 from __future__ import annotations
 
 import os
@@ -11,15 +12,13 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 
 from .cluster import init_ray, live_nodes, plan_waves
 from .config import Config, resolve_model
-from .data import Source, owner_of, shared_subset
 from .embeddings import embedding_dim
 from .images import decode_image
 from .rundir import DONE, EMBEDDINGS, read_done, write_json_atomic
+from .split import Split, participant_dataset, run_split
 
 
 class ParticipantEmbedder:
@@ -41,9 +40,11 @@ class ParticipantEmbedder:
         import torch
 
         n = len(batch["id"])
-        errors = [""] * n
+        errors = list(batch["read_error"]) if "read_error" in batch else [""] * n
         tensors, ok = [], []
         for i, data in enumerate(batch["image"]):
+            if errors[i]:  # the file could not be read (image folders)
+                continue
             try:
                 img = decode_image(data)
             except ValueError as e:  # an unreadable image is an error row with its reason, never a failed batch
@@ -66,29 +67,29 @@ class ParticipantEmbedder:
         }
 
 
-def select_rows(batch: pa.Table, index: int, k: int, seed: int, shared_ids: frozenset, shares=None) -> pa.Table:
-    """Keep the rows of D(index) ∪ S, flagging ``owned`` and ``is_shared``."""
-    ids = batch.column("id").to_pylist()
-    owned = owner_of(ids, k, seed, shares) == index
-    shared = np.array([i in shared_ids for i in ids], dtype=bool)
-    keep = owned | shared
-    out = batch.append_column("owned", pa.array(owned)).append_column("is_shared", pa.array(shared))
-    return out.filter(pa.array(keep))
+def output_counts(out_dir: Path) -> dict:
+    """Rows, owned rows, shared rows and owned error rows of a participant's output, streamed in batches."""
+    import pyarrow.compute as pc
+    import pyarrow.dataset as pads
+
+    c = dict(rows=0, owned=0, shared=0, errors=0)
+    for b in pads.dataset(str(out_dir), format="parquet").to_batches(columns=["owned", "is_shared", "error"]):
+        owned = b.column("owned")
+        c["rows"] += b.num_rows
+        c["owned"] += pc.sum(owned).as_py() or 0
+        c["shared"] += pc.sum(b.column("is_shared")).as_py() or 0
+        c["errors"] += pc.sum(pc.and_(owned, pc.not_equal(b.column("error"), ""))).as_py() or 0
+    return c
 
 
-def embed_participant(cfg: Config, index: int, source: Source, shared_ids: frozenset, out_dir: Path) -> dict:
-    """Stream D(index) ∪ S through participant ``index``'s actor pool into ``out_dir`` (Parquet)."""
+def embed_participant(cfg: Config, index: int, split: Split, out_dir: Path) -> dict:
+    """Stream D(index) ∪ S, read from participant ``index``'s partitions only, through its actor pool into
+    ``out_dir`` (Parquet)."""
     import ray.data
 
     p = cfg.participants[index]
-    k = len(cfg.participants)
     t0 = time.time()
-    ds = source.dataset(name=f"source_{p.name}")
-    ds = ds.map_batches(
-        select_rows, batch_format="pyarrow",
-        fn_kwargs=dict(index=index, k=k, seed=cfg.seed, shared_ids=shared_ids,
-                       shares=[q.share for q in cfg.participants]),
-    )
+    ds = participant_dataset(split, index, name=f"source_{p.name}")
     cls = type(f"Participant_{p.name.replace('-', '_')}", (ParticipantEmbedder,), {})
     remote = {}
     if p.accelerator_type:
@@ -111,21 +112,17 @@ def embed_participant(cfg: Config, index: int, source: Source, shared_ids: froze
     ds.write_parquet(str(tmp))
     shutil.rmtree(out_dir, ignore_errors=True)
     os.replace(tmp, out_dir)
-    t = pq.read_table(out_dir, columns=["owned", "is_shared", "error"])
-    owned = t.column("owned").to_numpy(zero_copy_only=False)
-    bad = np.array([e != "" for e in t.column("error").to_pylist()], dtype=bool)
-    dim = embedding_dim(out_dir)
+    c = output_counts(out_dir)
     stats = {
-        "participant": p.name, "rows": int(owned.sum()), "input_rows": int(t.num_rows),
-        "shared_rows": int(t.column("is_shared").to_numpy(zero_copy_only=False).sum()),
-        "error_rows": int((owned & bad).sum()), "embed_dim": dim,
+        "participant": p.name, "rows": c["owned"], "input_rows": c["rows"], "shared_rows": c["shared"],
+        "error_rows": c["errors"], "embed_dim": embedding_dim(out_dir), "bytes_read": split.bytes_for(index),
         "seconds": round(time.time() - t0, 3), "fingerprint": cfg.fingerprint("seed", "data", "participants", "shared"),
     }
     write_json_atomic(out_dir / DONE, stats)
     return stats
 
 
-def embed_all(cfg: Config, run: Path, source: Source, shared_ids: frozenset, resources: dict,
+def embed_all(cfg: Config, run: Path, split: Split, resources: dict,
               log: Callable[[str], None] = print) -> list[dict]:
     """Run every participant's pool (waves planned from ``resources``), skipping finished ones."""
     emb_root = run / EMBEDDINGS
@@ -150,10 +147,11 @@ def embed_all(cfg: Config, run: Path, source: Source, shared_ids: frozenset, res
             p = cfg.participants[i]
             log(f"[optimize] {p.name}: embedding D({p.name}) ∪ S with {p.model} "
                 f"({p.actors} actor(s), num_gpus={p.num_gpus})")
-            s = embed_participant(cfg, i, source, shared_ids, emb_root / p.name)
+            s = embed_participant(cfg, i, split, emb_root / p.name)
             with lock:
                 log(f"[optimize] {p.name}: {s['rows']} rows ({s['error_rows']} errors), dim {s['embed_dim']}, "
-                    f"{s['seconds']:.1f}s, {s['input_rows'] / max(s['seconds'], 1e-9):.0f} images/s")
+                    f"{s['seconds']:.1f}s, {s['input_rows'] / max(s['seconds'], 1e-9):.0f} images/s, "
+                    f"read {s['bytes_read'] / 1e6:.1f} MB of {split.source_bytes / 1e6:.1f} MB")
             return s
 
         waves = [[todo[j] for j in w] for w in plan.waves]
@@ -179,17 +177,19 @@ def embed_all(cfg: Config, run: Path, source: Source, shared_ids: frozenset, res
 
 
 def run_embed(cfg: Config, run: Path, address: Optional[str] = None, log: Callable[[str], None] = print) -> dict:
-    """Split the source and embed every participant's D(k) ∪ S (finished participants are skipped).
+    """Split the source once (Ray tasks) and embed every participant's D(k) ∪ S (finished participants are
+    skipped).
 
-    Returns ``{"total": images in the source, "participants": per-participant stats, "seconds": embed time}``.
+    Returns ``{"total": images in the source, "participants": per-participant stats, "seconds": embed time,
+    "split": split stats}``.
     """
     import ray
 
-    source = Source(cfg.data, run)
-    total = len(source.ids)
-    shared = frozenset(shared_subset(source.ids, cfg.shared.fraction, cfg.shared.min, cfg.seed))
-    log(f"[optimize] {total} images, K={len(cfg.participants)} participants, |S|={len(shared)} shared images")
     init_ray(address, log=log)
     t0 = time.time()
-    stats = embed_all(cfg, run, source, shared, ray.cluster_resources(), log=log)
-    return {"total": total, "participants": stats, "seconds": time.time() - t0}
+    split = run_split(cfg, run, log=log)
+    log(f"[optimize] {split.total} images, K={len(cfg.participants)} participants, |S|={split.shared} shared images")
+    stats = embed_all(cfg, run, split, ray.cluster_resources(), log=log)
+    return {"total": split.total, "participants": stats, "seconds": time.time() - t0,
+            "split": {"shared": split.shared, "rows": split.rows, "bytes": split.bytes,
+                      "source_bytes": split.source_bytes}}

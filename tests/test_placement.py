@@ -178,18 +178,17 @@ def _embed(tmp_path, models, names, limit=200):
     """Only the embedding stage (the part placement is about): plan, run the pools, write Parquet."""
     import ray
 
-    from coopt_ray.data import Source, shared_subset
     from coopt_ray.optimize import embed_all
+    from coopt_ray.split import run_split
 
     parts = [{"name": n, "model": m, "batch_size": 64, "num_gpus": 1} for n, m in zip(names, models)]
     cfg = load_config(write_config(tmp_path / "c.yaml", models, participants=parts, data={"limit": limit}))
     run = tmp_path / "run"
     run.mkdir()
-    source = Source(cfg.data, run)
-    shared = frozenset(shared_subset(source.ids, cfg.shared.fraction, cfg.shared.min, cfg.seed))
+    split = run_split(cfg, run, log=lambda s: None)
     logs: list[str] = []
     t0 = time.time()
-    stats = embed_all(cfg, run, source, shared, ray.cluster_resources(), log=logs.append)
+    stats = embed_all(cfg, run, split, ray.cluster_resources(), log=logs.append)
     return stats, logs, time.time() - t0
 
 
@@ -303,8 +302,8 @@ def test_node_labels_put_the_pool_on_the_labelled_node(gpu_cluster, tmp_path, ti
 
     gpu_cluster.gpu_nodes(4)
     want = next(n["id"] for n in cluster_nodes() if n["labels"].get("coopt-test-node") == "gpu3")
-    from coopt_ray.data import Source, shared_subset
     from coopt_ray.optimize import embed_all
+    from coopt_ray.split import run_split
 
     cfg_path = write_config(tmp_path / "c.yaml", tiny_models[:1], data={"limit": 100})
     raw = yaml.safe_load(cfg_path.read_text())
@@ -313,10 +312,9 @@ def test_node_labels_put_the_pool_on_the_labelled_node(gpu_cluster, tmp_path, ti
     cfg = load_config(cfg_path)
     run = tmp_path / "run"
     run.mkdir()
-    source = Source(cfg.data, run)
-    shared = frozenset(shared_subset(source.ids, cfg.shared.fraction, cfg.shared.min, cfg.seed))
+    split = run_split(cfg, run, log=print)
     import ray
 
-    stats = embed_all(cfg, run, source, shared, ray.cluster_resources(), log=print)
+    stats = embed_all(cfg, run, split, ray.cluster_resources(), log=print)
     assert stats[0]["rows"] == 100
     assert _actor_nodes(["lab"])["lab"] == {want}

@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from coopt_ray.config import ConfigError, DataConfig, load_config
-from coopt_ray.data import Source, count_images
+from coopt_ray.data import count_images
 
 from conftest import write_config
 
@@ -47,17 +47,30 @@ def make_shards(root: Path, shards: int = 2, per: int = 30, corrupt=(), no_image
     return root
 
 
-def test_webdataset_ids_labels_and_limit(tmp_path):
+def _split_ids(tmp_path, tiny_models, name, **data) -> list[str]:
+    from coopt_ray.split import run_split
+
+    cfg = load_config(write_config(tmp_path / f"{name}.yaml", tiny_models[:2],
+                                   data={"source": "webdataset", **data}, shared={"fraction": 0.5, "min": 2}))
+    split = run_split(cfg, tmp_path / name, log=lambda s: None)
+    ids = pq.read_table(split.root, columns=["id"]).column("id").to_pylist()
+    assert len(ids) == split.total
+    return ids
+
+
+def test_webdataset_ids_labels_and_limit(tmp_path, tiny_models, ray_session):
     root = make_shards(tmp_path / "wds", shards=2, per=5)
-    src = Source(DataConfig(source="webdataset", path=str(root)), tmp_path)
-    assert src.prefixed and src.ids[:2] == ["shard-00000/000000", "shard-00000/000001"] and len(src.ids) == 10
-    one = Source(DataConfig(source="webdataset", path=str(root / "shard-00001.tar")), tmp_path)
-    assert not one.prefixed and one.ids == [f"{i:06d}" for i in range(5)]  # keys unique: the key itself
+    ids = _split_ids(tmp_path, tiny_models, "both", path=str(root))
+    assert sorted(ids) == [f"shard-0000{s}/{i:06d}" for s in range(2) for i in range(5)]  # keys repeat: prefixed
+    one = _split_ids(tmp_path, tiny_models, "one", path=str(root / "shard-00001.tar"))
+    assert sorted(one) == [f"{i:06d}" for i in range(5)]  # keys unique: the key itself
+    seven = _split_ids(tmp_path, tiny_models, "seven", path=str(root), limit=7)
+    assert sorted(seven) == [f"shard-00000/{i:06d}" for i in range(5)] + ["shard-00001/000000", "shard-00001/000001"]
     assert count_images(DataConfig(source="webdataset", path=str(root), limit=7)) == 7
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "x.tar").write_bytes(b"not a tar at all" * 10)
     with pytest.raises(ConfigError, match="not a readable tar shard"):
-        Source(DataConfig(source="webdataset", path=str(tmp_path / "bad")), tmp_path)
+        count_images(DataConfig(source="webdataset", path=str(tmp_path / "bad")))
 
 
 def test_webdataset_source_optimizes_with_a_corrupt_member_as_an_error_row(tmp_path, tiny_models, ray_session):
