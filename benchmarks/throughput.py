@@ -271,7 +271,8 @@ def train_compare(a, cfg) -> dict:
 
     from coopt_ray.data import PUBLIC_SIZE, fashion_mnist_split
     from coopt_ray.images import arrays_to_rgb
-    from coopt_ray.train import read_targets, run_train, subset_ids
+    from coopt_ray.rows import read_targets, subset_ids
+    from coopt_ray.train import run_train
 
     run = a.work / "opt_1actor"
     if not (run / "manifest.json").exists():

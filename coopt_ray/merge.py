@@ -130,7 +130,7 @@ def split_summary(cfg: Config, emb_stats: list[dict], split: Optional[dict]) -> 
     if not split:
         return None
     src = max(split["source_bytes"], 1)
-    return {"shared": split["shared"], "source_bytes": split["source_bytes"],
+    return {"shared": split["shared"], "source_bytes": split["source_bytes"], "seconds": split.get("seconds"),
             "bytes_read": {p.name: s.get("bytes_read") for p, s in zip(cfg.participants, emb_stats)},
             "read_fraction": {p.name: round(s["bytes_read"] / src, 4) for p, s in zip(cfg.participants, emb_stats)
                               if s.get("bytes_read") is not None}}

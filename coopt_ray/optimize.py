@@ -192,4 +192,4 @@ def run_embed(cfg: Config, run: Path, address: Optional[str] = None, log: Callab
     stats = embed_all(cfg, run, split, ray.cluster_resources(), log=log)
     return {"total": split.total, "participants": stats, "seconds": time.time() - t0,
             "split": {"shared": split.shared, "rows": split.rows, "bytes": split.bytes,
-                      "source_bytes": split.source_bytes}}
+                      "source_bytes": split.source_bytes, "seconds": split.seconds}}

@@ -1,4 +1,5 @@
-"""Row sets shaped like RUN/optimized (id, image PNG, target): decoded Ray Datasets, driver-side targets, subsets."""
+"""Row sets shaped like RUN/optimized (id, image PNG, target): decoded Ray Datasets, streamed target statistics and
+seeded subsets, driver-side targets (for distillation)."""
 from __future__ import annotations
 
 import hashlib
@@ -38,13 +39,60 @@ def _keep_ids(batch, ids: frozenset):
     return batch.filter(pc.is_in(batch.column("id"), value_set=pa.array(sorted(ids), pa.string())))
 
 
+def _student_hash(ids) -> np.ndarray:
+    return np.array([int.from_bytes(hashlib.blake2b(f"student:{seed}:{i}".encode(), digest_size=8).digest(), "little")
+                     for seed, i in ids], dtype=np.uint64)
+
+
 def subset_ids(ids: list[str], limit: Optional[int], seed: int) -> Optional[frozenset]:
-    """A seeded random subset of ``limit`` ids (None: use all)."""
+    """A seeded random subset of ``limit`` ids (None: use all): the ``limit`` smallest seeded hashes."""
     if limit is None or limit >= len(ids):
         return None
-    h = np.array([int.from_bytes(hashlib.blake2b(f"student:{seed}:{i}".encode(), digest_size=8).digest(),
-                                 "little") for i in ids], dtype=np.uint64)
+    h = _student_hash((seed, i) for i in ids)
     return frozenset(ids[j] for j in np.argsort(h, kind="stable")[:limit])
+
+
+def scan(rows_dir: Path, columns: list[str], batch_size: int = 65_536):
+    """Record batches of some columns of a Parquet folder, streamed (the driver never holds them all)."""
+    import pyarrow.dataset as pads
+
+    return pads.dataset(str(rows_dir), format="parquet").to_batches(columns=columns, batch_size=batch_size)
+
+
+def streamed_subset(rows_dir: Path, limit: Optional[int], seed: int) -> Optional[frozenset]:
+    """``subset_ids`` over a Parquet folder's ids, streamed: memory grows with ``limit``, not with the rows."""
+    import pyarrow.parquet as pq
+
+    n = sum(pq.ParquetFile(f).metadata.num_rows for f in Path(rows_dir).glob("*.parquet"))
+    if limit is None or limit >= n:
+        return None
+    best_h, best_ids = np.zeros(0, np.uint64), np.zeros(0, object)
+    for b in scan(rows_dir, ["id"]):
+        ids = b.column("id").to_pylist()
+        best_h = np.concatenate([best_h, _student_hash((seed, i) for i in ids)])
+        best_ids = np.concatenate([best_ids, np.array(ids, dtype=object)])
+        if len(best_h) > limit:
+            keep = np.argpartition(best_h, limit - 1)[:limit]
+            best_h, best_ids = best_h[keep], best_ids[keep]
+    return frozenset(best_ids.tolist())
+
+
+def target_moments(rows_dir: Path, keep: Optional[frozenset] = None):
+    """Rows, mean and covariance of the targets of a Parquet folder (only ``keep``'s ids when given), streamed."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    from .student import TargetMoments
+
+    m = TargetMoments()
+    value_set = pa.array(sorted(keep), pa.string()) if keep is not None else None
+    for b in scan(rows_dir, ["id", "target"]):
+        if value_set is not None:
+            b = b.filter(pc.is_in(b.column("id"), value_set=value_set))
+        if b.num_rows:
+            m.add(column_matrix(b.column("target")))
+    mean, cov = m.mean_cov()
+    return m.n, mean, cov
 
 
 def training_dataset(opt_dir: Path, image_size: int, keep: Optional[frozenset] = None, shuffle_seed=None):

@@ -42,6 +42,7 @@ class Split:
     bytes: dict           # part name -> bytes on disk
     source_bytes: int     # bytes of the input the split read
     image_root: Optional[str] = None  # image folders: rows hold paths under this folder, read by the participant
+    seconds: float = 0.0  # how long the split took when it ran
 
     def parts_for(self, index: int) -> list[str]:
         """The partition folders participant ``index`` reads: its own and S's (those that hold rows)."""
@@ -116,21 +117,23 @@ def _images_task(image_root: str, limit: Optional[int], root: str, k: int, seed:
     return size
 
 
-def _parquet_batch(batch: pa.Table, keep: Optional[dict], k: int, seed: int, shares, t: float) -> pa.Table:
-    if keep:  # data.limit: the last file read keeps only its first rows
-        paths = [p.lstrip("/") for p in batch.column("path").to_pylist()]
-        ids = batch.column("id").cast(pa.string()).to_pylist()
-        batch = batch.filter(pa.array([p not in keep or i in keep[p] for p, i in zip(paths, ids)], pa.bool_()))
-    return assign(normalise_parquet_batch(batch), k, seed, shares, t)
+def _parquet_task(f: str, rows: int, root: str, k: int, seed: int, shares, t: float) -> None:
+    """The first ``rows`` rows of one Parquet file (all of it unless ``data.limit`` ends inside it), written into
+    their parts, one record batch at a time."""
+    pf = pq.ParquetFile(f)
+    left, j = rows, 0
+    for b in pf.iter_batches(batch_size=CHUNK, columns=[c for c in ("id", "image", "label")
+                                                          if c in pf.schema_arrow.names]):
+        b = pa.Table.from_batches([b]).slice(0, left)
+        write_parts(assign(normalise_parquet_batch(b), k, seed, shares, t), root, f"{Path(f).stem}-{j:05d}")
+        left, j = left - b.num_rows, j + 1
+        if left <= 0:
+            break
 
 
 def _webdataset_batch(batch: dict, prefixed: bool, keep: Optional[dict], k: int, seed: int, shares,
                       t: float) -> pa.Table:
     return assign(webdataset_rows(batch, prefixed, keep), k, seed, shares, t)
-
-
-def _first_ids(f: str, r: int) -> list[str]:
-    return pq.read_table(f, columns=["id"]).slice(0, r).column("id").cast(pa.string()).to_pylist()
 
 
 def _duplicate(part_dir: str) -> Optional[str]:
@@ -142,32 +145,31 @@ def _duplicate(part_dir: str) -> Optional[str]:
     return vc.filter(pc.greater(vc.field("counts"), 1))[0]["values"].as_py()
 
 
-def _input_plan(d: DataConfig, remote) -> tuple[list, Optional[dict], bool, int]:
-    """Parquet or WebDataset inputs: the files to read, the ``limit`` keep map (one file's ids at most),
-    whether WebDataset ids carry their shard's name, and the input's bytes."""
-    path = Path(d.path).expanduser().resolve()
-    if d.source == "parquet":
-        files = parquet_files(path)
-        counts = [pq.ParquetFile(f).metadata.num_rows for f in files]
-        prefixed = False
-    else:
-        files = webdataset_shards(path)
-        keys = ray_get(remote(_key_range).remote(str(f)) for f in files)
-        counts = [n for n, _, _ in keys]
-        ranges = sorted((lo, hi) for n, lo, hi in keys if n)
-        # Keys repeat across shards only where key ranges overlap: then ids carry the shard's name.
-        prefixed = any(b[0] <= a[1] for a, b in zip(ranges, ranges[1:]))
+def _limited(files: list, counts: list[int], limit: Optional[int]) -> list[tuple]:
+    """(file, rows to read) in order, up to ``limit`` rows in all."""
+    out, left = [], float("inf") if limit is None else limit
+    for f, n in zip(files, counts):
+        if left <= 0:
+            break
+        out.append((f, int(min(n, left))))
+        left -= n
+    return out
+
+
+def _webdataset_plan(d: DataConfig, remote) -> tuple[list, Optional[dict], bool, int]:
+    """WebDataset shards to read, the ``limit`` keep map (the last shard's first keys, one shard's at most),
+    whether ids carry their shard's name, and the shards' bytes."""
+    files = webdataset_shards(Path(d.path).expanduser().resolve())
+    keys = ray_get(remote(_key_range).remote(str(f)) for f in files)
+    ranges = sorted((lo, hi) for n, lo, hi in keys if n)
+    # Keys repeat across shards only where key ranges overlap: then ids carry the shard's name.
+    prefixed = any(b[0] <= a[1] for a, b in zip(ranges, ranges[1:]))
+    plan = _limited(files, [n for n, _, _ in keys], d.limit)
     keep = None
-    if d.limit is not None:
-        left = d.limit
-        for i, (f, n) in enumerate(zip(files, counts)):
-            if n >= left:
-                files = files[: i + 1]
-                if n > left:
-                    fn = _first_ids if d.source == "parquet" else _first_keys
-                    keep = {_keep_name(f, d.source): set(ray_get([remote(fn).remote(str(f), left)])[0])}
-                break
-            left -= n
+    if plan and plan[-1][1] < keys[len(plan) - 1][0]:
+        f, r = plan[-1]
+        keep = {f.stem: set(ray_get([remote(_first_keys).remote(str(f), r)])[0])}
+    files = [f for f, _ in plan]
     return files, keep, prefixed, sum(os.path.getsize(f) for f in files)
 
 
@@ -178,10 +180,6 @@ def _key_range(shard: str) -> tuple[int, Optional[str], Optional[str]]:
 
 def _first_keys(shard: str, r: int) -> list[str]:
     return webdataset_keys(Path(shard))[:r]
-
-
-def _keep_name(f: Path, source: str) -> str:
-    return str(f).lstrip("/") if source == "parquet" else Path(f).stem
 
 
 def ray_get(refs):
@@ -195,7 +193,7 @@ def load_split(root: Path, fingerprint: str) -> Optional[Split]:
     if not done or done.get("fingerprint") != fingerprint:
         return None
     return Split(root, done["total"], done["shared"], done["rows"], done["bytes"], done["source_bytes"],
-                 done.get("image_root"))
+                 done.get("image_root"), done.get("seconds", 0.0))
 
 
 def run_split(cfg: Config, run: Path, log: Callable[[str], None] = print) -> Split:
@@ -229,15 +227,16 @@ def run_split(cfg: Config, run: Path, log: Callable[[str], None] = print) -> Spl
     elif d.source == "images":
         image_root = str(Path(d.path).expanduser().resolve())
         source_bytes = ray_get([remote(_images_task).remote(image_root, d.limit, *args)])[0]
-    else:
-        files, keep, prefixed, source_bytes = _input_plan(d, remote)
-        if d.source == "parquet":
-            ds = ray.data.read_parquet([str(f) for f in files], include_paths=bool(keep))
-            ds = ds.map_batches(_parquet_batch, batch_format="pyarrow", fn_kwargs=dict(keep=keep, **how))
-        else:  # raw member bytes: a bad image is an error row in its participant
-            ds = ray.data.read_webdataset([str(f) for f in files], decoder=None)
-            ds = ds.map_batches(_webdataset_batch, batch_format="numpy", batch_size=None,
-                                fn_kwargs=dict(prefixed=prefixed, keep=keep, **how))
+    elif d.source == "parquet":  # one task per file
+        files = parquet_files(Path(d.path).expanduser().resolve())
+        plan = _limited(files, [pq.ParquetFile(f).metadata.num_rows for f in files], d.limit)
+        source_bytes = sum(os.path.getsize(f) for f, _ in plan)
+        ray_get(remote(_parquet_task).remote(str(f), r, *args) for f, r in plan)
+    else:  # Ray Data's WebDataset reader; raw member bytes: a bad image is an error row in its participant
+        files, keep, prefixed, source_bytes = _webdataset_plan(d, remote)
+        ds = ray.data.read_webdataset([str(f) for f in files], decoder=None)
+        ds = ds.map_batches(_webdataset_batch, batch_format="numpy", batch_size=None,
+                            fn_kwargs=dict(prefixed=prefixed, keep=keep, **how))
         ds.set_name("split")
         ds.write_parquet(str(tmp), partition_cols=["part"])
     parts = sorted(p.name.split("=", 1)[1] for p in tmp.glob("part=*"))

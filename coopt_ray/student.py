@@ -97,15 +97,42 @@ def target_transform(y: np.ndarray, whiten: bool = False, out_dim: Optional[int]
     if y.ndim != 2 or len(y) < 2:
         raise ValueError(f"need at least 2 target rows to standardise, got shape {y.shape}")
     mean = y.mean(0)
+    return transform_from_moments(len(y), mean, (y - mean).T @ (y - mean) / len(y), whiten, out_dim, eps)
+
+
+def transform_from_moments(n: int, mean: np.ndarray, cov: np.ndarray, whiten: bool = False,
+                           out_dim: Optional[int] = None, eps: float = 1e-6) -> tuple[np.ndarray, np.ndarray]:
+    """``target_transform`` from the targets' count, mean and (population) covariance, so the targets can be
+    streamed through ``TargetMoments`` instead of held in memory."""
+    if n < 2:
+        raise ValueError(f"need at least 2 target rows to standardise, got {n}")
     if not whiten:
-        std = y.std(0)
+        std = np.sqrt(np.maximum(np.diag(cov), 0.0))
         return mean.astype(np.float32), np.diag(1.0 / np.maximum(std, eps)).astype(np.float32)
-    k = min(out_dim or y.shape[1], y.shape[1])
-    cov = np.cov(y - mean, rowvar=False).reshape(y.shape[1], y.shape[1])
-    vals, vecs = np.linalg.eigh(cov)
+    k = min(out_dim or len(mean), len(mean))
+    vals, vecs = np.linalg.eigh(cov * n / (n - 1))  # the sample covariance, as np.cov
     order = np.argsort(vals)[::-1][:k]
     P = vecs[:, order] / np.sqrt(np.maximum(vals[order], eps))
     return mean.astype(np.float32), P.astype(np.float32)
+
+
+class TargetMoments:
+    """Count, mean and covariance of target rows added batch by batch (memory d x d, not rows x d)."""
+
+    def __init__(self):
+        self.n, self.s, self.ss = 0, None, None
+
+    def add(self, y: np.ndarray) -> None:
+        y = np.asarray(y, dtype=np.float64)
+        if self.s is None:
+            self.s, self.ss = np.zeros(y.shape[1]), np.zeros((y.shape[1], y.shape[1]))
+        self.n += len(y)
+        self.s += y.sum(0)
+        self.ss += y.T @ y
+
+    def mean_cov(self) -> tuple[np.ndarray, np.ndarray]:
+        mean = self.s / max(self.n, 1)
+        return mean, self.ss / max(self.n, 1) - np.outer(mean, mean)
 
 
 # ---------------------------------------------------------------- checkpoints

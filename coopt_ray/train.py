@@ -27,9 +27,9 @@ from .config import Config
 from .images import BatchAugment, normalize_pixels, to_float_nchw
 from .rundir import (DISTILLED_PARTS, DONE, MANIFEST, OPTIMIZED, STUDENT, RunError, prepare_run_dir, read_done, run_label,
                      write_json_atomic)
-from .rows import read_targets, subset_ids, training_dataset
+from .rows import streamed_subset, target_moments, training_dataset
 from .student import (CKPT_PREFIX, METRICS, WEIGHTS, Student, feature_dim, init_fingerprint, latest_checkpoint,
-                      load_state, report_checkpoint, resume_state, target_transform, usable_checkpoint, warm_start)
+                      load_state, report_checkpoint, resume_state, transform_from_moments, usable_checkpoint, warm_start)
 
 SHUFFLE_BUFFER = 2048       # rows in each worker's local shuffle buffer (reseeded every epoch)
 
@@ -206,13 +206,11 @@ def run_train(cfg: Config, run: str | os.PathLike, address: Optional[str] = None
     driver = driver_node_id()
     plan = plan_workers(s, cluster_nodes(), driver=driver)  # before any work: a size no node holds fails now
     workers, cpw, threads = plan.workers, plan.cpus, plan.threads
-    ids, y = read_targets(rows_dir)
-    keep = subset_ids(ids, s.limit, cfg.seed)
-    if keep is not None:
-        y = y[np.fromiter((i in keep for i in ids), dtype=bool, count=len(ids))]
-    rows = len(y)
+    keep = streamed_subset(rows_dir, s.limit, cfg.seed)  # ids and targets are streamed, never all held here
+    rows, t_mean, t_cov = target_moments(rows_dir, keep)
     fdim = feature_dim(s.arch, cfg.data.image_size)
-    mean, proj = target_transform(y, whiten=s.whiten, out_dim=fdim)
+    mean, proj = transform_from_moments(rows, t_mean, t_cov, whiten=s.whiten, out_dim=fdim)
+    tdim = len(mean)
     world = max(1, workers)
     per_worker = max(2, s.batch_size // world)
     if rows // world < per_worker:
@@ -224,7 +222,7 @@ def run_train(cfg: Config, run: str | os.PathLike, address: Optional[str] = None
     exp = storage / name
     rfp = train_fingerprint(cfg, manifest, with_epochs=False, run=run)
     latest = usable_checkpoint(exp, rfp, log, "train")
-    log(f"[train] student {s.arch} on {rows} rows of {s.data} (target dim {y.shape[1]} -> {proj.shape[1]}"
+    log(f"[train] student {s.arch} on {rows} rows of {s.data} (target dim {tdim} -> {proj.shape[1]}"
         f"{', whitened' if s.whiten else ', standardised'}), {s.epochs} epochs, "
         f"{plan.message}, batch {per_worker}/worker, run name {name}")
     if latest and latest[1]["epoch"] + 1 >= s.epochs:
@@ -233,7 +231,7 @@ def run_train(cfg: Config, run: str | os.PathLike, address: Optional[str] = None
         if latest:
             log(f"[train] resuming after epoch {latest[1]['epoch'] + 1} from {latest[0]}")
         loop_cfg = {
-            "arch": s.arch, "image_size": cfg.data.image_size, "target_dim": int(y.shape[1]),
+            "arch": s.arch, "image_size": cfg.data.image_size, "target_dim": tdim,
             "target_mean": mean.tolist(), "target_proj": proj.tolist(), "epochs": s.epochs,
             "batch_size": per_worker, "lr": s.lr, "weight_decay": s.weight_decay, "seed": cfg.seed,
             "fingerprint": rfp, "threads": threads, "use_gpu": s.use_gpu, "augment": s.augment,
@@ -251,7 +249,7 @@ def run_train(cfg: Config, run: str | os.PathLike, address: Optional[str] = None
     os.replace(tmp, out / WEIGHTS)
     history = state["history"]
     metrics = {
-        "arch": s.arch, "image_size": cfg.data.image_size, "target_dim": int(y.shape[1]),
+        "arch": s.arch, "image_size": cfg.data.image_size, "target_dim": tdim,
         "head_dim": int(proj.shape[1]), "whiten": s.whiten, "data": s.data, "rows": rows, "epochs": s.epochs,
         "workers": workers, "cpus_per_worker": cpw, "batch_size_per_worker": per_worker,
         "worker_nodes": history[-1].get("nodes") if history else None, "driver_node": driver,

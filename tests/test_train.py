@@ -9,7 +9,8 @@ import torch
 
 from coopt_ray.images import BatchAugment
 from coopt_ray.student import Student, adapt_stem, build_backbone, latest_checkpoint, load_state, target_transform
-from coopt_ray.train import subset_ids, train_loop_per_worker
+from coopt_ray.rows import subset_ids
+from coopt_ray.train import train_loop_per_worker
 
 ARCH = "resnet10t"  # the smallest timm ResNet: keeps the Ray tests quick on 2 cores
 
@@ -181,3 +182,32 @@ def test_train_needs_an_optimized_run(tmp_path, tiny_models):
     cfg = load_config(write_config(tmp_path / "c.yaml", tiny_models[:1]))
     with pytest.raises(RunError, match="coopt optimize"):
         run_train(cfg, tmp_path / "nothing")
+
+
+def test_streamed_subset_and_target_moments_match_the_in_memory_versions(tmp_path):
+    """The driver streams RUN/optimized in batches: the same seeded subset and the same target transform as the
+    in-memory reference, with small batches so the streaming is exercised."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from ray.data.extensions import ArrowTensorArray
+
+    from coopt_ray.rows import scan, streamed_subset, target_moments
+    from coopt_ray.student import transform_from_moments
+
+    rng = np.random.default_rng(3)
+    ids = [f"x/{i}" for i in range(900)]
+    y = (rng.normal(size=(900, 7)) @ rng.normal(size=(7, 7)) + 2.0).astype(np.float32)
+    for j in range(3):
+        sl = slice(300 * j, 300 * (j + 1))
+        pq.write_table(pa.table({"id": ids[sl], "target": ArrowTensorArray.from_numpy(y[sl])}), tmp_path / f"p{j}.parquet")
+    assert sum(b.num_rows for b in scan(tmp_path, ["id"], batch_size=64)) == 900
+    keep = streamed_subset(tmp_path, 250, seed=5)
+    assert keep == subset_ids(ids, 250, 5) and streamed_subset(tmp_path, None, 5) is None
+    n, mean, cov = target_moments(tmp_path, keep)
+    sub = y[[i in keep for i in ids]]
+    assert n == 250
+    for whiten in (False, True):
+        m1, p1 = transform_from_moments(n, mean, cov, whiten=whiten, out_dim=4)
+        m2, p2 = target_transform(sub, whiten=whiten, out_dim=4)
+        np.testing.assert_allclose(m1, m2, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(np.abs(p1), np.abs(p2), rtol=1e-3, atol=1e-4)  # eigenvector signs may flip
