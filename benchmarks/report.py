@@ -16,6 +16,7 @@ from pathlib import Path
 
 from common import RESULTS, ROOT
 from report_labeled import labeled_goal_rows, labeled_table
+from report_scale import scale_goal_rows, scale_table
 
 BEGIN, END = "<!-- generated:results:begin (benchmarks/report.py --readme) -->", "<!-- generated:results:end -->"
 NAMES = {
@@ -246,7 +247,7 @@ def rounds_table(r: dict) -> str:
     return "\n".join(lines)
 
 
-def goals_table(fid, ali, cri, thr, mem, dis=None, rnd=None, lab=None) -> str:
+def goals_table(fid, ali, cri, thr, mem, dis=None, rnd=None, lab=None, sca=None) -> str:
     rows = []
 
     def row(goal, target, measured, ok):
@@ -316,12 +317,14 @@ def goals_table(fid, ali, cri, thr, mem, dis=None, rnd=None, lab=None) -> str:
                 v["goal_no_round_below_first"])
     for r in lab or []:
         labeled_goal_rows(r, row)
+    if sca:
+        scale_goal_rows(sca, row)
     return "\n".join(["| goal | target | measured | status |", "| --- | --- | --- | --- |"] + rows)
 
 
 def render() -> str:
     fid, ali, cri, thr, mem = load("fidelity"), load("alignment"), load("criteria"), load("throughput"), load("memory")
-    dis, rnd = load("distill"), load("rounds")
+    dis, rnd, sca = load("distill"), load("rounds"), load("scale")
     lab = [r for r in (load("distill_labeled"), load("distill_labeled_full")) if r]  # the CPU and GPU protocols
     parts = []
     if fid:
@@ -341,7 +344,9 @@ def render() -> str:
         parts += ["", "### Continual rounds", "", rounds_table(rnd)]
     if lab:
         parts += ["", "### Labeled distillation (M-DATM)", "", "\n\n".join(labeled_table(r) for r in lab)]
-    parts += ["", "### Against the goals", "", goals_table(fid, ali, cri, thr, mem, dis, rnd, lab)]
+    if sca:
+        parts += ["", "### Scale: the data path at 50k and 500k images", "", scale_table(sca)]
+    parts += ["", "### Against the goals", "", goals_table(fid, ali, cri, thr, mem, dis, rnd, lab, sca)]
     return "\n".join(parts) + "\n"
 
 

@@ -9,8 +9,9 @@ Measures, each optimize run in its own fresh process (that process is the driver
 - optimize wall time, large / small;
 - bytes each participant reads (its own partitions) / the source's bytes, against 1/K + |S|/N;
 - optimize images/s against the plain single-process loop over the same models and rows, at both sizes;
-- the placement levers on 2 cores, at the small size: 1 CPU per actor (two waves of two pools) against 0.5 CPU
-  per actor (one wave of four).
+- the driver's Python heap peak (tracemalloc), which shows what the driver itself holds apart from native buffers;
+- the placement levers on 2 cores, at the small size (one CPU is kept for reading): 1 CPU per actor (one pool at
+  a time), 0.5 (two at a time) and 0.25 (all four at once, one wave); the large run uses the fastest.
 Writes benchmarks/results/scale[_quick].json. GPU protocol: the same command on a GPU node with `--num-gpus 0.25`
 (four pools share the GPU in one wave); the plain loop then runs on the GPU too.
 """
@@ -68,6 +69,13 @@ def child(spec: dict) -> None:
     from coopt_ray.pipeline import run_optimize
     from throughput import vm_hwm_mb
 
+    import tracemalloc
+
+    import ray
+
+    from coopt_ray.cluster import plan_waves
+
+    tracemalloc.start(1)  # the driver's Python heap: what the driver itself holds, apart from native buffers
     held = None
     cfg = scale_config(spec["teachers"], spec["src"], spec["limit"], spec["num_cpus"], spec["num_gpus"])
     if spec["hold_ids"]:
@@ -78,13 +86,16 @@ def child(spec: dict) -> None:
         held = (ids, h, np.argsort(h, kind="stable"))
     run = fresh_dir(Path(spec["run"]))
     start_ray()
+    waves = len(plan_waves(cfg.participants, ray.cluster_resources()).waves)
     t0 = time.time()
     man = run_optimize(cfg, run, log=lambda m: None)
     wall = time.time() - t0
     rows = sum(p["rows"] + p["shared_rows"] for p in man["participants"])
     print("SCALE_RESULT " + json.dumps({
         "images": man["total_rows"], "num_cpus": spec["num_cpus"], "hold_ids": spec["hold_ids"],
-        "held_ids": 0 if held is None else len(held[0]), "vm_hwm_mb": vm_hwm_mb(), "wall_seconds": round(wall, 2),
+        "held_ids": 0 if held is None else len(held[0]), "vm_hwm_mb": vm_hwm_mb(),
+        "py_heap_peak_mb": round(tracemalloc.get_traced_memory()[1] / 2**20, 1), "waves": waves,
+        "wall_seconds": round(wall, 2),
         "timings": man["timings"], "rows_embedded": rows, "images_per_s": round(rows / wall, 1),
         "split": man["split"], "participants": {p["name"]: p["seconds"] for p in man["participants"]},
     }), flush=True)
@@ -101,7 +112,8 @@ def run_child(a, teachers, src: Path, limit: int, num_cpus: float, hold_ids: boo
         raise RuntimeError(f"optimize on {limit} images failed:\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
     r = json.loads(line.split(" ", 1)[1])
     r["run"] = spec["run"]
-    log(f"[scale]   {r['wall_seconds']}s, {r['images_per_s']} img/s, driver VmHWM {r['vm_hwm_mb']} MB")
+    log(f"[scale]   {r['wall_seconds']}s, {r['images_per_s']} img/s, driver VmHWM {r['vm_hwm_mb']} MB, "
+        f"Python heap peak {r['py_heap_peak_mb']} MB")
     return r
 
 
@@ -150,10 +162,10 @@ def main(argv=None) -> dict:
         write_json(a.out, res)
 
     # The placement levers at the small size: which one the large runs use is picked here, by images/s.
-    levers = {c: run_child(a, teachers, src, small, c) for c in (1.0, 0.5)}
+    levers = {c: run_child(a, teachers, src, small, c) for c in (1.0, 0.5, 0.25)}
     best = max(levers, key=lambda c: levers[c]["images_per_s"])
     res["levers"] = {f"num_cpus_{c}": {"images_per_s": r["images_per_s"], "wall_seconds": r["wall_seconds"],
-                                       "waves": 2 if c == 1.0 else 1} for c, r in levers.items()}
+                                       "waves": r["waves"]} for c, r in levers.items()}
     res["levers"]["chosen_num_cpus"] = best
     save()
     runs = {small: levers[best], large: run_child(a, teachers, src, large, best)}
@@ -175,6 +187,8 @@ def main(argv=None) -> dict:
         "control_driver_mb": {str(n): r["vm_hwm_mb"] for n, r in ctrl.items()},
         "control_ratio": round(ctrl[large]["vm_hwm_mb"] / ctrl[small]["vm_hwm_mb"], 3),
         "control_growth_mb": round(ctrl[large]["vm_hwm_mb"] - ctrl[small]["vm_hwm_mb"], 1),
+        "py_heap_peak_mb": {str(n): r["py_heap_peak_mb"] for n, r in runs.items()},
+        "control_py_heap_peak_mb": {str(n): r["py_heap_peak_mb"] for n, r in ctrl.items()},
         "growth_mb": round(runs[large]["vm_hwm_mb"] - runs[small]["vm_hwm_mb"], 1),
         "wall_seconds": {str(n): r["wall_seconds"] for n, r in runs.items()},
         "wall_ratio": round(runs[large]["wall_seconds"] / runs[small]["wall_seconds"], 3),

@@ -149,13 +149,14 @@ def webdataset_keys(shard: Path) -> list[str]:
 
 
 def webdataset_count(shards: Sequence[Path]) -> int:
-    """Samples in the shards, streaming through the tar headers (no key list is kept)."""
+    """Samples in the shards, from the tar headers (seeking past the members' data; one shard's headers are in
+    memory at a time)."""
     import tarfile
 
     n = 0
     for f in shards:
         try:
-            with tarfile.open(f, "r|") as tf:
+            with tarfile.open(f) as tf:
                 last = None
                 for m in tf:
                     k = _wds_key(m.name) if m.isfile() else None

@@ -139,9 +139,7 @@ def split_summary(cfg: Config, emb_stats: list[dict], split: Optional[dict]) -> 
 def build_manifest(cfg: Config, emb_stats: list[dict], scored: dict, total_rows: int, optimized_rows: int,
                    error_rows: int, timings: dict, split: Optional[dict] = None) -> dict:
     """The manifest.json content (DESIGN.md §3)."""
-    import open_clip
-    import ray
-    import torch
+    from importlib.metadata import version  # not importing torch and open_clip into the driver for this
 
     best = scored["best"]
     dims = {s["participant"]: s["embed_dim"] for s in emb_stats}
@@ -164,7 +162,7 @@ def build_manifest(cfg: Config, emb_stats: list[dict], scored: dict, total_rows:
         "optimized_rows": optimized_rows, "error_rows": error_rows,
         "timings": {k: round(v, 3) for k, v in timings.items()},
         "fingerprint": cfg.fingerprint(*OPTIMIZE_SECTIONS),
-        "versions": {"ray": ray.__version__, "torch": torch.__version__, "open_clip": open_clip.__version__},
+        "versions": {"ray": version("ray"), "torch": version("torch"), "open_clip": version("open_clip_torch")},
     }
 
 

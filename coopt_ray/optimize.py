@@ -13,7 +13,7 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from .cluster import init_ray, live_nodes, plan_waves
+from .cluster import init_ray, live_nodes, plan_waves, pool_demand
 from .config import Config, resolve_model
 from .embeddings import embedding_dim
 from .images import decode_image
@@ -122,6 +122,13 @@ def embed_participant(cfg: Config, index: int, split: Split, out_dir: Path) -> d
     return stats
 
 
+def rolling_ok(parts) -> bool:
+    """Whether pools may start one by one as others finish: every pool asks for the same resources, with no
+    node labels, accelerator types or custom resources that would tie it to particular nodes."""
+    return len({tuple(sorted(pool_demand(p).items())) for p in parts}) == 1 and not any(
+        p.accelerator_type or p.resources or getattr(p, "node_labels", None) for p in parts)
+
+
 def embed_all(cfg: Config, run: Path, split: Split, resources: dict,
               log: Callable[[str], None] = print) -> list[dict]:
     """Run every participant's pool (waves planned from ``resources``), skipping finished ones."""
@@ -155,6 +162,16 @@ def embed_all(cfg: Config, run: Path, split: Split, resources: dict,
             return s
 
         waves = [[todo[j] for j in w] for w in plan.waves]
+        if len(waves) > 1 and rolling_ok([cfg.participants[i] for i in todo]):
+            # Identical pools: any len(waves[0]) of them fit together, so the next starts as soon as one ends
+            # instead of waiting for its whole wave (no core idles behind the wave's slowest pool).
+            slots = max(len(w) for w in waves)
+            log(f"[optimize] identical pools: running {slots} at a time, the next starting as one finishes")
+            with ThreadPoolExecutor(slots) as ex:
+                order = [i for w in waves for i in w]
+                for i, s in zip(order, ex.map(one, order)):
+                    stats[i] = s
+            waves = []
         while waves:
             wave_ids = waves.pop(0)
             if len(wave_ids) == 1:

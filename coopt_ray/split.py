@@ -117,15 +117,15 @@ def _images_task(image_root: str, limit: Optional[int], root: str, k: int, seed:
     return size
 
 
-def _parquet_task(f: str, rows: int, root: str, k: int, seed: int, shares, t: float) -> None:
-    """The first ``rows`` rows of one Parquet file (all of it unless ``data.limit`` ends inside it), written into
-    their parts, one record batch at a time."""
+def _parquet_task(f: str, index: int, rows: int, root: str, k: int, seed: int, shares, t: float) -> None:
+    """The first ``rows`` rows of Parquet file number ``index`` (all of it unless ``data.limit`` ends inside it),
+    written into their parts, one record batch at a time."""
     pf = pq.ParquetFile(f)
     left, j = rows, 0
     for b in pf.iter_batches(batch_size=CHUNK, columns=[c for c in ("id", "image", "label")
                                                           if c in pf.schema_arrow.names]):
         b = pa.Table.from_batches([b]).slice(0, left)
-        write_parts(assign(normalise_parquet_batch(b), k, seed, shares, t), root, f"{Path(f).stem}-{j:05d}")
+        write_parts(assign(normalise_parquet_batch(b), k, seed, shares, t), root, f"file{index:06d}-{j:05d}")
         left, j = left - b.num_rows, j + 1
         if left <= 0:
             break
@@ -231,7 +231,7 @@ def run_split(cfg: Config, run: Path, log: Callable[[str], None] = print) -> Spl
         files = parquet_files(Path(d.path).expanduser().resolve())
         plan = _limited(files, [pq.ParquetFile(f).metadata.num_rows for f in files], d.limit)
         source_bytes = sum(os.path.getsize(f) for f, _ in plan)
-        ray_get(remote(_parquet_task).remote(str(f), r, *args) for f, r in plan)
+        ray_get(remote(_parquet_task).remote(str(f), i, r, *args) for i, (f, r) in enumerate(plan))
     else:  # Ray Data's WebDataset reader; raw member bytes: a bad image is an error row in its participant
         files, keep, prefixed, source_bytes = _webdataset_plan(d, remote)
         ds = ray.data.read_webdataset([str(f) for f in files], decoder=None)
