@@ -30,9 +30,11 @@ def scale_table(r: dict) -> str:
          f"{s['control_driver_mb'][b]} (ratio {s['control_ratio']})"),
         ("driver Python heap peak (tracemalloc), MB", s["py_heap_peak_mb"][a], s["py_heap_peak_mb"][b]),
         ("control: driver Python heap peak, MB", s["control_py_heap_peak_mb"][a], s["control_py_heap_peak_mb"][b]),
-        ("bytes read per participant / source bytes (mean; expected 1/K + \\|S\\|/N)",
+        ("bytes read per participant / source bytes, on disk (mean; expected 1/K + \\|S\\|/N)",
          f"{s['read_fraction'][a]['mean']} ({s['read_fraction'][a]['expected_1_over_k_plus_s']})",
          f"{s['read_fraction'][b]['mean']} ({s['read_fraction'][b]['expected_1_over_k_plus_s']})"),
+        ("the same from Ray Data's stats (the read operator's output bytes)",
+         s["read_fraction"][a].get("ray_stats_mean"), s["read_fraction"][b].get("ray_stats_mean")),
     ]
     lines = [f"| quantity | {int(a):,} images | {int(b):,} images |", "| --- | --- | --- |"]
     lines += [f"| {q} | {x} | {y} |" for q, x, y in rows]

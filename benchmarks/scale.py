@@ -7,7 +7,8 @@ Measures, each optimize run in its own fresh process (that process is the driver
 - the driver's peak memory (VmHWM) at both sizes, and a control driver that holds the ids and their hashes as
   the old code path did (a list built from the source plus the sorted hash array), whose figure must rise;
 - optimize wall time, large / small;
-- bytes each participant reads (its own partitions) / the source's bytes, against 1/K + |S|/N;
+- bytes each participant reads / the source's bytes, against 1/K + |S|/N: its partitions' size on disk, and the
+  bytes its read operator produced according to Ray Data's stats;
 - optimize images/s against the plain single-process loop over the same models and rows, at both sizes;
 - the driver's Python heap peak (tracemalloc), which shows what the driver itself holds apart from native buffers;
 - the placement levers on 2 cores, at the small size (one CPU is kept for reading): 1 CPU per actor (one pool at
@@ -129,7 +130,10 @@ def read_fractions(r: dict, k: int) -> dict:
     s = r["split"]
     want = 1 / k + s["shared"] / r["images"]
     got = s["read_fraction"]
-    return {"per_participant": got, "mean": round(sum(got.values()) / len(got), 4), "expected_1_over_k_plus_s": round(want, 4)}
+    ray = [v for v in (s.get("ray_read_bytes") or {}).values() if v]
+    return {"per_participant": got, "mean": round(sum(got.values()) / len(got), 4),
+            "expected_1_over_k_plus_s": round(want, 4),
+            "ray_stats_mean": round(sum(ray) / len(ray) / s["source_bytes"], 4) if ray else None}
 
 
 def main(argv=None) -> dict:

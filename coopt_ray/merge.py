@@ -126,14 +126,16 @@ def merge(cfg: Config, run: Path, aligns: dict, target_dim: int, log: Callable[[
 
 
 def split_summary(cfg: Config, emb_stats: list[dict], split: Optional[dict]) -> Optional[dict]:
-    """|S|, the source's bytes and each participant's bytes read (its own partitions) and their share of it."""
+    """|S|, the source's bytes and each participant's bytes read: its two partitions on disk (and their share of
+    the source), and the rows its read produced according to Ray Data's stats."""
     if not split:
         return None
     src = max(split["source_bytes"], 1)
     return {"shared": split["shared"], "source_bytes": split["source_bytes"], "seconds": split.get("seconds"),
             "bytes_read": {p.name: s.get("bytes_read") for p, s in zip(cfg.participants, emb_stats)},
             "read_fraction": {p.name: round(s["bytes_read"] / src, 4) for p, s in zip(cfg.participants, emb_stats)
-                              if s.get("bytes_read") is not None}}
+                              if s.get("bytes_read") is not None},
+            "ray_read_bytes": {p.name: s.get("ray_read_bytes") for p, s in zip(cfg.participants, emb_stats)}}
 
 
 def build_manifest(cfg: Config, emb_stats: list[dict], scored: dict, total_rows: int, optimized_rows: int,

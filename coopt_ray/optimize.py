@@ -82,6 +82,25 @@ def output_counts(out_dir: Path) -> dict:
     return c
 
 
+def read_bytes_from_stats(ds) -> Optional[int]:
+    """Bytes the participant's read operator produced, from Ray Data's stats of the finished write (the Arrow
+    size of the rows read: the image bytes plus small columns); None when the stats do not say."""
+    try:
+        done = getattr(ds, "_write_ds", None) or ds  # write_parquet keeps the executed plan's stats here
+        ops = [o for d in _with_parents(done._get_stats_summary()) for o in d.operators_stats]
+        sizes = [o.output_size_bytes.sum for o in ops if o.operator_name.startswith("Read")
+                 and "Write" not in o.operator_name and o.output_size_bytes]
+        return int(sum(sizes)) if sizes else None
+    except Exception:  # noqa: BLE001 - a private stats structure: report nothing rather than fail the run
+        return None
+
+
+def _with_parents(summary):
+    yield summary
+    for p in summary.parents:
+        yield from _with_parents(p)
+
+
 def embed_participant(cfg: Config, index: int, split: Split, out_dir: Path) -> dict:
     """Stream D(index) ∪ S, read from participant ``index``'s partitions only, through its actor pool into
     ``out_dir`` (Parquet)."""
@@ -112,10 +131,12 @@ def embed_participant(cfg: Config, index: int, split: Split, out_dir: Path) -> d
     ds.write_parquet(str(tmp))
     shutil.rmtree(out_dir, ignore_errors=True)
     os.replace(tmp, out_dir)
+    ray_read = read_bytes_from_stats(ds)
     c = output_counts(out_dir)
     stats = {
         "participant": p.name, "rows": c["owned"], "input_rows": c["rows"], "shared_rows": c["shared"],
         "error_rows": c["errors"], "embed_dim": embedding_dim(out_dir), "bytes_read": split.bytes_for(index),
+        "ray_read_bytes": ray_read,
         "seconds": round(time.time() - t0, 3), "fingerprint": cfg.fingerprint("seed", "data", "participants", "shared"),
     }
     write_json_atomic(out_dir / DONE, stats)
