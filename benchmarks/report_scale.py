@@ -9,7 +9,7 @@ def _sizes(r: dict) -> tuple[str, str]:
 
 def scale_table(r: dict) -> str:
     s, (a, b) = r["summary"], _sizes(r)
-    runs, ctrl, plain = r["runs"], r["control"], r["plain"]
+    runs, plain = r["runs"], r["plain"]
     thr = sorted(plain[a], key=int)
     lev = {k: v for k, v in r["levers"].items() if k.startswith("num_cpus_")}
     rows = [
@@ -43,7 +43,7 @@ def scale_table(r: dict) -> str:
               "| CPUs per actor | pools at once | optimize images/s | wall s |", "| --- | --- | --- | --- |"]
     for k, v in lev.items():
         c = float(k.rsplit("_", 1)[1])
-        lines.append(f"| {c:g} | {4 // v['waves'] if v['waves'] else '?'} of 4 ({v['waves']} wave(s) as planned) | "
+        lines.append(f"| {c:g} | {4 // v['waves'] if v['waves'] else '?'} of 4 | "
                      f"{v['images_per_s']} | {v['wall_seconds']} |")
     return "\n".join(lines)
 
@@ -57,7 +57,7 @@ def scale_goal_rows(r: dict, row) -> None:
     row(f"optimize wall time, {int(b) // 1000}k / {int(a) // 1000}k", "<= 11x", f"{s['wall_ratio']}x",
         s["wall_ratio"] <= 11)
     rf = s["read_fraction"][b]
-    row("bytes read per participant / source bytes", "about 1/K + |S|/N",
+    row("bytes read per participant / source bytes", "about 1/K + \\|S\\|/N",
         f"{rf['mean']} vs {rf['expected_1_over_k_plus_s']}", abs(rf["mean"] - rf["expected_1_over_k_plus_s"]) <= 0.02)
     for key in sorted(s["vs_plain"][b]):
         lo, hi = s["vs_plain"][a][key], s["vs_plain"][b][key]
