@@ -182,10 +182,18 @@ def _first_keys(shard: str, r: int) -> list[str]:
     return webdataset_keys(Path(shard))[:r]
 
 
-def ray_get(refs):
+def ray_get(refs, what: str = "", log: Optional[Callable[[str], None]] = None):
+    """``ray.get`` of a list of task refs in order; with ``log``, a progress line about every tenth of them."""
     import ray
 
-    return ray.get(list(refs))
+    refs = list(refs)
+    if log is None or len(refs) < 10:
+        return ray.get(refs)
+    pending, step, t0 = list(refs), max(1, len(refs) // 10), time.time()
+    while pending:
+        _, pending = ray.wait(pending, num_returns=min(step, len(pending)))
+        log(f"[split] {what}: {len(refs) - len(pending)}/{len(refs)} done ({time.time() - t0:.0f}s)")
+    return ray.get(refs)
 
 
 def load_split(root: Path, fingerprint: str) -> Optional[Split]:
@@ -223,7 +231,8 @@ def run_split(cfg: Config, run: Path, log: Callable[[str], None] = print) -> Spl
         src = fashion_mnist_dir(d.path)
         source_bytes = sum(f.stat().st_size for f in src.glob("train-*"))
         edges = list(range(0, n, CHUNK)) + [n]
-        ray_get(remote(_fashion_mnist_task).remote(d.path, a, b, *args) for a, b in zip(edges, edges[1:]))
+        ray_get((remote(_fashion_mnist_task).remote(d.path, a, b, *args) for a, b in zip(edges, edges[1:])),
+                "chunks", log)
     elif d.source == "images":
         image_root = str(Path(d.path).expanduser().resolve())
         source_bytes = ray_get([remote(_images_task).remote(image_root, d.limit, *args)])[0]
@@ -231,7 +240,7 @@ def run_split(cfg: Config, run: Path, log: Callable[[str], None] = print) -> Spl
         files = parquet_files(Path(d.path).expanduser().resolve())
         plan = _limited(files, [pq.ParquetFile(f).metadata.num_rows for f in files], d.limit)
         source_bytes = sum(os.path.getsize(f) for f, _ in plan)
-        ray_get(remote(_parquet_task).remote(str(f), i, r, *args) for i, (f, r) in enumerate(plan))
+        ray_get((remote(_parquet_task).remote(str(f), i, r, *args) for i, (f, r) in enumerate(plan)), "files", log)
     else:  # Ray Data's WebDataset reader; raw member bytes: a bad image is an error row in its participant
         files, keep, prefixed, source_bytes = _webdataset_plan(d, remote)
         ds = ray.data.read_webdataset([str(f) for f in files], decoder=None)
