@@ -26,7 +26,7 @@ data:
 
 setup: $(VENV)/.installed data
 
-# Every test, the multi-node, job and kill tests and the README's cluster sequence included (~23 min on 2 idle cores).
+# Every test, the multi-node, job and kill tests and the README's cluster sequence included (~27 min on 2 idle cores).
 test: setup
 	$(PY) -m pytest -q --durations=15 $(PYTEST_ARGS)
 
