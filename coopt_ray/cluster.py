@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 from .config import ConfigError, ParticipantConfig, StudentConfig
+from .devices import device_error_in
 
 NODE_ID_LABEL = "ray.io/node-id"   # the label Ray gives every node (used to keep train workers off a node)
 
@@ -259,9 +260,12 @@ def plan_workers(s: StudentConfig, nodes: list, driver: Optional[str] = None, re
     its CPUs for Ray Data and the driver). With ``use_gpu`` every worker takes 1 GPU, on GPU nodes
     only. A request no node set can hold raises ConfigError naming ``<key>.<field>``.
     """
-    if s.workers == 0:
-        return WorkerPlan(0, 0.0, max(1, int(os.cpu_count() or 1)), message="in-process")
     gpu = bool(s.use_gpu)
+    if s.workers == 0:
+        if gpu:
+            raise ConfigError(f"'{key}.use_gpu' needs Ray Train workers ({key}.workers >= 1): with workers: 0 the "
+                              "loop runs in the driver, which Ray gave no GPU")
+        return WorkerPlan(0, 0.0, max(1, int(os.cpu_count() or 1)), message="in-process")
     if gpu and not any(n["resources"].get("GPU", 0.0) >= 1 for n in nodes):
         raise ConfigError(f"'{key}.use_gpu': no node of the cluster has a whole GPU "
                           f"(GPUs per node: {_node_sizes(nodes, driver, 'GPU')})")
@@ -299,6 +303,9 @@ def check_tasks_fit(demands: list, nodes: list) -> None:
     """Each ``(config key, {resource: amount})`` must fit on at least one live node, else a ConfigError
     naming the key: a Ray task that no node can hold would wait forever."""
     for key, dem in demands:
+        if dem.get("GPU") and not any(n["resources"].get("GPU", 0.0) > 0 for n in nodes):
+            raise ConfigError(f"'{key}' asks for a GPU, but no node of the cluster has one "
+                              f"(GPUs per node: {_node_sizes(nodes, None, 'GPU')})")
         if not any(_fits(n["resources"], dem) for n in nodes):
             want = ", ".join(f"{k}={v:g}" for k, v in dem.items())
             have = "; ".join(", ".join(f"{k}={n['resources'].get(k, 0.0):g}" for k in dem) for n in nodes)
@@ -315,9 +322,17 @@ def fit_torch_trainer(loop, loop_cfg: dict, plan: "WorkerPlan", use_gpu: bool, n
     w = plan.workers
     scaling = ScalingConfig(num_workers=w, use_gpu=use_gpu, resources_per_worker={"CPU": plan.cpus} if w else None,
                             label_selector=plan.label_selector() if w else None)
-    TorchTrainer(loop, train_loop_config=loop_cfg, scaling_config=scaling,
+    trainer = TorchTrainer(loop, train_loop_config=loop_cfg, scaling_config=scaling,
                  torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
                  run_config=RunConfig(name=name, storage_path=str(storage),
                                       checkpoint_config=CheckpointConfig(num_to_keep=2),
                                       failure_config=FailureConfig(max_failures=3)),
-                 datasets={"train": dataset}).fit()
+                 datasets={"train": dataset})
+    try:
+        trainer.fit()
+    except Exception as e:
+        cause = device_error_in(e)
+        if cause is not None:  # a worker that asked for a GPU and got none: the one line, not a traceback
+            raise ConfigError(str(cause)) from e
+        raise
+

@@ -11,7 +11,7 @@ from typing import Any, Optional
 
 import yaml
 
-from .config_distill import DistillConfig, check_distill, distill_view
+from .config_distill import AMP_MODES, DistillConfig, check_amp, check_distill, check_gpu_fraction, distill_view  # noqa: F401
 from .errors import ConfigError
 
 DEFAULT_FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
@@ -40,6 +40,8 @@ class ParticipantConfig:
     resources: Optional[dict] = None
     node_labels: Optional[dict] = None   # Ray label selector for the pool's nodes, e.g. {gpu-type: A100}
     share: float = 1.0           # relative share of the images this participant owns; 0: it embeds only S
+    amp: str = "auto"            # bf16 autocast when embedding: auto (bf16 on CUDA, off on the CPU) | bf16 | off
+    decode_cpus: float = 1.0     # CPUs per task of the decode stage (image bytes -> uint8 at the model's input size)
 
 
 @dataclass(frozen=True)
@@ -81,6 +83,7 @@ class StudentConfig:
     data: str = "optimized"      # what the student regresses: RUN/optimized, or a distilled set (distilled/krr-st)
     augment: bool = True         # RELA's augmentations on every batch; false: the un-augmented images (KRR-ST's recipe)
     init: Optional[str] = None   # warm start: a student folder (RUN/student) whose weights start training
+    amp: str = "auto"            # bf16 autocast in training: auto (bf16 on CUDA, off on the CPU) | bf16 | off
 
 
 STUDENT_DATA = ("optimized", "distilled/krr-st")
@@ -103,6 +106,7 @@ class EvalConfig:
     test_limit: Optional[int] = None
     probe_path: Optional[str] = None
     test_path: Optional[str] = None
+    gpu_fraction: float = 0.25   # the GPU share of each probe task whose model asked for a GPU (4 probes per GPU)
 
 
 @dataclass(frozen=True)
@@ -133,8 +137,14 @@ class Config:
         for p in d["participants"]:
             if p.get("share") == 1.0:
                 p.pop("share")
+            if p.get("amp") == "auto":
+                p.pop("amp")
+            p.pop("decode_cpus", None)  # where decoding runs, not what it computes
         if d["student"].get("init") is None:
             d["student"].pop("init")
+        if d["student"].get("amp") == "auto":
+            d["student"].pop("amp")
+        d["eval"].pop("gpu_fraction")  # where a probe runs, not what it measures
         d["distill"] = distill_view(self.distill)
         return d
 
@@ -264,6 +274,8 @@ def _check_values(cfg: Config) -> None:
             raise ConfigError(f"'{key}.actors_max' must be >= actors ({p.actors}), got {p.actors_max}")
         if p.share < 0:
             raise ConfigError(f"'{key}.share' must be >= 0, got {p.share}")
+        check_amp(f"{key}.amp", p.amp)
+        _check_cpus(f"{key}.decode_cpus", p.decode_cpus)
     if not any(p.share > 0 for p in cfg.participants):
         raise ConfigError("'participants[*].share': at least one participant must own images (share > 0)")
     s = cfg.student
@@ -277,6 +289,10 @@ def _check_values(cfg: Config) -> None:
     _check_cpus("student.cpus_per_worker", s.cpus_per_worker)
     if s.limit is not None and (isinstance(s.limit, bool) or not isinstance(s.limit, int) or s.limit < 2):
         raise ConfigError(f"'student.limit' must be an integer >= 2, got {s.limit!r}")
+    check_amp("student.amp", s.amp)
+    if s.use_gpu and s.workers == 0:
+        raise ConfigError("'student.use_gpu' needs Ray Train workers (student.workers >= 1): with workers: 0 the "
+                          "loop runs in the driver, which Ray gave no GPU")
     if s.data not in STUDENT_DATA:
         raise ConfigError(f"'student.data' must be one of {', '.join(STUDENT_DATA)}, got {s.data!r}")
     check_distill(cfg.distill)
@@ -287,6 +303,7 @@ def _check_values(cfg: Config) -> None:
         raise ConfigError(f"'rounds.join' must be one of {', '.join(ROUND_JOINS)}, got {r.join!r}")
     if cfg.eval.probe_epochs < 1:
         raise ConfigError(f"'eval.probe_epochs' must be >= 1, got {cfg.eval.probe_epochs}")
+    check_gpu_fraction("eval.gpu_fraction", cfg.eval.gpu_fraction)
 
 
 def _check_cpus(key: str, v) -> None:

@@ -9,6 +9,7 @@ from .errors import ConfigError
 
 DISTILL_METHODS = ("krr-st", "mdatm")
 COMMON_KEYS = ("method", "workers", "use_gpu", "cpus_per_worker", "checkpoint_every", "log_every")
+AMP_MODES = ("auto", "bf16", "off")   # auto: bf16 autocast on CUDA, none on the CPU (CPU results do not move)
 KRR_KEYS = ("size", "steps", "lr", "lr_final", "real_batch", "pool_size", "pool_width", "pool_steps", "pool_lr")
 
 
@@ -29,6 +30,9 @@ class DistillConfig:
     workers: int = 1             # Ray Train workers (krr-st); 0 = in-process
     use_gpu: bool = False        # krr-st: per Ray Train worker; mdatm: one GPU per expert / matching task
     cpus_per_worker: Optional[float] = None  # mdatm: CPUs per expert / scorer task (default 1)
+    gpu_fraction: float = 0.25   # mdatm with use_gpu: the GPU share of each expert and scorer task (small nets: 4 per
+                                 # GPU run at once); the matching task takes a whole GPU
+    amp: str = "auto"            # krr-st: bf16 autocast for the pool models' features (auto: on CUDA only) | bf16 | off
     checkpoint_every: int = 100  # outer steps (mdatm: iterations) between checkpoints
     log_every: int = 20          # outer steps (mdatm: iterations) between progress lines
     # ---- M-DATM (method: mdatm): labeled images -> ipc images per class, hard labels in class order
@@ -63,7 +67,7 @@ def distill_view(d: DistillConfig) -> dict:
     full = dataclasses.asdict(d)
     if d.method == "krr-st":
         return {k: full[k] for k in COMMON_KEYS + KRR_KEYS}
-    return {k: v for k, v in full.items() if k not in KRR_KEYS}
+    return {k: v for k, v in full.items() if k not in KRR_KEYS + ("gpu_fraction", "amp")}  # amp: krr-st only
 
 
 def expert_epochs(d: DistillConfig) -> int:
@@ -83,7 +87,20 @@ def check_distill(d: DistillConfig) -> None:
         raise ConfigError(f"'distill.cpus_per_worker' must be a number > 0, got {d.cpus_per_worker!r}")
     if d.workers < 0:
         raise ConfigError(f"'distill.workers' must be >= 0, got {d.workers}")
+    check_gpu_fraction("distill.gpu_fraction", d.gpu_fraction)
+    check_amp("distill.amp", d.amp)
     (_check_krr if d.method == "krr-st" else _check_mdatm)(d)
+
+
+def check_gpu_fraction(key: str, v) -> None:
+    """A task's GPU share: in (0, 1] (Ray takes fractions of one GPU, or whole GPUs)."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v <= 1:
+        raise ConfigError(f"'{key}' must be a number in (0, 1] (a share of one GPU), got {v!r}")
+
+
+def check_amp(key: str, v) -> None:
+    if v not in AMP_MODES:
+        raise ConfigError(f"'{key}' must be one of {', '.join(AMP_MODES)}, got {v!r}")
 
 
 def _check_krr(d: DistillConfig) -> None:
@@ -99,6 +116,9 @@ def _check_krr(d: DistillConfig) -> None:
             raise ConfigError(f"'distill.{k}' must be > 0, got {getattr(d, k)}")
     if not 0 < d.lr_final <= 1:
         raise ConfigError(f"'distill.lr_final' must be in (0, 1], got {d.lr_final}")
+    if d.use_gpu and d.workers == 0:
+        raise ConfigError("'distill.use_gpu' needs Ray Train workers (distill.workers >= 1): with workers: 0 the "
+                          "loop runs in the driver, which Ray gave no GPU")
     if d.pool_size < max(1, d.workers) or d.real_batch < max(1, d.workers):
         raise ConfigError(f"'distill.pool_size' and 'distill.real_batch' must be >= distill.workers ({d.workers}): "
                           f"every worker owns pool models and real rows, got {d.pool_size} and {d.real_batch}")

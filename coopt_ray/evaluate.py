@@ -17,7 +17,8 @@ from .cluster import check_tasks_fit, cluster_nodes, init_ray
 from .config import resolve_model
 from .images import arrays_to_rgb
 from .labeled import EvalSkipped, labeled_splits, load_labeled  # noqa: F401 (the stage's public names)
-from .models import load_model, pick_device
+from .devices import check_cuda_usable, stage_device
+from .models import load_model
 from .probe import backbone_features, embed_arrays, linear_probe
 from .rundir import EVAL, STUDENT, RunError, read_done, read_json, write_json_atomic
 from .student import METRICS, WEIGHTS, build_backbone, load_student_backbone
@@ -32,8 +33,7 @@ def score_backbone(state: Optional[dict], arch: str, image_size: int, data: dict
     backbone = build_backbone(arch, image_size)
     if state is not None:
         backbone.load_state_dict(state)
-    if use_gpu and torch.cuda.is_available():
-        backbone = backbone.cuda()
+    backbone = backbone.to(stage_device(use_gpu, "student.use_gpu"))
     ftr = backbone_features(backbone, data["probe_rgb"])
     fte = backbone_features(backbone, data["test_rgb"])
     t1 = time.time()
@@ -43,10 +43,11 @@ def score_backbone(state: Optional[dict], arch: str, image_size: int, data: dict
 
 
 def score_teacher(model: str, pretrained: Optional[str], data: dict, epochs: int, seed: int = 0,
-                  use_gpu: bool = False) -> dict:
-    """Linear-probe accuracy of a participant's open_clip image embeddings."""
+                  use_gpu: bool = False, key: str = "participants[*].num_gpus") -> dict:
+    """Linear-probe accuracy of a participant's open_clip image embeddings (``key``: the config key that asked for
+    a GPU, named if none is usable)."""
     t0 = time.time()
-    m, preprocess, dim = load_model(model, pretrained, pick_device(prefer_gpu=use_gpu))
+    m, preprocess, dim = load_model(model, pretrained, str(stage_device(use_gpu, key)))
     ftr = embed_arrays(m, preprocess, data["probe_raw"])
     fte = embed_arrays(m, preprocess, data["test_raw"])
     t1 = time.time()
@@ -66,7 +67,8 @@ def _score_task(kind: str, args: dict, data: dict, state: Optional[dict] = None)
 
 
 def eval_fingerprint(cfg, train_done: dict) -> str:
-    blob = json.dumps({"student": train_done.get("fingerprint"), "eval": dataclasses.asdict(cfg.eval),
+    ev = {k: v for k, v in dataclasses.asdict(cfg.eval).items() if k != "gpu_fraction"}  # where, not what
+    blob = json.dumps({"student": train_done.get("fingerprint"), "eval": ev,
                        "participants": cfg.fingerprint_view()["participants"],
                        "image_size": cfg.data.image_size, "data": cfg.data.path, "seed": cfg.seed},
                       sort_keys=True, default=str)
@@ -77,11 +79,29 @@ def _demand(opts: dict) -> dict:
     return {"CPU": float(opts["num_cpus"]), **({"GPU": float(opts["num_gpus"])} if opts["num_gpus"] else {})}
 
 
+def probe_options(cfg) -> dict:
+    """Ray options of each probe task: ``{"student": ..., <participant name>: ...}``; one CPU, plus
+    ``eval.gpu_fraction`` of a GPU where the student or the participant asked for a GPU."""
+    frac = cfg.eval.gpu_fraction
+    out = {"student": {"num_cpus": 1, "num_gpus": frac if cfg.student.use_gpu else 0}}
+    for p in cfg.participants:
+        out[p.name] = {"num_cpus": 1, "num_gpus": frac if p.num_gpus > 0 else 0}
+    return out
+
+
+def probe_demands(cfg) -> list:
+    """``(config key, resources)`` of every probe task, for :func:`cluster.check_tasks_fit`."""
+    opts = probe_options(cfg)
+    return [("student.use_gpu", _demand(opts["student"]))] + [
+        (f"participants[{i}].num_gpus", _demand(opts[p.name])) for i, p in enumerate(cfg.participants)]
+
+
 def run_evaluate(cfg, run, address: Optional[str] = None, log=print) -> dict:
     """The evaluate stage: the same linear probe for the student, every teacher and a random-init
     student of the same architecture; writes RUN/eval.json and returns its content.
 
-    Each scorer is one Ray task (1 CPU, or a GPU where the participant/student asks for one).
+    Each scorer is one Ray task (1 CPU, plus ``eval.gpu_fraction`` of a GPU where the participant/student asks for
+    one).
     """
     import ray
 
@@ -113,11 +133,14 @@ def run_evaluate(cfg, run, address: Optional[str] = None, log=print) -> dict:
             "probe_rgb": arrays_to_rgb(px, size), "test_rgb": arrays_to_rgb(tx, size)}
     backbone, _ = load_student_backbone(run / STUDENT)
     epochs, seed, s_gpu = cfg.eval.probe_epochs, cfg.seed, cfg.student.use_gpu
-    sopts = {"num_cpus": 1, "num_gpus": 1 if s_gpu else 0}
+    popts = probe_options(cfg)
+    sopts = popts["student"]
     init_ray(address, log=log)
-    check_tasks_fit([("student.use_gpu", _demand(sopts))] + [
-        (f"participants[{i}].num_gpus", _demand({"num_cpus": 1, "num_gpus": p.num_gpus}))
-        for i, p in enumerate(cfg.participants)], cluster_nodes())  # a task no node holds would wait forever
+    demands = probe_demands(cfg)
+    check_tasks_fit(demands, cluster_nodes())  # a task no node holds would wait forever
+    gpu_keys = [(k, d["GPU"]) for k, d in demands if d.get("GPU")]
+    if gpu_keys:
+        check_cuda_usable(*gpu_keys[0], log)
     data_ref = ray.put(data)
     state_ref = ray.put({k: v.cpu() for k, v in backbone.state_dict().items()})
     remote = ray.remote(_score_task)
@@ -127,10 +150,10 @@ def run_evaluate(cfg, run, address: Optional[str] = None, log=print) -> dict:
         ("student", None)
     jobs[remote.options(name="probe_random_init", **sopts).remote("backbone", bargs, data_ref, None)] = \
         ("random_init", None)
-    for p in cfg.participants:
-        opts = {"num_cpus": 1, "num_gpus": p.num_gpus}
+    for i, p in enumerate(cfg.participants):
+        opts = popts[p.name]
         args = {"model": resolve_model(cfg, p.model), "pretrained": p.pretrained, "epochs": epochs,
-                "seed": seed, "use_gpu": p.num_gpus > 0}
+                "seed": seed, "use_gpu": p.num_gpus > 0, "key": f"participants[{i}].num_gpus"}
         jobs[remote.options(name=f"probe_{p.name}", **opts).remote("teacher", args, data_ref)] = ("teacher", p.name)
     results: dict = {}
     pending = list(jobs)

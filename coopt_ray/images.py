@@ -166,6 +166,7 @@ class BatchAugment:
 
 
 _RGB2YIQ = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
+_YIQ2RGB = torch.linalg.inv(_RGB2YIQ)  # once, not per batch (an inverse on the GPU per batch syncs and costs)
 
 
 def _hue_rotate(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
@@ -176,4 +177,4 @@ def _hue_rotate(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
     cos, sin = torch.cos(a).view(-1, 1, 1), torch.sin(a).view(-1, 1, 1)
     i, q = yiq[:, 1], yiq[:, 2]
     yiq = torch.stack([yiq[:, 0], cos * i - sin * q, sin * i + cos * q], 1)
-    return torch.einsum("ij,njhw->nihw", torch.linalg.inv(m), yiq).clamp(0, 1)
+    return torch.einsum("ij,njhw->nihw", _YIQ2RGB.to(x.device, x.dtype), yiq).clamp(0, 1)

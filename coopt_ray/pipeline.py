@@ -8,9 +8,11 @@ import time
 from pathlib import Path
 from typing import Callable, Optional
 
+from .cluster import check_tasks_fit, cluster_nodes, driver_node_id, init_ray, plan_waves, plan_workers
 from .config import Config, resolve_model, zoo_path
+from .devices import check_cuda_usable
 from .distill.stage import run_distill
-from .evaluate import run_evaluate
+from .evaluate import probe_demands, run_evaluate
 from .merge import finished_manifest, run_merge
 from .optimize import run_embed
 from .preflight import check_paths
@@ -36,6 +38,31 @@ def run_optimize(cfg: Config, run: str | os.PathLike, address: Optional[str] = N
     return run_merge(cfg, run, embedded, t_start, log=log)
 
 
+def check_placements(cfg: Config, run: Path, address: Optional[str] = None, log: Callable[[str], None] = print) -> None:
+    """Plan every stage this run will start on the live cluster (the optimize pools unless optimize finished,
+    the distill workers when the student trains on a distilled set, the train workers, the probe tasks), and
+    check CUDA on a GPU node when any of them asks for a GPU: a request the cluster cannot meet is a one-line
+    ConfigError naming the key (exit 2) before the first stage, not after hours of optimize."""
+    import ray
+
+    init_ray(address, log=log)
+    nodes, driver = cluster_nodes(), driver_node_id()
+    gpu_keys = []
+    if finished_manifest(cfg, run) is None:
+        plan_waves(list(cfg.participants), ray.cluster_resources(), nodes=nodes)
+        gpu_keys += [(f"participants[{i}].num_gpus", p.num_gpus) for i, p in enumerate(cfg.participants) if p.num_gpus]
+    if cfg.student.data != "optimized":  # distill (krr-st) runs first, on Ray Train workers
+        plan_workers(cfg.distill, nodes, driver=driver, key="distill")
+        gpu_keys += [("distill.use_gpu", 1)] if cfg.distill.use_gpu else []
+    plan_workers(cfg.student, nodes, driver=driver)
+    gpu_keys += [("student.use_gpu", 1)] if cfg.student.use_gpu else []
+    demands = probe_demands(cfg)
+    check_tasks_fit(demands, nodes)
+    gpu_keys += [(k, d["GPU"]) for k, d in demands if d.get("GPU")]
+    if gpu_keys:
+        check_cuda_usable(*min(gpu_keys, key=lambda kv: kv[1]), log)  # the smallest share: the likeliest free
+
+
 def run_all(cfg: Config, run: str | os.PathLike, address: Optional[str] = None,
             log: Callable[[str], None] = print, rounds: Optional[int] = None) -> dict:
     """`coopt run`: one round in RUN, or with ``rounds`` (``--rounds R``) or ``rounds.count`` > 1 the continual
@@ -57,6 +84,7 @@ def run_round(cfg: Config, run: str | os.PathLike, address: Optional[str] = None
     run = Path(run)
     t0 = time.time()
     times = {}
+    check_placements(cfg, run, address=address, log=log)  # every stage's, before the first one starts
     missing = [p.name for p in cfg.participants if p.model.startswith("local-dir:")
                and not Path(resolve_model(cfg, p.model)[len("local-dir:"):]).is_dir()]
     if missing and Path(cfg.zoo_dir) == Path(Config().zoo_dir):

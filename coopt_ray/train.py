@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from .cluster import cluster_nodes, driver_node_id, fit_torch_trainer, init_ray, plan_workers
 from .config import Config
+from .devices import autocast, channels_last, check_cuda_usable, cuda_speed_habits, reduce_sums, train_device
 from .images import BatchAugment, normalize_pixels, to_float_nchw
 from .rundir import (DISTILLED_PARTS, DONE, MANIFEST, OPTIMIZED, STUDENT, RunError, prepare_run_dir, read_done, run_label,
                      write_json_atomic)
@@ -39,10 +40,10 @@ def train_loop_per_worker(config: dict) -> dict:
     """Train the student on this worker's shard of ``train``; report each epoch with a checkpoint.
 
     ``config`` keys: arch, image_size, target_dim, target_mean (d), target_proj (d x k), epochs,
-    batch_size (per worker), lr, weight_decay, seed, fingerprint; optional threads, use_gpu,
-    resume_from (a checkpoint folder used when Ray Train has none), checkpoint_root (the run's
-    checkpoint folder: its newest complete checkpoint wins when newer than Ray Train's), local_checkpoint_dir
-    (in-process runs: where checkpoints are kept), log (print per-epoch lines on rank 0).
+    batch_size (per worker), lr, weight_decay, seed, fingerprint; optional threads, use_gpu, amp
+    (auto | bf16 | off: bf16 autocast), resume_from (a checkpoint folder used when Ray Train has none),
+    checkpoint_root (the run's checkpoint folder: its newest complete checkpoint wins when newer than Ray
+    Train's), local_checkpoint_dir (in-process runs: where checkpoints are kept), log (per-epoch lines on rank 0).
     """
     import ray.train
 
@@ -50,13 +51,9 @@ def train_loop_per_worker(config: dict) -> dict:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     if config.get("threads"):
         torch.set_num_threads(int(config["threads"]))
-    use_gpu = bool(config.get("use_gpu")) and torch.cuda.is_available()
-    if use_gpu:
-        import ray.train.torch as rtt
-
-        device = rtt.get_device()
-    else:
-        device = torch.device("cpu")
+    device = train_device(bool(config.get("use_gpu")), "student.use_gpu")
+    cuda_speed_habits(device)
+    amp, fmt = config.get("amp", "auto"), channels_last(device)
     seed = int(config.get("seed", 0))
     torch.manual_seed(seed)  # identical init on every worker (DDP broadcasts rank 0's anyway)
 
@@ -76,6 +73,8 @@ def train_loop_per_worker(config: dict) -> dict:
         if rank == 0 and config.get("log", True):
             _say(f"[train] warm start: {what}")
 
+    if fmt is not None:
+        student = student.to(memory_format=fmt)
     if world > 1:
         import ray.train.torch as rtt
 
@@ -100,7 +99,7 @@ def train_loop_per_worker(config: dict) -> dict:
         model.train()
         t0 = time.time()
         gen = torch.Generator().manual_seed(seed * 100_003 + epoch * 1_009 + rank)
-        loss_sum = torch.zeros((), dtype=torch.float64)
+        loss_sum = torch.zeros((), dtype=torch.float64, device=device)  # summed on the device: no per-step sync
         seen = 0
         for batch in shard.iter_torch_batches(batch_size=bs, drop_last=True,
                                               dtypes={"image": torch.uint8, "target": torch.float32},
@@ -108,21 +107,23 @@ def train_loop_per_worker(config: dict) -> dict:
                                               local_shuffle_seed=seed * 100_003 + epoch * 1_009 + rank):
             x = to_float_nchw(batch["image"].to(device))
             x = normalize_pixels(aug(x, gen) if aug is not None else x)
+            if fmt is not None:
+                x = x.contiguous(memory_format=fmt)
             y = (batch["target"].to(device) - mean) @ proj
-            loss = (1 - F.cosine_similarity(model(x), y, dim=1)).mean()
+            with autocast(amp, device):
+                out = model(x)
+            loss = (1 - F.cosine_similarity(out.float(), y, dim=1)).mean()  # the loss in fp32, whatever the net ran in
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            loss_sum += float(loss.detach()) * len(x)
+            loss_sum += loss.detach().double() * len(x)
             seen += len(x)
-        tot = torch.tensor([float(loss_sum), float(seen)], dtype=torch.float64)
-        if world > 1 and torch.distributed.is_initialized():
-            torch.distributed.all_reduce(tot)
+        tot = reduce_sums([loss_sum, seen], device, world)  # one sync per epoch, on the loop's device
         if tot[1] == 0:
             raise RuntimeError(f"epoch {epoch + 1}: no full batch of {bs} rows on a worker; "
                                "lower student.batch_size or use more data")
         dt = time.time() - t0
-        metrics = {"epoch": epoch + 1, "loss": float(tot[0] / tot[1]), "images": int(tot[1]),
+        metrics = {"epoch": epoch + 1, "loss": tot[0] / tot[1], "images": int(tot[1]),
                    "seconds": round(dt, 3), "images_per_s": round(float(tot[1]) / max(dt, 1e-9), 2),
                    "nodes": nodes}
         history.append(metrics)
@@ -162,6 +163,8 @@ def train_fingerprint(cfg: Config, manifest: dict, with_epochs: bool = True, run
     s = dataclasses.asdict(cfg.student)
     for k in ("workers", "use_gpu", "cpus_per_worker") + (() if with_epochs else ("epochs",)):
         s.pop(k, None)  # how many workers is not what is learned
+    if s.get("amp") == "auto":
+        s.pop("amp")  # the default: runs made before the key existed keep their fingerprints
     if s.get("augment", True):
         s.pop("augment", None)  # the default: fingerprints of runs made before the switch existed still match
     if s.get("init") is None:
@@ -205,6 +208,8 @@ def run_train(cfg: Config, run: str | os.PathLike, address: Optional[str] = None
     init_ray(address, log=log)
     driver = driver_node_id()
     plan = plan_workers(s, cluster_nodes(), driver=driver)  # before any work: a size no node holds fails now
+    if s.use_gpu:
+        check_cuda_usable("student.use_gpu", 1, log)  # a GPU that CUDA cannot use fails now, in one line
     workers, cpw, threads = plan.workers, plan.cpus, plan.threads
     keep = streamed_subset(rows_dir, s.limit, cfg.seed)  # ids and targets are streamed, never all held here
     rows, t_mean, t_cov = target_moments(rows_dir, keep)
@@ -234,7 +239,7 @@ def run_train(cfg: Config, run: str | os.PathLike, address: Optional[str] = None
             "arch": s.arch, "image_size": cfg.data.image_size, "target_dim": tdim,
             "target_mean": mean.tolist(), "target_proj": proj.tolist(), "epochs": s.epochs,
             "batch_size": per_worker, "lr": s.lr, "weight_decay": s.weight_decay, "seed": cfg.seed,
-            "fingerprint": rfp, "threads": threads, "use_gpu": s.use_gpu, "augment": s.augment,
+            "fingerprint": rfp, "threads": threads, "use_gpu": s.use_gpu, "amp": s.amp, "augment": s.augment,
             "resume_from": str(latest[0]) if latest else None, "init_from": s.init,
             "local_checkpoint_dir": str(exp) if workers == 0 else None, "checkpoint_root": str(exp),
         }

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from .data import FASHION_MNIST_CLASSES, fashion_mnist_split
+from .devices import stage_device
 from .probe import embed_tensors, linear_probe, preprocess_arrays
 from .models import LOCAL_DIR, load_model, save_local_dir
 from .rundir import write_json_atomic
@@ -222,9 +223,9 @@ def train_teacher(spec: dict, pixels: torch.Tensor, labels: np.ndarray, device: 
             sched.step()
             with torch.no_grad():
                 model.logit_scale.clamp_(0, math.log(100))
-            loss_sum, loss_n, step = loss_sum + loss.item(), loss_n + 1, step + 1
+            loss_sum, loss_n, step = loss_sum + loss.detach().double(), loss_n + 1, step + 1  # no per-step sync
         epoch += 1
-        last = loss_sum / max(1, loss_n)
+        last = float(loss_sum) / max(1, loss_n)
         progress(f"[zoo] {spec['name']} epoch {epoch}/{n_epochs} step {step}/{total} "
                  f"loss {last:.4f} {time.time() - t0:.1f}s")
         loss_sum, loss_n = 0.0, 0
@@ -269,6 +270,9 @@ def build_zoo(out_dir: str | os.PathLike = "zoo", specs: Optional[Sequence[dict]
     2-core machine, 2 torch threads made these tiny convs/attention 10-40x *slower* (OpenMP threads
     spin while the other core is busy), while 1 thread costs at most ~1.5x when the machine is idle.
     """
+    if device not in ("cpu", "cuda"):
+        raise ValueError(f"zoo device must be cpu or cuda, got {device!r}")
+    device = str(stage_device(device == "cuda", "zoo build --device"))  # asked for cuda: cuda or a one-line error
     progress = progress or (lambda _msg: None)
     specs = [_full_spec(s) for s in (ZOO_SPECS if specs is None else specs)]
     names = [s["name"] for s in specs]

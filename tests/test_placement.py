@@ -1,11 +1,13 @@
 """Placement: per-node planning of the participants' pools, and a multi-node cluster on one machine.
 
-The multi-node tests start their own ``ray.cluster_utils.Cluster`` (a CPU head and worker nodes that
-each declare one GPU; the embedder uses CUDA only where torch sees it, so declared GPUs are fine on a
-CPU machine). They shut down any Ray the session started first, and start it again afterwards.
+The multi-node tests start their own ``ray.cluster_utils.Cluster`` (a head without GPUs, even on a GPU machine,
+and worker nodes that each declare one GPU; ``COOPT_SIMULATED_GPUS=1`` tells the embedder those GPUs are only
+declared, so it runs on the CPU instead of refusing). They shut down any Ray the session started first, and start
+it again afterwards.
 """
 from __future__ import annotations
 
+import os
 import re
 import socket
 import time
@@ -14,6 +16,7 @@ import pytest
 
 from coopt_ray.config import ConfigError, ParticipantConfig, load_config
 from coopt_ray.cluster import label_matches, plan_waves
+from coopt_ray.devices import SIMULATED_ENV
 
 from conftest import start_local_ray, write_config
 
@@ -118,7 +121,7 @@ class GpuCluster:
         from ray.cluster_utils import Cluster
 
         self.cluster = Cluster(initialize_head=True, head_node_args={
-            "num_cpus": 2, "include_dashboard": True, "dashboard_host": "127.0.0.1",
+            "num_cpus": 2, "num_gpus": 0, "include_dashboard": True, "dashboard_host": "127.0.0.1",
             "dashboard_port": _free_port()})
         self.workers = []
         ray.init(address=self.cluster.address, log_to_driver=False)
@@ -148,12 +151,18 @@ def gpu_cluster():
 
     was_up = ray.is_initialized()
     ray.shutdown()
+    old = os.environ.get(SIMULATED_ENV)
+    os.environ[SIMULATED_ENV] = "1"  # the nodes inherit it: their GPUs are only declared, so GPU stages use the CPU
     c = GpuCluster()
     try:
         yield c
     finally:
         ray.shutdown()
         c.cluster.shutdown()
+        if old is None:
+            os.environ.pop(SIMULATED_ENV)
+        else:
+            os.environ[SIMULATED_ENV] = old
         if was_up:
             start_local_ray()
 

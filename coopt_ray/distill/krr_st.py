@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from ..convnet import ConvNet
+from ..devices import autocast, cuda_speed_habits, reduce_sums, train_device
 from ..images import normalize_pixels, to_float_nchw
 from ..student import report_checkpoint, resume_state
 
@@ -99,10 +100,11 @@ class ModelPool:
         m.requires_grad_(False)
         return m
 
-    def train_step(self, i: int, x: torch.Tensor, y: torch.Tensor) -> float:
-        """One full-batch SGD step of model ``i`` on ``mse(model(x), y)`` (x normalised, both detached)."""
+    def train_step(self, i: int, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """One full-batch SGD step of model ``i`` on ``mse(model(x), y)`` (x normalised, both detached); returns the
+        loss as a tensor on the model's device (no host sync)."""
         if self.reset == 0:
-            return float("nan")  # retired at its next use anyway
+            return torch.tensor(float("nan"))  # retired at its next use anyway
         m = self.models[i].train()
         m.requires_grad_(True)
         loss = F.mse_loss(m(x), y)
@@ -110,7 +112,7 @@ class ModelPool:
         loss.backward()
         self.opts[i].step()
         self.age[i] += 1
-        return float(loss.detach())
+        return loss.detach()
 
 
 # ---------------------------------------------------------------- the Ray Train loop
@@ -135,7 +137,7 @@ def distill_loop_per_worker(config: dict) -> dict:
 
     ``config``: x0 (M,3,S,S) floats in [0,1], y0 (M,d) standardised, target_mean, target_scale (d), steps, lr,
     lr_final, real_batch (per worker), pool (models on this worker: list by rank), pool_width, pool_steps,
-    pool_lr, seed, fingerprint, checkpoint_every, log_every; optional threads, use_gpu, checkpoint_root,
+    pool_lr, seed, fingerprint, checkpoint_every, log_every; optional threads, use_gpu, amp, checkpoint_root,
     local_checkpoint_dir (in-process runs), log.
     """
     import ray.train
@@ -144,12 +146,9 @@ def distill_loop_per_worker(config: dict) -> dict:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     if config.get("threads"):
         torch.set_num_threads(int(config["threads"]))
-    if config.get("use_gpu") and torch.cuda.is_available():
-        import ray.train.torch as rtt
-
-        device = rtt.get_device()
-    else:
-        device = torch.device("cpu")
+    device = train_device(bool(config.get("use_gpu")), "distill.use_gpu")
+    cuda_speed_habits(device)
+    amp = config.get("amp", "auto")
     seed, steps = int(config["seed"]), int(config["steps"])
     synth = SyntheticSet(config["x0"], config["y0"])
     state, resume_dir = resume_state(ray.train.get_checkpoint(), config)
@@ -179,15 +178,17 @@ def distill_loop_per_worker(config: dict) -> dict:
                          mean, scale)
     every, log_every = int(config["checkpoint_every"]), int(config["log_every"])
     extra = {"fingerprint": config.get("fingerprint"), "target_mean": mean.cpu(), "target_scale": scale.cpu()}
-    t0, window = time.time(), []
+    t0, window, window_n = time.time(), torch.zeros((), dtype=torch.float64, device=device), 0
     for step in range(start, steps):
         xr, yr = next(real)
         i = step % n_pool
         net = pool.get(i)
         xs, ys = model()
-        with torch.no_grad():
-            fr = net.features(xr)
-        loss = krr_loss(fr, net.features(xs), yr, ys)
+        with autocast(amp, device):  # the features may run in bf16; the kernel ridge regression runs in fp32
+            with torch.no_grad():
+                fr = net.features(xr)
+            fs = net.features(xs)
+        loss = krr_loss(fr.float(), fs.float(), yr, ys)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         lr = linear_lr(float(config["lr"]), float(config["lr_final"]), step, steps)
@@ -197,19 +198,18 @@ def distill_loop_per_worker(config: dict) -> dict:
         with torch.no_grad():
             params.x.clamp_(0.0, 1.0)  # stays an image: the Parquet stores it as PNG
         pool.train_step(i, normalize_pixels(params.x.detach()), params.y.detach())
-        tot = torch.tensor([float(loss.detach())], dtype=torch.float64)
-        if world > 1 and torch.distributed.is_initialized():
-            torch.distributed.all_reduce(tot)
-        window.append(float(tot[0]) / world)
+        window += loss.detach().double()  # summed on the device; reduced once per log line, not per step
+        window_n += 1
         last = step + 1 == steps
         if (step + 1) % log_every == 0 or last:
+            total = reduce_sums([window], device, world)[0]
             dt = time.time() - t0
-            history.append({"step": step + 1, "loss": float(np.mean(window)), "seconds": round(dt, 3),
-                            "steps_per_s": round(len(window) / max(dt, 1e-9), 3), "pool_resets": pool.resets})
+            history.append({"step": step + 1, "loss": total / (world * window_n), "seconds": round(dt, 3),
+                            "steps_per_s": round(window_n / max(dt, 1e-9), 3), "pool_resets": pool.resets})
             if rank == 0 and config.get("log", True):
                 _say(f"[distill] step {step + 1}/{steps}  loss {history[-1]['loss']:.4f}  "
                      f"{history[-1]['steps_per_s']:.2f} steps/s  lr {lr:.2e}")
-            t0, window = time.time(), []
+            t0, window, window_n = time.time(), torch.zeros((), dtype=torch.float64, device=device), 0
         if (step + 1) % every == 0 or last:
             metrics = {"step": step + 1, "loss": history[-1]["loss"] if history else float("nan")}
             report_checkpoint(config, rank, f"checkpoint_epoch_{step:06d}", metrics, params, opt, step, history, extra)

@@ -103,11 +103,11 @@ def unroll(model: torch.nn.Module, start: torch.Tensor, x_syn: torch.Tensor, y_s
     ``syn_lr``: ``theta <- theta - syn_lr * grad CE(model_theta(aug(x_b)), y_b)``. Returns the last parameters."""
     theta = start.detach().clone().requires_grad_(True)
     n = x_syn.shape[0]
-    order = torch.randperm(n, generator=gen)
+    order = torch.randperm(n, generator=gen).to(x_syn.device)  # drawn on the CPU: the same order on any device
     pos = 0
     for _ in range(steps):
         if pos >= n:
-            order, pos = torch.randperm(n, generator=gen), 0
+            order, pos = torch.randperm(n, generator=gen).to(x_syn.device), 0
         idx = order[pos:pos + batch]
         pos += batch
         x = x_syn[idx]
@@ -139,17 +139,21 @@ def hard_labels(classes: int, ipc: int) -> torch.Tensor:
 
 # ---------------------------------------------------------------- experts
 def train_expert(images: torch.Tensor, labels: torch.Tensor, classes: int, epochs: int, seed: int, lr: float = 0.01,
-                 batch: int = 256, width: int = 128, aug: Optional[DSA] = None, log=None) -> list[torch.Tensor]:
+                 batch: int = 256, width: int = 128, aug: Optional[DSA] = None, log=None,
+                 device: Optional[torch.device] = None) -> list[torch.Tensor]:
     """One expert trajectory: the flat parameters at init and after each of ``epochs`` epochs of plain SGD on
-    ``images`` (float NCHW, normalised) with DSA views. Returns ``epochs + 1`` vectors."""
+    ``images`` (float NCHW, normalised) with DSA views, on ``device`` (default: the images'). Returns ``epochs + 1``
+    vectors, on the CPU."""
+    device = torch.device(device) if device is not None else images.device
     torch.manual_seed(seed)
-    gen = torch.Generator().manual_seed(seed)
-    model = expert_net(classes, images.shape[1], images.shape[2], width)
+    gen = torch.Generator().manual_seed(seed)  # a CPU generator: the same draws on any device
+    model = expert_net(classes, images.shape[1], images.shape[2], width).to(device)
+    images, labels = images.to(device), labels.to(device)
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.0)
-    traj = [flat_params(model)]
+    traj = [flat_params(model).cpu()]
     for epoch in range(epochs):
-        order = torch.randperm(len(images), generator=gen)
-        total, seen = 0.0, 0
+        order = torch.randperm(len(images), generator=gen).to(device)
+        total, seen = torch.zeros((), dtype=torch.float64, device=device), 0  # summed on the device: no per-step sync
         for s in range(0, len(images), batch):
             idx = order[s:s + batch]
             x = images[idx]
@@ -159,10 +163,10 @@ def train_expert(images: torch.Tensor, labels: torch.Tensor, classes: int, epoch
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            total, seen = total + float(loss.detach()) * len(idx), seen + len(idx)
-        traj.append(flat_params(model))
+            total, seen = total + loss.detach().double() * len(idx), seen + len(idx)
+        traj.append(flat_params(model).cpu())
         if log:
-            log(f"[mdatm] expert seed {seed}: epoch {epoch + 1}/{epochs}  loss {total / max(seen, 1):.4f}")
+            log(f"[mdatm] expert seed {seed}: epoch {epoch + 1}/{epochs}  loss {float(total) / max(seen, 1):.4f}")
     return traj
 
 
@@ -170,10 +174,13 @@ def train_expert(images: torch.Tensor, labels: torch.Tensor, classes: int, epoch
 def correctly_classified(flat: torch.Tensor, images: torch.Tensor, labels: torch.Tensor, classes: int, ipc: int,
                          seed: int, width: int = 128) -> torch.Tensor:
     """DATM's initialisation: per class, ``ipc`` indices of real images the expert with parameters ``flat``
-    classifies correctly (a seeded draw; falls back to misclassified ones when a class has too few)."""
-    model = expert_net(classes, images.shape[1], images.shape[2], width).eval()
-    pred = torch.cat([functional_call(model, unflatten(model, flat), (images[s:s + 512],)).argmax(1)
+    classifies correctly (a seeded draw; falls back to misclassified ones when a class has too few). The expert
+    runs on ``flat``'s device; the indices come back on the CPU."""
+    dev = flat.device
+    model = expert_net(classes, images.shape[1], images.shape[2], width).to(dev).eval()
+    pred = torch.cat([functional_call(model, unflatten(model, flat), (images[s:s + 512].to(dev),)).argmax(1).cpu()
                       for s in range(0, len(images), 512)])
+    labels = labels.cpu()
     gen = torch.Generator().manual_seed(seed)
     out = []
     for c in range(classes):
@@ -196,7 +203,7 @@ class Matcher:
                  lr_init: float = 0.01, width: int = 128, bounds: Optional[tuple] = None):
         self.x = x.detach().clone().requires_grad_(True)
         self.labels = labels.clone()
-        self.syn_lr = torch.tensor(float(lr_init), requires_grad=True)
+        self.syn_lr = torch.tensor(float(lr_init), device=x.device, requires_grad=True)  # on the unroll's device
         self.model = expert_net(classes, x.shape[1], x.shape[2], width).to(x.device)
         self.bounds = bounds  # per-channel (lo, hi) the images are kept in: the valid pixel range, normalised
         self.opt_img = torch.optim.SGD([self.x], lr=lr_img, momentum=0.5)

@@ -11,6 +11,7 @@ from typing import Callable, Optional
 
 import torch
 
+from ..devices import stage_device
 from .mdatm import DSA, train_expert
 
 TRAJ = "expert_{:03d}.safetensors"   # tensor "trajectory": (epochs + 1, parameters)
@@ -19,14 +20,15 @@ DONE = "expert_{:03d}.json"          # written after the tensor file: epochs, se
 
 def expert_task(i: int, images: torch.Tensor, labels: torch.Tensor, classes: int, epochs: int, lr: float,
                 batch: int, width: int, seed: int, out_dir: str, fingerprint: str, threads: int = 1,
-                augment: bool = True) -> dict:
-    """Train expert ``i`` (seed ``seed + i``) and write its trajectory, then its done marker."""
+                augment: bool = True, use_gpu: bool = False) -> dict:
+    """Train expert ``i`` (seed ``seed + i``) on the GPU it asked for (else the CPU) and write its trajectory, then
+    its done marker."""
     from safetensors.torch import save_file
 
     torch.set_num_threads(max(1, threads))
     t0 = time.time()
     traj = train_expert(images, labels, classes, epochs, seed + i, lr=lr, batch=batch, width=width,
-                        aug=DSA() if augment else None)
+                        aug=DSA() if augment else None, device=stage_device(use_gpu, "distill.use_gpu"))
     out = Path(out_dir)
     tmp = out / (TRAJ.format(i) + ".tmp")
     save_file({"trajectory": torch.stack(traj).contiguous()}, str(tmp))
@@ -64,7 +66,7 @@ def run_experts(images: torch.Tensor, labels: torch.Tensor, classes: int, out_di
         task = ray.remote(expert_task)
         refs = {task.options(name=f"mdatm_expert_{i}", num_cpus=num_cpus, num_gpus=num_gpus).remote(
             i, img_ref, lab_ref, classes, epochs, lr, batch, width, seed, str(out_dir), fingerprint,
-            max(1, int(num_cpus)), augment): i for i in todo}
+            max(1, int(num_cpus)), augment, num_gpus > 0): i for i in todo}
         pending = list(refs)
         while pending:
             ready, pending = ray.wait(pending, num_returns=1)

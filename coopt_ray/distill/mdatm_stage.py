@@ -19,12 +19,12 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
-from ..cluster import init_ray
+from ..cluster import check_tasks_fit, cluster_nodes, init_ray
 from ..config import Config, ConfigError
 from ..config_distill import distill_view, expert_epochs
 from ..images import decode_image, encode_png
 from ..labeled import EvalSkipped, distill_splits
-from ..models import pick_device
+from ..devices import check_cuda_usable, stage_device
 from ..rundir import (DISTILLED, DISTILLED_PARTS as PARTS, DONE, prepare_run_dir, read_done, write_json_atomic,
                       write_parts_atomic)
 from .mdatm import DSA, Matcher, correctly_classified, hard_labels, score_synthetic
@@ -79,7 +79,7 @@ def matching_chunk(ck_dir: str, exp_dir: str, experts: int, start_it: int, count
     ``start_it`` (or initialises from correctly classified real images when ``start_it`` is 0), writes checkpoint
     ``start_it + count`` and returns the iterations' records."""
     torch.set_num_threads(max(1, threads))
-    dev = torch.device(pick_device(mc["use_gpu"]))
+    dev = stage_device(mc["use_gpu"], "distill.use_gpu")
     traj = [t.to(dev) for t in load_trajectories(Path(exp_dir), experts)]
     classes, ipc = mc["classes"], mc["ipc"]
     y = hard_labels(classes, ipc).to(dev)
@@ -88,7 +88,7 @@ def matching_chunk(ck_dir: str, exp_dir: str, experts: int, start_it: int, count
     ck = Path(ck_dir)
     if start_it == 0:
         t_init = traj[0][min(mc["t_hi"], len(traj[0]) - 1)]
-        pick = correctly_classified(t_init.cpu(), images, labels, classes, ipc, mc["seed"], mc["width"])
+        pick = correctly_classified(t_init, images, labels, classes, ipc, mc["seed"], mc["width"])  # on dev
         x0, history = images[pick].to(dev), []
     else:
         state = torch.load(ck / CKPT.format(start_it), map_location=dev, weights_only=True)
@@ -129,8 +129,18 @@ def latest_matching(ck: Path, fingerprint: str, upto: int, log) -> tuple[int, li
 
 def score_task(x, y, tx, ty, classes: int, epochs: int, seed: int, width: int, use_gpu: bool, threads: int) -> float:
     torch.set_num_threads(max(1, threads))
-    dev = torch.device(pick_device(use_gpu))
+    dev = stage_device(use_gpu, "distill.use_gpu")
     return score_synthetic(x.to(dev), y.to(dev), tx.to(dev), ty.to(dev), classes, epochs, seed, width)
+
+
+def mdatm_demands(cfg: Config) -> list:
+    """``(config key, resources)`` of M-DATM's Ray tasks: experts and scorers (a GPU share each with use_gpu), the
+    matching task (a whole GPU with use_gpu)."""
+    d = cfg.distill
+    cpus = float(d.cpus_per_worker or 1)
+    if not d.use_gpu:
+        return [("distill.cpus_per_worker", {"CPU": cpus})]
+    return [("distill.use_gpu", {"CPU": cpus, "GPU": 1.0}), ("distill.gpu_fraction", {"CPU": cpus, "GPU": d.gpu_fraction})]
 
 
 def score_sets(sets: dict, test, classes: int, d, seed: int, log) -> dict:
@@ -142,7 +152,8 @@ def score_sets(sets: dict, test, classes: int, d, seed: int, log) -> dict:
     task = ray.remote(score_task)
     tx, ty = ray.put(test[0]), ray.put(test[1])
     cpus = d.cpus_per_worker or 1
-    refs = {(name, r): task.options(name=f"mdatm_score_{name}_{r}", num_cpus=cpus, num_gpus=int(d.use_gpu)).remote(
+    gpus = d.gpu_fraction if d.use_gpu else 0  # a small ConvNet: several scorers share a GPU
+    refs = {(name, r): task.options(name=f"mdatm_score_{name}_{r}", num_cpus=cpus, num_gpus=gpus).remote(
         x, y, tx, ty, classes, d.eval_epochs, seed + r, d.width, d.use_gpu, int(cpus))
         for name, (x, y) in sets.items() for r in range(d.eval_runs)}
     out = {name: [] for name in sets}
@@ -216,10 +227,14 @@ def run_mdatm(cfg: Config, run: str | os.PathLike, address: Optional[str] = None
     log(f"[mdatm] {splits['description']}; {k} classes, {x.shape[1]} channel(s) at {x.shape[2]} px; "
         f"{d.experts} experts x {epochs} epochs, then {d.iterations} iterations at ipc {d.ipc}")
     init_ray(address, log=log)
-    cpus, gpus = d.cpus_per_worker or 1, int(d.use_gpu)
+    check_tasks_fit(mdatm_demands(cfg), cluster_nodes())  # a task no node holds would wait forever
+    cpus, gpus = d.cpus_per_worker or 1, int(d.use_gpu)  # the matching task: a whole GPU
+    if d.use_gpu:
+        check_cuda_usable("distill.use_gpu", d.gpu_fraction, log)
     t0 = time.time()
     metas = run_experts(x, y, k, out / "experts", d.experts, epochs, fps["experts"], lr=d.expert_lr,
-                        batch=d.expert_batch, width=d.width, seed=cfg.seed, num_cpus=cpus, num_gpus=gpus, log=log)
+                        batch=d.expert_batch, width=d.width, seed=cfg.seed, num_cpus=cpus,
+                        num_gpus=d.gpu_fraction if d.use_gpu else 0, log=log)
     expert_wall = time.time() - t0
 
     ck = out / "checkpoints"

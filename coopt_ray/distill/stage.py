@@ -22,6 +22,7 @@ import numpy as np
 from ..cluster import cluster_nodes, driver_node_id, fit_torch_trainer, init_ray, plan_workers
 from ..config import Config, ConfigError
 from ..config_distill import distill_view
+from ..devices import check_cuda_usable
 from ..embeddings import column_matrix
 from ..images import decode_image, encode_png, resize_rgb
 from ..rows import read_targets, training_dataset
@@ -40,6 +41,8 @@ def distill_fingerprint(cfg: Config, manifest: dict, resumable: bool = False) ->
     d = distill_view(cfg.distill)
     for k in ("use_gpu", "cpus_per_worker", "log_every") + (("steps", "checkpoint_every") if resumable else ()):
         d.pop(k)
+    if cfg.distill.amp != "auto":  # bf16 features change what is learned; the default keeps older fingerprints
+        d["amp"] = cfg.distill.amp
     blob = json.dumps({"distill": d, "optimized": manifest.get("fingerprint"), "image_size": cfg.data.image_size,
                        "seed": cfg.seed}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
@@ -113,6 +116,8 @@ def run_distill(cfg: Config, run: str | os.PathLike, address: Optional[str] = No
         raise ConfigError(f"'distill.size' ({d.size}) is larger than RUN/optimized ({len(ids)} rows)")
     init_ray(address, log=log)
     plan = plan_workers(d, cluster_nodes(), driver=driver_node_id(), key="distill")
+    if d.use_gpu:
+        check_cuda_usable("distill.use_gpu", 1, log)
     world = max(1, plan.workers)
     real = d.real_batch // world
     if real * world > len(ids) // 2:
@@ -142,7 +147,7 @@ def run_distill(cfg: Config, run: str | os.PathLike, address: Optional[str] = No
             "lr": d.lr, "lr_final": d.lr_final, "real_batch": real, "pool": pool, "pool_width": d.pool_width,
             "pool_steps": d.pool_steps, "pool_lr": d.pool_lr, "seed": cfg.seed, "fingerprint": rfp,
             "checkpoint_every": d.checkpoint_every, "log_every": d.log_every, "threads": plan.threads,
-            "use_gpu": d.use_gpu, "resume_from": str(latest[0]) if latest else None,
+            "use_gpu": d.use_gpu, "amp": d.amp, "resume_from": str(latest[0]) if latest else None,
             "local_checkpoint_dir": str(exp) if plan.workers == 0 else None, "checkpoint_root": str(exp),
         }
         ds = training_dataset(run / OPTIMIZED, cfg.data.image_size, None, shuffle_seed=cfg.seed)
