@@ -6,7 +6,7 @@ FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 RUN ?= runs/demo
 PYTEST_ARGS ?=
 
-.PHONY: setup test test-fast demo zoo data clean
+.PHONY: setup test test-fast demo zoo data clean bundle
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -39,6 +39,17 @@ zoo: setup
 
 demo: setup
 	$(VENV)/bin/coopt run --config configs/fashion-mnist.yaml --out $(RUN)
+
+# Offline install bundle for GPU nodes that already have torch: everything else, for Python $(PY_TAG), in one archive
+# (Ray trimmed; packages the node already has left out when large, see cluster/bundle.py). Install it there with
+# `bash cluster/install_offline.sh $(BUNDLE)`. BUNDLE_HAVE= (empty) ships them all; BUNDLE_DATA= leaves the data out.
+PY_TAG ?= 3.12
+BUNDLE ?= dist/coopt-bundle-py$(subst .,,$(PY_TAG)).tar.xz
+BUNDLE_HAVE ?= cluster/bundle-have-h200.txt
+BUNDLE_DATA ?= $(if $(wildcard $(FMNIST)),$(dir $(FMNIST)),)
+bundle:
+	$(PYTHON) cluster/bundle.py --python-version $(PY_TAG) --out $(BUNDLE) \
+	  $(if $(BUNDLE_HAVE),--have $(BUNDLE_HAVE)) $(if $(BUNDLE_DATA),--data $(BUNDLE_DATA))
 
 clean:
 	rm -rf $(VENV) runs

@@ -179,7 +179,7 @@ def main(argv=None) -> dict:
                 epochs = max(1, round(steps * a.batch_size / len(imgs)))
             _, hist = B.train_coopt(arch, imgs, tgts, epochs, batch_size=min(a.batch_size, len(imgs)),
                                     lr=a.student_lr, seed=seed, probe=FinalOnly(prober, epochs), log=lambda m: None,
-                                    augment=not a.no_augment)
+                                    augment=not a.no_augment, device=B.pick_device(a.use_gpu))
             acc, secs = hist[-1]["probe_accuracy"], hist[-1]["train_seconds"]
         res["runs"].append({"arch": arch, "variant": variant, "size": size, "seed": seed, "rows": len(imgs),
                             "epochs": epochs, "probe_accuracy": acc, "train_seconds": secs})

@@ -13,7 +13,8 @@ nor any student (the first ``--images`` of the pool) saw, and tests on t10k.
         --batch-size 64 --probe-images 1000 --test-images 1000 --probe-epochs 50 --cross-seeds 1 \
         --cross-archs resnet10t,mobilenetv3_small_100,test_vit   # the committed CPU-sized run (~75 min)
 
-GPU protocol (a device machine): the defaults without --quick (50k images, resnet18, 20 epochs, 3 seeds).
+GPU protocol (a device machine): the defaults without --quick (50k images, resnet18, 20 epochs, 3 seeds), plus
+--use-gpu (every student trains on CUDA, baselines.pick_device; no usable GPU is an error, never a CPU run).
 Writes benchmarks/results/fidelity[_quick].json and PNG plots next to it.
 """
 from __future__ import annotations
@@ -78,6 +79,7 @@ def parse_args(argv=None):
     ap.add_argument("--out", default=None, help="result JSON (default benchmarks/results/fidelity[_quick].json)")
     ap.add_argument("--skip", default="", help="comma list of parts to skip: main, ablations, cross")
     ap.add_argument("--replot", action="store_true", help="only re-summarise and re-plot the result JSON")
+    ap.add_argument("--use-gpu", action="store_true", help="train every student on CUDA (the GPU protocol)")
     a = ap.parse_args(argv)
     q = a.quick
     d = dict(seeds=1 if q else 3, images=2000 if q else None, epochs=4 if q else 20, batch_size=128 if q else 256,
@@ -258,7 +260,8 @@ def main(argv=None) -> dict:
         prober = B.Prober(probe_x, probe_y, test_x, test_y, epochs=a.probe_epochs, seed=seed)
         if final_only and method != "random_init":
             prober = FinalProbe(prober, a.epochs)
-        kw = dict(epochs=a.epochs, batch_size=bs, lr=lr, seed=seed, probe=prober, log=log, crop_min=a.crop_min)
+        kw = dict(epochs=a.epochs, batch_size=bs, lr=lr, seed=seed, probe=prober, log=log, crop_min=a.crop_min,
+                  device=B.pick_device(a.use_gpu))
         t0 = time.time()
         if method == "random_init":
             acc = B.random_init_accuracy(arch, 32, seed, prober)

@@ -20,6 +20,8 @@ CPU protocol (the committed numbers, 2 cores):
     python benchmarks/rounds.py                # 3 seeds x 4 rounds x 4 arms + control
 GPU protocol (a device machine): the whole unlabeled split, resnet18, 20 epochs, 10 rounds (the paper's count):
     python benchmarks/rounds.py --pool 50000 --student-limit 0 --arch resnet18 --epochs 20 --rounds 10 --use-gpu
+  (--gpus G, default 1: the student trains on G Ray Train workers, one GPU each, and the K participant pools share
+  the G GPUs in one wave, G/K of a GPU each)
     python benchmarks/rounds.py --quick        # smoke check: 1 seed, 2 rounds, tiny everything
 Writes benchmarks/results/rounds[_quick].json and rounds[_quick].png.
 """
@@ -54,6 +56,7 @@ def parse_args(argv=None):
     ap.add_argument("--arch", default="resnet10t")
     ap.add_argument("--epochs", type=int, default=None, help="student epochs per round (default 4)")
     ap.add_argument("--use-gpu", action="store_true")
+    ap.add_argument("--gpus", type=int, default=1, help="GPUs the GPU protocol uses (student workers; pools share them)")
     ap.add_argument("--out", default=str(ROOT / "runs" / "bench-rounds"))
     a = ap.parse_args(argv)
     q = a.quick
@@ -68,7 +71,7 @@ def parse_args(argv=None):
 
 
 def base_config(a, teachers: list[dict], seed: int, join: str, warm: bool):
-    gpu = 1 if a.use_gpu else 0
+    gpu = min(1.0, a.gpus / len(teachers)) if a.use_gpu else 0  # K pools share the GPUs in one wave
     return parse_config({
         "seed": seed, "zoo_dir": str(ROOT / "zoo"),
         "data": {"source": "fashion-mnist", "image_size": 32, "limit": a.pool},
@@ -76,7 +79,8 @@ def base_config(a, teachers: list[dict], seed: int, join: str, warm: bool):
                          for i, t in enumerate(teachers)],
         "shared": {"fraction": 0.01, "min": 16},
         "align": {"ridge": 1e-2},
-        "student": {"arch": a.arch, "epochs": a.epochs, "batch_size": 64, "workers": 2, "use_gpu": a.use_gpu,
+        "student": {"arch": a.arch, "epochs": a.epochs, "batch_size": 64,
+                    "workers": max(1, a.gpus) if a.use_gpu else 2, "use_gpu": a.use_gpu,
                     "limit": a.student_limit or None},
         "eval": {"probe_epochs": a.probe_epochs, "probe_limit": a.probe, "test_limit": a.probe},
         "rounds": {"count": a.rounds, "join": join, "warm_start": warm},

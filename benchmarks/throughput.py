@@ -52,13 +52,15 @@ def parse_args(argv=None):
 
 
 # ---------------------------------------------------------------- plain single-process loops
-def plain_optimize(cfg, run: Path, threads: int) -> dict:
-    """decode + preprocess + encode of exactly the rows run_optimize embeds (D(k) ∪ S per participant)."""
+def plain_optimize(cfg, run: Path, threads: int, device: str = "cpu") -> dict:
+    """decode + preprocess + encode of exactly the rows run_optimize embeds (D(k) ∪ S per participant), on
+    ``device`` (on CUDA: inference mode, bf16 autocast, pinned host memory, non-blocking copies)."""
     import pyarrow.parquet as pq
     import torch
 
     from coopt_ray.config import resolve_model
     from coopt_ray.data import owner_of, shared_subset
+    from coopt_ray.devices import autocast
     from coopt_ray.images import decode_image
     from coopt_ray.models import load_model
 
@@ -73,19 +75,22 @@ def plain_optimize(cfg, run: Path, threads: int) -> dict:
     for k, p in enumerate(cfg.participants):
         rows = [i for i, (id_, o) in enumerate(zip(ids, owner)) if o == k or id_ in shared]
         t0 = time.time()
-        model, preprocess, dim = load_model(resolve_model(cfg, p.model), p.pretrained, "cpu")
+        model, preprocess, dim = load_model(resolve_model(cfg, p.model), p.pretrained, device)
         t_load = time.time() - t0
-        with torch.no_grad():
+        dev = torch.device(device)
+        with torch.inference_mode(), autocast("auto", dev):
             for s in range(0, len(rows), p.batch_size):
                 x = torch.stack([preprocess(decode_image(blobs[i])) for i in rows[s:s + p.batch_size]])
-                model.encode_image(x).float().numpy()
+                if dev.type == "cuda":
+                    x = x.pin_memory().to(dev, non_blocking=True)
+                model.encode_image(x).float().cpu().numpy()
         dt = time.time() - t0
         per.append({"participant": p.name, "model": p.model, "rows": len(rows), "seconds": round(dt, 3),
                     "load_seconds": round(t_load, 3), "images_per_s": round(len(rows) / dt, 1)})
         total_rows += len(rows)
     torch.set_num_threads(old)
     secs = time.time() - t_all
-    return {"threads": threads, "rows": total_rows, "seconds": round(secs, 3),
+    return {"threads": threads, "device": str(device), "rows": total_rows, "seconds": round(secs, 3),
             "images_per_s": round(total_rows / secs, 1), "per_model": per}
 
 
@@ -152,18 +157,20 @@ def rss_child(teachers_json: str, size: int, work: str, ballast_mb: int = 0) -> 
         "seconds": round(time.time() - t0, 1), "held": 0 if ballast is None else int(ballast.nbytes >> 20)}), flush=True)
 
 
-def plain_train(arch: str, images: np.ndarray, targets: np.ndarray, epochs: int, batch_size: int, threads: int) -> dict:
+def plain_train(arch: str, images: np.ndarray, targets: np.ndarray, epochs: int, batch_size: int, threads: int,
+                device: str = "cpu") -> dict:
     import torch
 
     from coopt_ray import baselines as B
 
     old = torch.get_num_threads()
     torch.set_num_threads(threads)
-    _, hist = B.train_coopt(arch, images, targets, epochs=epochs, batch_size=batch_size, log=lambda m: None)
+    _, hist = B.train_coopt(arch, images, targets, epochs=epochs, batch_size=batch_size, log=lambda m: None,
+                            device=device)
     torch.set_num_threads(old)
     steps = len(images) // batch_size
     per_epoch = [h["train_seconds"] - p["train_seconds"] for p, h in zip(hist, hist[1:])]
-    return {"threads": threads, "epochs": epochs, "samples_per_epoch": steps * batch_size,
+    return {"threads": threads, "device": str(device), "epochs": epochs, "samples_per_epoch": steps * batch_size,
             "epoch_seconds": [round(s, 3) for s in per_epoch],
             "samples_per_s": round(steps * batch_size / min(per_epoch), 2),
             "samples_per_s_mean": round(steps * batch_size * len(per_epoch) / sum(per_epoch), 2)}

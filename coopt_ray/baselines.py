@@ -11,7 +11,10 @@ with the same lr / weight decay, batch size and epochs, and the same per-epoch l
 
 Every method takes the same ``crop_min`` (RandomResizedCrop scale (crop_min, 1); RELA's 0.5 by default).
 
-No Ray here: the benchmarks compare objectives, so all methods run the same plain loop.
+No Ray here: the benchmarks compare objectives, so all methods run the same plain loop. Every method takes a
+``device`` (default the CPU); :func:`pick_device` gives it by the shared device rules (``devices.stage_device``:
+CUDA only when asked, and then CUDA or a one-line error). On CUDA the loop runs under bf16 autocast with cudnn
+autotuning and TF32; on the CPU nothing changes (no autocast), so CPU results do not move.
 """
 from __future__ import annotations
 
@@ -23,11 +26,17 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .devices import autocast, cuda_speed_habits, stage_device
 from .images import BatchAugment, normalize_pixels, to_float_nchw
 from .probe import backbone_features, linear_probe
 from .student import Student, build_backbone, feature_dim, target_transform
 
 METHODS = ("coopt", "byol", "simclr", "supervised")
+
+
+def pick_device(use_gpu: bool, key: str = "--use-gpu") -> torch.device:
+    """The device a benchmark's students train on: the CPU unless ``use_gpu``; then CUDA or a DeviceError."""
+    return stage_device(use_gpu, key)
 
 
 # ---------------------------------------------------------------- features and the probe
@@ -48,12 +57,16 @@ class Prober:
 def fit(model: torch.nn.Module, backbone: torch.nn.Module, step: Callable[[np.ndarray, torch.Generator], torch.Tensor],
         n: int, epochs: int, batch_size: int, lr: float, weight_decay: float, seed: int,
         probe: Optional[Callable[[torch.nn.Module], float]] = None, after_step: Optional[Callable] = None,
-        log: Callable[[str], None] = print, name: str = "") -> list[dict]:
-    """Train ``model`` for ``epochs`` over ``n`` rows; ``step(idx, gen)`` returns the batch loss.
+        log: Callable[[str], None] = print, name: str = "", device: torch.device | str = "cpu") -> list[dict]:
+    """Train ``model`` on ``device`` for ``epochs`` over ``n`` rows; ``step(idx, gen)`` returns the batch loss
+    (computed on ``device``: the methods below move their batches there).
 
     After every epoch (and once before training, epoch 0) ``probe(backbone)`` is recorded. Returns one
     dict per epoch: epoch, loss, train_seconds (cumulative, probe time excluded), probe_accuracy.
     """
+    device = torch.device(device)
+    cuda_speed_habits(device)
+    model.to(device)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=weight_decay)
     gen = torch.Generator().manual_seed(seed)
     hist = [{"epoch": 0, "loss": None, "train_seconds": 0.0,
@@ -67,32 +80,40 @@ def fit(model: torch.nn.Module, backbone: torch.nn.Module, step: Callable[[np.nd
         losses = []
         for b in range(steps_per_epoch):
             idx = perm[b * batch_size:(b + 1) * batch_size]
-            loss = step(idx, gen)
+            with autocast("auto", device):
+                loss = step(idx, gen)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             k += 1
             if after_step:
                 after_step(k, total_steps)
-            losses.append(float(loss.detach()))
+            losses.append(loss.detach().float())  # no host sync per step
+        epoch_loss = torch.stack(losses).double().mean().item()
         elapsed += time.time() - t0
         acc = probe(backbone) if probe else None
-        hist.append({"epoch": epoch, "loss": float(np.mean(losses)), "train_seconds": round(elapsed, 3),
+        hist.append({"epoch": epoch, "loss": epoch_loss, "train_seconds": round(elapsed, 3),
                      "probe_accuracy": acc})
         log(f"[{name}] epoch {epoch}/{epochs} loss {hist[-1]['loss']:.4f} "
             f"train {elapsed:.0f}s probe {acc if acc is None else round(acc, 4)}")
     return hist
 
 
-def _aug_batch(images: np.ndarray, idx: np.ndarray, aug: BatchAugment, gen: torch.Generator) -> torch.Tensor:
-    return normalize_pixels(aug(to_float_nchw(torch.from_numpy(images[idx])), gen))
+def _on(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    return x if x.device == device else x.pin_memory().to(device, non_blocking=True)
+
+
+def _aug_batch(images: np.ndarray, idx: np.ndarray, aug: BatchAugment, gen: torch.Generator,
+               device: torch.device = torch.device("cpu")) -> torch.Tensor:
+    return normalize_pixels(aug(to_float_nchw(_on(torch.from_numpy(images[idx]), device)), gen))
 
 
 # ---------------------------------------------------------------- the methods
 def train_coopt(arch: str, images: np.ndarray, targets: np.ndarray, epochs: int, batch_size: int = 256,
                 lr: float = 1e-3, weight_decay: float = 0.01, seed: int = 0, whiten: bool = False,
                 probe=None, log=print, crop_min: float = 0.5,
-                weights: Optional[np.ndarray] = None, augment: bool = True) -> tuple[torch.nn.Module, list[dict]]:
+                weights: Optional[np.ndarray] = None, augment: bool = True,
+                device: torch.device | str = "cpu") -> tuple[torch.nn.Module, list[dict]]:
     """CoOpt student: regress standardised targets with ``1 - cos`` (the train stage's objective); ``weights``
     (one per row, optional) weight each row's loss; ``augment=False`` trains on the un-augmented images
     (``student.augment: false``)."""
@@ -100,43 +121,48 @@ def train_coopt(arch: str, images: np.ndarray, targets: np.ndarray, epochs: int,
     size = images.shape[1]
     fdim = feature_dim(arch, size)
     mean, proj = target_transform(targets, whiten=whiten, out_dim=fdim)
-    y = torch.from_numpy((targets.astype(np.float32) - mean) @ proj)
+    device = torch.device(device)
+    y = torch.from_numpy((targets.astype(np.float32) - mean) @ proj).to(device)
     torch.manual_seed(seed)
     student = Student(arch, size, y.shape[1])
     aug = BatchAugment(size, scale=(crop_min, 1.0)) if augment else (lambda x, gen: x)
-    w = None if weights is None else torch.as_tensor(np.asarray(weights, dtype=np.float32))
+    w = None if weights is None else torch.as_tensor(np.asarray(weights, dtype=np.float32), device=device)
 
     def step(idx, gen):
-        loss = 1 - F.cosine_similarity(student(_aug_batch(images, idx, aug, gen)), y[idx], dim=1)
-        return loss.mean() if w is None else (loss * w[idx]).sum() / w[idx].sum()
+        t = torch.from_numpy(idx).to(device)
+        loss = 1 - F.cosine_similarity(student(_aug_batch(images, idx, aug, gen, device)).float(), y[t], dim=1)
+        return loss.mean() if w is None else (loss * w[t]).sum() / w[t].sum()
 
     hist = fit(student, student.backbone, step, len(images), epochs, batch_size, lr, weight_decay, seed,
-               probe, log=log, name=f"coopt/{arch}")
+               probe, log=log, name=f"coopt/{arch}", device=device)
     return student.backbone, hist
 
 
 def train_supervised(arch: str, images: np.ndarray, labels: np.ndarray, epochs: int, batch_size: int = 256,
                      lr: float = 1e-3, weight_decay: float = 0.01, seed: int = 0, probe=None,
-                     log=print, crop_min: float = 0.5) -> tuple[torch.nn.Module, list[dict]]:
+                     log=print, crop_min: float = 0.5, device: torch.device | str = "cpu") -> tuple[torch.nn.Module, list[dict]]:
     """Supervised upper bound: cross-entropy on the true labels, same augmentations as CoOpt."""
     torch.manual_seed(seed)
     size = images.shape[1]
-    labels_t = torch.as_tensor(np.asarray(labels, dtype=np.int64))
+    device = torch.device(device)
+    labels_t = torch.as_tensor(np.asarray(labels, dtype=np.int64), device=device)
     student = Student(arch, size, int(labels_t.max()) + 1)
     aug = BatchAugment(size, scale=(crop_min, 1.0))
 
     def step(idx, gen):
-        return F.cross_entropy(student(_aug_batch(images, idx, aug, gen)), labels_t[idx])
+        return F.cross_entropy(student(_aug_batch(images, idx, aug, gen, device)).float(),
+                               labels_t[torch.from_numpy(idx).to(device)])
 
     hist = fit(student, student.backbone, step, len(images), epochs, batch_size, lr, weight_decay, seed,
-               probe, log=log, name=f"supervised/{arch}")
+               probe, log=log, name=f"supervised/{arch}", device=device)
     return student.backbone, hist
 
 
-def two_views(images: np.ndarray, idx: np.ndarray, aug: BatchAugment, gen: torch.Generator):
+def two_views(images: np.ndarray, idx: np.ndarray, aug: BatchAugment, gen: torch.Generator,
+              device: torch.device = torch.device("cpu")):
     """Two independent ``BatchAugment`` views of each image: the same augmentation code (and crop scale) as the
     CoOpt and supervised students, so no method pays for a slower per-image implementation."""
-    x = to_float_nchw(torch.from_numpy(images[idx]))
+    x = to_float_nchw(_on(torch.from_numpy(images[idx]), device))
     return normalize_pixels(aug(x, gen)), normalize_pixels(aug(x, gen))
 
 
@@ -165,7 +191,8 @@ class BYOL(torch.nn.Module):
 
 def train_byol(arch: str, images: np.ndarray, epochs: int, batch_size: int = 256, lr: float = 1e-3,
                weight_decay: float = 0.01, seed: int = 0, probe=None, log=print,
-               momentum=(0.99, 1.0), crop_min: float = 0.5) -> tuple[torch.nn.Module, list[dict]]:
+               momentum=(0.99, 1.0), crop_min: float = 0.5,
+               device: torch.device | str = "cpu") -> tuple[torch.nn.Module, list[dict]]:
     """BYOL baseline with lightly's heads, NegativeCosineSimilarity and update_momentum."""
     from lightly.loss import NegativeCosineSimilarity
     from lightly.models.utils import update_momentum
@@ -177,8 +204,10 @@ def train_byol(arch: str, images: np.ndarray, epochs: int, batch_size: int = 256
     aug = BatchAugment(images.shape[1], scale=(crop_min, 1.0))
     m = [momentum[0]]
 
+    device = torch.device(device)
+
     def step(idx, gen):
-        x0, x1 = two_views(images, idx, aug, gen)
+        x0, x1 = two_views(images, idx, aug, gen, device)
         p0, p1 = model(x0), model(x1)
         z0, z1 = model.forward_momentum(x0), model.forward_momentum(x1)
         return 0.5 * (crit(p0, z1) + crit(p1, z0))
@@ -189,13 +218,14 @@ def train_byol(arch: str, images: np.ndarray, epochs: int, batch_size: int = 256
         update_momentum(model.projection_head, model.projection_head_momentum, m=m[0])
 
     hist = fit(model, model.backbone, step, len(images), epochs, batch_size, lr, weight_decay, seed,
-               probe, after_step=after_step, log=log, name=f"byol/{arch}")
+               probe, after_step=after_step, log=log, name=f"byol/{arch}", device=device)
     return model.backbone, hist
 
 
 def train_simclr(arch: str, images: np.ndarray, epochs: int, batch_size: int = 256, lr: float = 1e-3,
                  weight_decay: float = 0.01, seed: int = 0, probe=None, log=print,
-                 temperature: float = 0.5, crop_min: float = 0.5) -> tuple[torch.nn.Module, list[dict]]:
+                 temperature: float = 0.5, crop_min: float = 0.5,
+                 device: torch.device | str = "cpu") -> tuple[torch.nn.Module, list[dict]]:
     """SimCLR baseline with lightly's SimCLRProjectionHead and NTXentLoss."""
     from lightly.loss import NTXentLoss
     from lightly.models.modules import SimCLRProjectionHead
@@ -207,12 +237,14 @@ def train_simclr(arch: str, images: np.ndarray, epochs: int, batch_size: int = 2
     crit = NTXentLoss(temperature=temperature)
     aug = BatchAugment(images.shape[1], scale=(crop_min, 1.0))
 
+    device = torch.device(device)
+
     def step(idx, gen):
-        x0, x1 = two_views(images, idx, aug, gen)
-        return crit(head(backbone(x0)), head(backbone(x1)))
+        x0, x1 = two_views(images, idx, aug, gen, device)
+        return crit(head(backbone(x0)).float(), head(backbone(x1)).float())
 
     hist = fit(model, backbone, step, len(images), epochs, batch_size, lr, weight_decay, seed,
-               probe, log=log, name=f"simclr/{arch}")
+               probe, log=log, name=f"simclr/{arch}", device=device)
     return backbone, hist
 
 
