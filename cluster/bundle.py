@@ -306,7 +306,12 @@ def build(py: str, out: Path, have_file: Optional[str], work: Optional[Path] = N
         else:
             repack_wheel(src, stage / "wheels" / src.name)  # same members, stored: RECORD unchanged in content
     log("[bundle] building the project's wheel")
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(stage / "wheels"), str(ROOT)],
+    src = work / "src"  # a copy: setuptools leaves build/ in the folder it builds
+    shutil.rmtree(src, ignore_errors=True)
+    shutil.copytree(ROOT / "coopt_ray", src / "coopt_ray", ignore=shutil.ignore_patterns("__pycache__"))
+    for f in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / f, src / f)
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(stage / "wheels"), str(src)],
                    check=True)
     data_files = add_data(data, stage / "data" / "fashion-mnist") if data else []
     (stage / "requirements.txt").write_text("\n".join(man["install"]) + "\n")
