@@ -16,54 +16,71 @@ import numpy as np
 from .cluster import init_ray, live_nodes, plan_waves, pool_demand
 from .config import Config, resolve_model
 from .embeddings import embedding_dim
-from .images import decode_image
+from .preprocess import (PIXELS, decode_batch, norm_tensors, params_of_loaded, preprocess_params,
+                         to_model_input)
 from .rundir import DONE, EMBEDDINGS, read_done, write_json_atomic
 from .split import Split, participant_dataset, run_split
 
 
 class ParticipantEmbedder:
-    """Callable class for ``map_batches``: decodes images and writes psi_k(x) as each row's target.
+    """Callable class for ``map_batches``: embeds the decode stage's uint8 pixels (preprocess.decode_batch) and
+    writes psi_k(x) as each row's target; error rows pass through with a zero embedding.
 
-    Each participant gets its own subclass (``Participant_<name>``) so the dashboard tells pools apart.
+    The model runs under ``inference_mode``, with bf16 autocast per ``amp`` (auto: on CUDA only, so CPU results do
+    not move), from pinned host memory with non-blocking copies on CUDA; embeddings come back float32. Each
+    participant gets its own subclass (``Participant_<name>``) so the dashboard tells pools apart.
     """
 
-    def __init__(self, model: str, pretrained: Optional[str], use_gpu: bool, threads: int = 1):
+    def __init__(self, model: str, pretrained: Optional[str], use_gpu: bool, threads: int = 1, amp: str = "auto",
+                 params: Optional[dict] = None, key: str = "participants[*].num_gpus"):
         import torch
 
-        from .models import load_model, pick_device
+        from .devices import amp_dtype, stage_device
+        from .models import load_model
 
         torch.set_num_threads(max(1, threads))
-        self.device = pick_device(prefer_gpu=use_gpu)
+        self.device = stage_device(use_gpu, key)
+        self.amp = amp
+        amp_dtype(amp, self.device)  # a bad mode fails here, not on the first batch
         self.model, self.preprocess, self.dim = load_model(model, pretrained, self.device)
+        self.params = params or preprocess_params(model, pretrained)
+        loaded = params_of_loaded(self.model)
+        if loaded is not None and loaded != self.params:  # the decode stage would feed the model the wrong pixels
+            raise RuntimeError(f"{model}: preprocessing read from its config {self.params} differs from the loaded "
+                               f"model's {loaded}")
+        self.mean, self.std = norm_tensors(self.params, self.device)
+        self._pinned = None
 
-    def __call__(self, batch: dict) -> dict:
+    def embed_pixels(self, pixels: np.ndarray) -> np.ndarray:
+        """uint8 (N, H, W, 3) -> float32 (N, dim) embeddings."""
         import torch
 
+        from .devices import autocast
+
+        x = torch.from_numpy(np.ascontiguousarray(pixels))
+        cuda = self.device.type == "cuda"
+        if cuda:  # one reused pinned buffer: the host-to-device copy is asynchronous
+            if self._pinned is None or self._pinned.numel() < x.numel():
+                self._pinned = torch.empty(x.numel(), dtype=torch.uint8).pin_memory()
+            x = self._pinned[:x.numel()].view(x.shape).copy_(x).to(self.device, non_blocking=True)
+        with torch.inference_mode(), autocast(self.amp, self.device):
+            x = to_model_input(x, self.mean, self.std)
+            x = x.contiguous(memory_format=torch.channels_last if cuda else torch.contiguous_format)
+            out = self.model.encode_image(x)
+        return out.float().cpu().numpy()
+
+    def __call__(self, batch: dict) -> dict:
+        if PIXELS not in batch:  # raw rows (a direct call, not the pipeline): decode them here the same way
+            batch = decode_batch(batch, self.params)
         n = len(batch["id"])
-        errors = list(batch["read_error"]) if "read_error" in batch else [""] * n
-        tensors, ok = [], []
-        for i, data in enumerate(batch["image"]):
-            if errors[i]:  # the file could not be read (image folders)
-                continue
-            try:
-                img = decode_image(data)
-            except ValueError as e:  # an unreadable image is an error row with its reason, never a failed batch
-                errors[i] = str(e)
-                continue
-            # Anything else (a bug, MemoryError) fails the batch: Ray retries it, and a persistent failure
-            # fails the run loudly instead of being filed as a bad image under max_error_fraction.
-            tensors.append(self.preprocess(img))
-            ok.append(i)
+        errors = batch["error"]
+        ok = np.array([not e for e in errors], dtype=bool)
         emb = np.zeros((n, self.dim), dtype=np.float32)
-        if ok:
-            with torch.no_grad():
-                x = torch.stack(tensors).to(self.device)
-                emb[ok] = self.model.encode_image(x).float().cpu().numpy()
-        owned = batch["owned"]
-        image = np.array([b if o else b"" for b, o in zip(batch["image"], owned)], dtype=object)
+        if ok.any():
+            emb[ok] = self.embed_pixels(batch[PIXELS][ok])
         return {
-            "id": batch["id"], "embedding": emb, "is_shared": batch["is_shared"], "owned": owned,
-            "error": np.array(errors, dtype=object), "image": image, "label": batch["label"],
+            "id": batch["id"], "embedding": emb, "is_shared": batch["is_shared"], "owned": batch["owned"],
+            "error": np.asarray(errors, dtype=object), "image": batch["image"], "label": batch["label"],
         }
 
 
@@ -101,13 +118,15 @@ def _with_parents(summary):
         yield from _with_parents(p)
 
 
-def embed_participant(cfg: Config, index: int, split: Split, out_dir: Path) -> dict:
-    """Stream D(index) ∪ S, read from participant ``index``'s partitions only, through its actor pool into
-    ``out_dir`` (Parquet)."""
+def embed_dataset(cfg: Config, index: int, split: Split):
+    """Participant ``index``'s lazy pipeline: read D(index) ∪ S -> decode (CPU tasks: image bytes -> uint8 at the
+    model's input size, error rows for unreadable images) -> its named actor pool (embeddings).
+
+    The decode tasks are their own stage whenever their resources differ from the pool's actors (a GPU pool, or
+    ``decode_cpus`` != ``num_cpus``); for a CPU pool asking the same, Ray Data fuses them into the actors."""
     import ray.data
 
     p = cfg.participants[index]
-    t0 = time.time()
     ds = participant_dataset(split, index, name=f"source_{p.name}")
     cls = type(f"Participant_{p.name.replace('-', '_')}", (ParticipantEmbedder,), {})
     remote = {}
@@ -117,15 +136,29 @@ def embed_participant(cfg: Config, index: int, split: Split, out_dir: Path) -> d
         remote["resources"] = dict(p.resources)
     if getattr(p, "node_labels", None):
         remote["label_selector"] = {str(k): str(v) for k, v in p.node_labels.items()}
+    model = resolve_model(cfg, p.model)
+    params = preprocess_params(model, p.pretrained)  # from the model's config: no weights on the driver
+    ds = ds.map_batches(decode_batch, fn_kwargs=dict(params=params), batch_size=p.batch_size, batch_format="numpy",
+                        num_cpus=p.decode_cpus)
     ds = ds.map_batches(
         cls,
-        fn_constructor_kwargs=dict(model=resolve_model(cfg, p.model), pretrained=p.pretrained,
-                                   use_gpu=p.num_gpus > 0, threads=max(1, int(p.num_cpus))),
+        fn_constructor_kwargs=dict(model=model, pretrained=p.pretrained, use_gpu=p.num_gpus > 0,
+                                   threads=max(1, int(p.num_cpus)), amp=p.amp, params=params,
+                                   key=f"participants[{index}].num_gpus"),
         compute=ray.data.ActorPoolStrategy(min_size=p.actors, max_size=p.actors_max or p.actors),
         num_gpus=p.num_gpus, num_cpus=p.num_cpus, batch_size=p.batch_size, batch_format="numpy",
         **remote,
     )
     ds.set_name(f"embed_{p.name}")
+    return ds
+
+
+def embed_participant(cfg: Config, index: int, split: Split, out_dir: Path) -> dict:
+    """Stream D(index) ∪ S, read from participant ``index``'s partitions only, through its actor pool into
+    ``out_dir`` (Parquet)."""
+    p = cfg.participants[index]
+    t0 = time.time()
+    ds = embed_dataset(cfg, index, split)
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     ds.write_parquet(str(tmp))

@@ -120,7 +120,7 @@ def _embed_batch(rng, images: list) -> dict:
             "owned": np.ones(n, bool), "is_shared": np.zeros(n, bool), "label": np.zeros(n, np.int64)}
 
 
-def test_embedder_files_unreadable_images_and_fails_the_batch_on_anything_else(tiny_models):
+def test_embedder_files_unreadable_images_and_fails_the_batch_on_anything_else(tiny_models, monkeypatch):
     from coopt_ray.optimize import ParticipantEmbedder
 
     rng = np.random.default_rng(0)
@@ -133,7 +133,7 @@ def test_embedder_files_unreadable_images_and_fails_the_batch_on_anything_else(t
     def broken(_img):  # a bug or an out-of-memory error is not a bad image
         raise MemoryError("no memory left")
 
-    emb.preprocess = broken
+    monkeypatch.setattr("coopt_ray.preprocess.decode_image", broken)  # decoding: preprocess.decode_batch
     with pytest.raises(MemoryError):  # Ray retries the batch; it is never filed as an error row
         emb(_embed_batch(rng, [good]))
 

@@ -1,0 +1,152 @@
+"""Participant input pipeline as data: the model's preprocessing read from its config (no weights loaded), the CPU
+decode stage (encoded bytes -> fixed-shape uint8 NHWC at the model's input size) and the normalisation the embedder
+runs on its device. Together they equal the model's own preprocess (open_clip's transform, or the student's)."""
+from __future__ import annotations
+
+import functools
+import json
+from dataclasses import asdict
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+from .images import PIXEL_MEAN, PIXEL_STD, decode_image, resize_rgb
+
+PIXELS = "pixels"  # the decode stage's column: uint8 (N, H, W, 3), zeros on error rows
+
+
+def _plain(family: str, cfg: dict) -> dict:
+    size = cfg["size"]
+    h, w = (size, size) if isinstance(size, int) else (size[0], size[1])
+    mean, std = cfg["mean"], cfg["std"]
+    mean = [float(mean)] * 3 if not isinstance(mean, (list, tuple)) else [float(v) for v in mean]
+    std = [float(std)] * 3 if not isinstance(std, (list, tuple)) else [float(v) for v in std]
+    interp = "bilinear" if cfg.get("interpolation") == "bilinear" else "bicubic"  # open_clip: anything else bicubic
+    return {"family": family, "size": [int(h), int(w)], "resize_mode": cfg.get("resize_mode") or "shortest",
+            "interpolation": interp, "mean": mean, "std": std, "fill_color": int(cfg.get("fill_color") or 0)}
+
+
+def preprocess_params(model: str, pretrained: Optional[str] = None) -> dict:
+    """The preprocessing ``load_model(model, pretrained)`` returns, as a plain dict, without loading weights:
+    ``{family, size: [h, w], resize_mode, interpolation, mean, std, fill_color}``. open_clip models follow
+    open_clip's own resolution (defaults, then the folder's or hub config's ``preprocess_cfg`` or the pretrained
+    tag's, size from the model config's ``vision_cfg.image_size``); ``student:`` runs their training input path."""
+    from .models import LOCAL_DIR, STUDENT
+
+    if model.startswith(STUDENT):
+        from .student import METRICS, student_folder
+
+        s = int(json.loads((student_folder(model[len(STUDENT):]) / METRICS).read_text())["image_size"])
+        return _plain("student", {"size": s, "resize_mode": "squash", "interpolation": "bilinear",
+                                  "mean": list(PIXEL_MEAN), "std": list(PIXEL_STD)})
+    import open_clip
+    from open_clip.transform import PreprocessCfg, merge_preprocess_dict
+
+    cfg = asdict(PreprocessCfg())
+    if model.startswith(LOCAL_DIR):
+        full = json.loads((Path(model[len(LOCAL_DIR):]) / "open_clip_config.json").read_text())
+    elif model.startswith("hf-hub:"):
+        from open_clip.factory import _get_hf_config  # the config file only (open_clip's own lookup)
+
+        full = _get_hf_config(model[len("hf-hub:"):])
+    else:
+        name = model.replace("/", "-")
+        full = {"model_cfg": open_clip.get_model_config(name) or {},
+                "preprocess_cfg": open_clip.get_pretrained_cfg(name, pretrained) if pretrained else {}}
+    cfg = merge_preprocess_dict(cfg, full.get("preprocess_cfg") or {})
+    cfg["size"] = (full.get("model_cfg", full).get("vision_cfg") or {}).get("image_size", 224)
+    return _plain("open_clip", cfg)
+
+
+def params_of_loaded(model) -> Optional[dict]:
+    """The same dict from a loaded open_clip model (what its preprocess really uses); None for other families."""
+    import open_clip
+
+    if not hasattr(model, "visual"):
+        return None
+    return _plain("open_clip", open_clip.get_model_preprocess_cfg(model))
+
+
+@functools.lru_cache(maxsize=8)
+def _pil_steps(key: str):
+    """PIL image -> PIL/array at the model's input size: open_clip's eval transform up to (not including) its
+    ToTensor, so the pixels are exactly the ones it would normalise; the student's resize otherwise."""
+    p = json.loads(key)
+    if p["family"] == "student":
+        size = p["size"][0]
+        return lambda img: resize_rgb(img, size)
+    from open_clip.transform import image_transform
+
+    size = p["size"][0] if p["size"][0] == p["size"][1] else tuple(p["size"])
+    tf = image_transform(size, is_train=False, mean=tuple(p["mean"]), std=tuple(p["std"]),
+                         resize_mode=p["resize_mode"], interpolation=p["interpolation"], fill_color=p["fill_color"])
+    steps = []
+    for t in tf.transforms:
+        if type(t).__name__ in ("MaybeToTensor", "ToTensor"):
+            break
+        steps.append(t)
+    else:
+        raise RuntimeError(f"open_clip's eval transform has no ToTensor step: {tf}")
+
+    def run(img):
+        for t in steps:
+            img = t(img)
+        return img
+
+    return run
+
+
+def pixel_fn(params: dict):
+    """Decoded RGB PIL image -> uint8 (H, W, 3) at the model's input size."""
+    steps = _pil_steps(json.dumps(params, sort_keys=True))
+    h, w = params["size"]
+
+    def to_pixels(img) -> np.ndarray:
+        a = np.asarray(steps(img), dtype=np.uint8)
+        if a.shape != (h, w, 3):  # a bug, not a bad image: fail loudly
+            raise RuntimeError(f"preprocessing gave shape {a.shape}, expected {(h, w, 3)}")
+        return a
+
+    return to_pixels
+
+
+def decode_batch(batch: dict, params: dict) -> dict:
+    """The decode stage (a Ray Data ``map_batches`` task, numpy batches): encoded image bytes -> ``pixels``
+    uint8 (N, H, W, 3) at the model's input size. An unreadable image (or a file that could not be read:
+    ``read_error``) becomes an error row with its reason in ``error`` and zero pixels, never a failed batch;
+    anything else (a bug, MemoryError) fails the batch loudly. Every row flows on; images not owned by this
+    participant are emptied (only the owner's copy reaches the optimized set)."""
+    n = len(batch["id"])
+    errors = [str(e) for e in batch["read_error"]] if "read_error" in batch else [""] * n
+    h, w = params["size"]
+    pixels = np.zeros((n, h, w, 3), dtype=np.uint8)
+    to_pixels = pixel_fn(params)
+    for i, data in enumerate(batch["image"]):
+        if errors[i]:  # the file could not be read (image folders)
+            continue
+        try:
+            img = decode_image(data)
+        except ValueError as e:  # an unreadable image is an error row with its reason, never a failed batch
+            errors[i] = str(e)
+            continue
+        pixels[i] = to_pixels(img)
+    owned = batch["owned"]
+    image = np.array([b if o else b"" for b, o in zip(batch["image"], owned)], dtype=object)
+    return {"id": batch["id"], PIXELS: pixels, "error": np.array(errors, dtype=object), "is_shared": batch["is_shared"],
+            "owned": owned, "image": image, "label": batch["label"]}
+
+
+def norm_tensors(params: dict, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean, std) as float32 (1, 3, 1, 1) tensors on ``device``."""
+    mean = torch.tensor(params["mean"], dtype=torch.float32, device=device).view(1, 3, 1, 1)
+    std = torch.tensor(params["std"], dtype=torch.float32, device=device).view(1, 3, 1, 1)
+    return mean, std
+
+
+def to_model_input(pixels: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """uint8 NHWC (on the model's device) -> float32 NCHW, normalised as open_clip's ToTensor + Normalize do
+    (x / 255, then (x - mean) / std, in float32: the same operations, so the same numbers)."""
+    x = pixels.permute(0, 3, 1, 2).to(torch.float32).div_(255.0)
+    return x.sub_(mean).div_(std)
