@@ -140,9 +140,10 @@ def result_line(out: str, tag: str = "GPU_CHECK_RESULT") -> dict:
 def sizes(smoke: bool) -> dict:
     if smoke:
         return dict(images=600, batch=128, epochs=1, arch="test_vit", krr_steps=4, mdatm_iters=3, limit_lab=500,
-                    experts=2, probe_epochs=5, probe_limit=300, device="cpu", gpu=0, frac=0)
+                    experts=2, probe_epochs=5, probe_limit=300, device="cpu", gpu=0, frac=0, timeout_scale=4)
     return dict(images=40000, batch=512, epochs=2, arch="resnet18", krr_steps=200, mdatm_iters=100,
-                limit_lab=10000, experts=4, probe_epochs=50, probe_limit=2000, device="cuda", gpu=1, frac=0.25)
+                limit_lab=10000, experts=4, probe_epochs=50, probe_limit=2000, device="cuda", gpu=1, frac=0.25,
+                timeout_scale=1)
 
 
 def write_configs(work: Path, zoo: Path, z: dict, data_path: Optional[str]) -> dict:
@@ -246,7 +247,8 @@ def parse_args(argv=None):
     ap.add_argument("--work", default=None, help="scratch folder (default runs/gpu-check)")
     ap.add_argument("--zoo", default=None, help="zoo folder (default WORK/zoo, built by the zoo step)")
     ap.add_argument("--data-dir", default=None, help="Fashion-MNIST IDX folder (default: the Debian package's)")
-    ap.add_argument("--budget", type=float, default=450, help="seconds for all steps together (default 450)")
+    ap.add_argument("--budget", type=float, default=None,
+                    help="seconds for all steps together (default 450; --cpu-smoke 2400: 2 loaded cores)")
     ap.add_argument("--only", default="", help="comma list of steps to run (default all)")
     return ap.parse_args(argv)
 
@@ -295,13 +297,16 @@ def main(argv=None) -> dict:
         Step("mdatm", coopt + ["distill", "--config", str(cfgs["mdatm"]), "--run", str(md)], 90,
              lambda out: _json(next((md / "distilled" / "mdatm").glob("distill.json")))),
     ]
+    for s in steps:  # the CPU is far slower than the GPU these limits are sized for
+        s.timeout *= z["timeout_scale"]
+    budget = a.budget if a.budget is not None else 450 * (1 if z["timeout_scale"] == 1 else 5.3)
     only = {s for s in a.only.split(",") if s}
     if only:
         steps = [s for s in steps if s.name in only]
     env = {**os.environ, "COOPT_PROGRESS": "0", "PYTHONUNBUFFERED": "1",
            "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
     try:
-        run_steps(steps, doc, save, sampler=sampler, env=env, cwd=ROOT, deadline=t_start + a.budget)
+        run_steps(steps, doc, save, sampler=sampler, env=env, cwd=ROOT, deadline=t_start + budget)
     finally:
         sampler.stop()
     st = doc["steps"]
