@@ -13,9 +13,8 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from .errors import ConfigError
+from .config import AMP_MODES, ConfigError
 
-AMP_MODES = ("auto", "bf16", "off")
 SIMULATED_ENV = "COOPT_SIMULATED_GPUS"
 
 

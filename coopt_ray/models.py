@@ -1,5 +1,5 @@
 """Participant model loading: open_clip (hub tags, checkpoint files, ``local-dir:``), trained students
-(``student:RUN``), device choice."""
+(``student:RUN``); the device is the caller's (devices.py holds the rules)."""
 from __future__ import annotations
 
 import json
@@ -16,11 +16,6 @@ WEIGHT_NAMES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
 
 class ModelSpecError(ValueError):
     """A model string that cannot be loaded; the message says why."""
-
-
-def pick_device(prefer_gpu: bool = True) -> str:
-    """``cuda`` only where it is really available, else ``cpu``."""
-    return "cuda" if prefer_gpu and torch.cuda.is_available() else "cpu"
 
 
 def check_weights_file(path: Path) -> None:
@@ -79,14 +74,15 @@ def check_model_spec(model: str, pretrained: Optional[str] = None) -> None:
     )
 
 
-def load_model(model: str, pretrained: Optional[str] = None, device: Optional[str] = None):
-    """Load an open_clip model for embedding: returns ``(model, preprocess, embed_dim)``.
+def load_model(model: str, pretrained: Optional[str] = None, device: str = "cpu"):
+    """Load an open_clip model for embedding onto ``device`` (the caller picks it by the device rules, devices.py):
+    returns ``(model, preprocess, embed_dim)``.
 
     Weights load with ``weights_only=True``; a checkpoint that holds pickled objects is refused.
     """
     import open_clip
 
-    device = device or pick_device()
+    device = str(device)
     if model.startswith(STUDENT):  # a trained student: its head's output space, its own input path
         from .student import StudentEncoder, load_student, student_preprocess
 
