@@ -171,7 +171,7 @@ def write_configs(work: Path, zoo: Path, z: dict, data_path: Optional[str]) -> d
     md["distill"].update(iterations=z["mdatm_iters"], labeled_limit=z["limit_lab"], experts=z["experts"],
                          use_gpu=use_gpu, checkpoint_every=max(2, z["mdatm_iters"] // 2),
                          log_every=max(1, z["mdatm_iters"] // 4), eval_runs=1, eval_epochs=50 if use_gpu else 5,
-                         expert_epochs=10 if use_gpu else 3, range=[0, 8] if use_gpu else [0, 2])
+                         expert_epochs=10 if use_gpu else 4, range=[0, 8] if use_gpu else [0, 2])
     out["mdatm"].write_text(yaml.safe_dump(md))
     return out
 
