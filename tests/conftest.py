@@ -90,8 +90,18 @@ def start_local_ray():
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+        # num_gpus=0: "a local cluster without GPUs" must stay true on a machine that has one
+        ray.init(num_cpus=4, num_gpus=0, include_dashboard=False, log_to_driver=False)
     return ray
+
+
+def session_address() -> str:
+    """The GCS address of the session's local Ray, so a test's subprocess driver can join it (``RAY_ADDRESS``)
+    instead of paying for a Ray start of its own."""
+    import ray
+
+    start_local_ray()
+    return ray.get_runtime_context().gcs_address
 
 
 @pytest.fixture(scope="session")

@@ -78,3 +78,15 @@ def test_leave_one_out_picks_a_small_ridge_for_a_clean_map_and_a_large_one_for_n
     assert select_ridge(x, rng.normal(size=(60, 5))) >= 1.0  # y independent of x: shrink (nearly) all of it
     _, _, _, lam = fit_with_stats(x, y, ridge=1.0, heldout=0.2, seed=0, select="loo")
     assert lam <= 1e-3  # the configured ridge is ignored when selecting
+
+
+def test_r2_score_on_hand_values():
+    y = np.array([[1.0], [2.0], [3.0], [4.0]])  # mean 2.5, SS_tot = 5
+    assert r2_score(y, y) == 1.0
+    assert r2_score(y, np.full_like(y, 2.5)) == 0.0  # predicting the mean
+    assert r2_score(y, np.array([[1.0], [2.0], [3.0], [5.0]])) == pytest.approx(1 - 1 / 5)
+    # two output dims pool their sums: SS_res = 1 + 4, SS_tot = 5 + 20
+    y2 = np.array([[1.0, 0.0], [2.0, 2.0], [3.0, 4.0], [4.0, 6.0]])
+    p2 = y2 + np.array([[0, 0], [0, 2.0], [0, 0], [1.0, 0]])
+    assert r2_score(y2, p2) == pytest.approx(1 - 5 / 25)
+    assert np.isnan(r2_score(np.ones((3, 1)), np.zeros((3, 1))))  # constant truth: undefined, not 1 or 0

@@ -222,6 +222,7 @@ def test_killed_worker_resumes_from_the_checkpoint(tmp_path, ray_session):
                 try:
                     ckpt_history = load_state(latest[0])["history"]
                 except (OSError, RuntimeError, EOFError):
+                    time.sleep(0.05)  # still being written or pruned: look again shortly, without spinning
                     continue
                 os.kill(sorted(alive.values())[-1], signal.SIGKILL)
                 victim = latest[1]["epoch"] + 1

@@ -125,6 +125,7 @@ def _wait(client, job_id, timeout=900):
         time.sleep(2)
 
 
+@pytest.mark.slow
 def test_dashboard_refuses_requests_without_the_token(head):
     for headers in ({}, {"Authorization": "Bearer wrong"}):
         req = urllib.request.Request(f"{head.url}/api/jobs/", headers=headers)
@@ -133,6 +134,7 @@ def test_dashboard_refuses_requests_without_the_token(head):
         assert e.value.code in (401, 403)
 
 
+@pytest.mark.slow
 def test_optimize_job_runs_unchanged_under_ray_job_submit(head, tmp_path, tiny_models):
     from ray.job_submission import JobStatus
 
@@ -157,6 +159,7 @@ def test_optimize_job_runs_unchanged_under_ray_job_submit(head, tmp_path, tiny_m
     assert jobs[job_id].entrypoint.startswith("python jobs/optimize.py")
 
 
+@pytest.mark.slow
 def test_bad_config_job_fails_with_one_clear_line(head, tmp_path, tiny_models):
     from ray.job_submission import JobStatus
 

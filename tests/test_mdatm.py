@@ -167,3 +167,12 @@ def test_experts_train_as_ray_tasks_and_a_rerun_redoes_only_unfinished_ones(tmp_
     lines.clear()
     run_experts(x, y, **{**kw, "fingerprint": "f2", "log": lines.append})  # another config: every expert again
     assert not any("already done" in s for s in lines)
+
+
+@pytest.mark.parametrize("which,kw", [("scale", {"scale": 1.0}), ("crop", {"crop": 0.0}), ("rotate", {"rotate_deg": 0.0})])
+def test_dsa_identity_settings_leave_images_unchanged(which, kw):
+    """Known answers: scale 1, crop 0 and a 0-degree rotation are the identity map (align_corners grid)."""
+    x = torch.rand(4, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    y = DSA(**kw)(x, torch.Generator().manual_seed(1), which=which)
+    torch.testing.assert_close(y, x, atol=1e-5, rtol=0)
+    assert not torch.allclose(DSA()(x, torch.Generator().manual_seed(1), which=which), x, atol=1e-3)  # control

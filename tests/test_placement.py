@@ -220,6 +220,7 @@ def _order(logs, names):
     return start, done
 
 
+@pytest.mark.slow
 def test_cluster_without_gpus_fails_within_seconds(gpu_cluster, tmp_path, tiny_models, short_actor_wait):
     gpu_cluster.gpu_nodes(0)
     with pytest.raises(ConfigError, match=r"needs 1 GPUs for 1 actor\(s\), but the cluster has 0") as e:
@@ -245,6 +246,7 @@ def test_two_gpu_nodes_three_participants_finish_in_waves(gpu_cluster, tmp_path,
     assert where["c0"] != where["c1"] and set().union(*where.values()) <= set(gpu_ids)
 
 
+@pytest.mark.slow
 def test_three_gpu_nodes_three_participants_on_three_nodes(gpu_cluster, tmp_path, tiny_models, short_actor_wait):
     gpu_ids = gpu_cluster.gpu_nodes(3)
     names = ["a0", "a1", "a2"]
@@ -260,6 +262,7 @@ def test_three_gpu_nodes_three_participants_on_three_nodes(gpu_cluster, tmp_path
     assert len(set(nodes)) == 3 and set(nodes) <= set(gpu_ids)
 
 
+@pytest.mark.slow
 def test_adding_a_gpu_node_lets_more_pools_run_at_once(gpu_cluster):
     """The plan comes from the live cluster: no config change, one more node, one wave fewer."""
     import ray
@@ -275,6 +278,7 @@ def test_adding_a_gpu_node_lets_more_pools_run_at_once(gpu_cluster):
     assert after.waves == [[0, 1, 2, 3]] and "all 4 participant pools fit the cluster (5 nodes)" in after.message
 
 
+@pytest.mark.slow
 def test_node_labels_of_the_live_cluster_select_the_node(gpu_cluster):
     import ray
 

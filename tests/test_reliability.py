@@ -133,6 +133,7 @@ def done_marks(run: Path) -> dict:
 LIMIT = 2000
 
 
+@pytest.mark.slow
 def test_driver_killed_mid_optimize_resumes_without_loss(tmp_path, tiny_models):
     cfg_path = write_config(tmp_path / "c.yaml", tiny_models, data={"source": "fashion-mnist", "limit": LIMIT},
                             shared={"fraction": 0.05, "min": 16})
@@ -238,6 +239,7 @@ def streamed_source(tmp_path_factory):
     return out, ids
 
 
+@pytest.mark.slow
 def test_participant_actor_killed_mid_stream(tmp_path, tiny_models, ray_session, streamed_source):
     src, ids = streamed_source
     # limit 1600 of the 2000 rows: every pool must also see exactly the first 1600 ids of the source.
@@ -310,6 +312,7 @@ def _my_train_workers() -> dict[str, tuple[str, int]]:
             if "RayTrainWorker" in a.get("ActorClassName", "")}
 
 
+@pytest.mark.slow
 def test_train_worker_killed_resumes_from_checkpoint(tmp_path, tiny_models, ray_session):
     """A Ray Train worker is SIGKILLed after an epoch's checkpoint, while the next epoch runs: FailureConfig
     restarts the worker group from that checkpoint and training ends with the configured number of epochs,
@@ -345,7 +348,8 @@ def test_train_worker_killed_resumes_from_checkpoint(tmp_path, tiny_models, ray_
                 try:
                     ckpt_history = load_state(latest[0])["history"]
                 except (OSError, RuntimeError, EOFError):
-                    continue  # the checkpoint is still being written or pruned: look again
+                    time.sleep(0.05)  # the checkpoint is still being written or pruned: look again, without spinning
+                    continue
                 aid, pid = sorted(alive.items())[-1]
                 os.kill(pid, signal.SIGKILL)  # mid-epoch: the next epoch started after this checkpoint
                 victim = (aid, pid, latest[1]["epoch"] + 1)

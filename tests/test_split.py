@@ -144,3 +144,22 @@ def test_image_folder_file_that_cannot_be_read_is_an_error_row(tmp_path, tiny_mo
     opt = pq.read_table(tmp_path / "run" / "optimized", columns=["id", "label"]).to_pydict()
     assert dict(zip(opt["id"], opt["label"]))["b/03.png"] == 1
     assert man["split"]["read_fraction"] and set(man["split"]["bytes_read"]) == {"p0", "p1"}
+
+
+def test_hash_outputs_are_pinned():
+    """Known answers: a changed salt, shift or digest would silently move every existing run's shards, S and
+    student subset, so these values are frozen (computed once from blake2b-64 of "<salt>:<id>")."""
+    from coopt_ray.data import in_shared, owner_of, unit_hash
+    from coopt_ray.rows import _student_hash, subset_ids
+
+    ids = ["train/10000", "train/10001", "train/12345", "cat/img_7.png", "a"]
+    assert owner_of(ids, 4, 0).tolist() == [1, 0, 1, 3, 3]
+    assert owner_of(ids, 3, 7).tolist() == [2, 0, 2, 2, 0]
+    assert owner_of(ids, 3, 0, shares=[1, 2, 0]).tolist() == [1, 1, 1, 0, 0]
+    np.testing.assert_array_equal(unit_hash(ids, "shared:0"), [0.45833997256700454, 0.9823091776151067,
+                                                                0.15059917293629932, 0.38792342421788906,
+                                                                0.4397459050324114])
+    assert in_shared(ids, 0, 0.5).tolist() == [True, False, True, True, True]
+    assert [int(h) for h in _student_hash((0, i) for i in ids)] == [
+        10966979985547027917, 2578857294785040896, 1633711011522769613, 7222796125136383964, 18267636088358633215]
+    assert sorted(subset_ids(ids, 2, 0)) == ["train/10001", "train/12345"]

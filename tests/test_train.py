@@ -211,3 +211,13 @@ def test_streamed_subset_and_target_moments_match_the_in_memory_versions(tmp_pat
         m2, p2 = target_transform(sub, whiten=whiten, out_dim=4)
         np.testing.assert_allclose(m1, m2, rtol=1e-5, atol=1e-5)
         np.testing.assert_allclose(np.abs(p1), np.abs(p2), rtol=1e-3, atol=1e-4)  # eigenvector signs may flip
+
+
+@pytest.mark.parametrize("turns", [0.0, 1.0, -1.0])
+def test_hue_rotation_by_zero_or_a_full_turn_is_the_identity(turns):
+    from coopt_ray.images import _hue_rotate
+
+    x = torch.rand(3, 3, 8, 8, generator=torch.Generator().manual_seed(0)) * 0.8 + 0.1
+    y = _hue_rotate(x, torch.full((3,), turns))
+    torch.testing.assert_close(y, x, atol=1e-5, rtol=0)
+    assert (_hue_rotate(x, torch.full((3,), 0.5)) - x).abs().max() > 0.05  # control: half a turn moves colours

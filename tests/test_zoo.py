@@ -3,11 +3,15 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
+import pytest
 
 from coopt_ray import zoo
 from coopt_ray.config import DEFAULT_FASHION_MNIST_DIR
-from coopt_ray.data import fashion_mnist_dir
+from coopt_ray.data import fashion_mnist_dir, fashion_mnist_split
 from coopt_ray.models import load_model
+from coopt_ray.probe import embed_tensors, preprocess_arrays
+from coopt_ray.uniformity import uniformity
 
 
 def test_fashion_mnist_is_installed():
@@ -49,19 +53,24 @@ def test_mini_zoo_build_cache_and_load(tmp_path):
     assert any("epoch 1/1" in line and "loss" in line for line in lines)  # per-epoch progress
 
     doc = json.loads((out / "zoo.json").read_text())
+    x_pub = fashion_mnist_split("public")[0][:N_TRAIN]
     assert [t["name"] for t in doc["teachers"]] == ["clip-tiny-a", "clip-tiny-b"]
     assert [t["name"] for t in teachers] == ["clip-tiny-a", "clip-tiny-b"]
     assert not list(out.glob("*.tmp*")) and not list(out.glob(".*.tmp*"))
     for t, spec in zip(doc["teachers"], _mini_specs()):
         assert set(t) >= {"name", "path", "embed_dim", "probe_accuracy", "train_seconds", "spec", "uniformity"}
         assert 0.0 < t["probe_accuracy"] <= 1.0
-        assert t["uniformity"] <= 0.0
         assert t["train_seconds"] > 0
         assert t["spec"]["model_cfg"] == spec["model_cfg"]
         assert t["embed_dim"] == spec["model_cfg"]["embed_dim"]
         # the folder loads through the participants' code path and reports the same dim
         m, preprocess, dim = load_model(f"local-dir:{t['path']}", device="cpu")
         assert dim == t["embed_dim"]
+        # the recorded uniformity is the value of the saved model on the zoo's seeded public sample
+        idx = np.sort(np.random.default_rng(zoo.UNIFORMITY_SEED).choice(
+            N_TRAIN, size=min(zoo.UNIFORMITY_SAMPLE, N_TRAIN), replace=False))
+        uni = uniformity(embed_tensors(m, preprocess_arrays(preprocess, x_pub[idx])))
+        assert t["uniformity"] == pytest.approx(uni, abs=2e-6)  # zoo.json rounds to 6 decimals
     assert max(t["probe_accuracy"] for t in doc["teachers"]) > 0.1 + 0.1  # clearly above chance
 
     # second call: cached, nothing retrained or rewritten
