@@ -257,6 +257,8 @@ def run_embed(cfg: Config, run: Path, address: Optional[str] = None, log: Callab
     import ray
 
     init_ray(address, log=log)
+    # Plan every pool before any work: a pool no node can hold is a one-line ConfigError now, not after the split.
+    plan_waves(list(cfg.participants), ray.cluster_resources(), nodes=live_nodes(log))
     t0 = time.time()
     split = run_split(cfg, run, log=log)
     log(f"[optimize] {split.total} images, K={len(cfg.participants)} participants, |S|={split.shared} shared images")
