@@ -13,7 +13,9 @@
 # listens on 127.0.0.1 only.
 #
 # Settings (environment): COOPT_LOCAL_STATE (default /tmp/coopt-local), RAY_PORT (6390),
-# DASHBOARD_PORT (8265), HEAD_CPUS (2), WORKER_CPUS (1), AGENT_PORT_BASE (52400), WAIT_S (180).
+# DASHBOARD_PORT (8265), HEAD_CPUS (2), WORKER_CPUS (1), AGENT_PORT_BASE (52400), WAIT_S (180),
+# COOPT_SIMULATED_GPUS (1: the worker nodes' GPUs are only declared, so a stage that asked for a GPU runs on the
+# CPU instead of refusing; 0 on a machine whose GPUs are real and must be used).
 set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -31,6 +33,7 @@ if [ -x "$REPO/.venv/bin/ray" ]; then
 fi
 command -v ray >/dev/null || { echo "local.sh: ray not found (run 'make setup' first)" >&2; exit 1; }
 export RAY_AUTH_MODE=token
+export COOPT_SIMULATED_GPUS="${COOPT_SIMULATED_GPUS:-1}"  # the nodes (and so their workers and jobs) inherit it
 if [ -z "${RAY_AUTH_TOKEN:-}" ] && [ ! -s "${RAY_AUTH_TOKEN_PATH:-$HOME/.ray/auth_token}" ]; then
   ray get-auth-token --generate >/dev/null
 fi

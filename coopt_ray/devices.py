@@ -152,4 +152,8 @@ def check_cuda_usable(key: str, num_gpus: float, log: Callable = print, timeout_
     if got.startswith("error: "):
         raise DeviceError(got[len("error: "):] + " (on a GPU node of the cluster)")
     _CUDA_CHECKED.add(session)
-    log(f"[cluster] CUDA works on the cluster's GPUs ({got}, checked for '{key}')")
+    if got == "cpu":
+        log(f"[cluster] the cluster's GPUs are simulated ({SIMULATED_ENV}=1 on its nodes): stages that ask for a GPU "
+            "run on the CPU")
+    else:
+        log(f"[cluster] CUDA works on the cluster's GPUs ({got}, checked for '{key}')")
