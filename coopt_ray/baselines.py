@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from .devices import autocast, cuda_speed_habits, stage_device
 from .images import BatchAugment, normalize_pixels, to_float_nchw
 from .probe import backbone_features, linear_probe
-from .student import Student, build_backbone, feature_dim, target_transform
+from .student import Student, build_backbone, cosine_loss, feature_dim, target_transform
 
 METHODS = ("coopt", "byol", "simclr", "supervised")
 
@@ -130,8 +130,7 @@ def train_coopt(arch: str, images: np.ndarray, targets: np.ndarray, epochs: int,
 
     def step(idx, gen):
         t = torch.from_numpy(idx).to(device)
-        loss = 1 - F.cosine_similarity(student(_aug_batch(images, idx, aug, gen, device)).float(), y[t], dim=1)
-        return loss.mean() if w is None else (loss * w[t]).sum() / w[t].sum()
+        return cosine_loss(student(_aug_batch(images, idx, aug, gen, device)), y[t], None if w is None else w[t])
 
     hist = fit(student, student.backbone, step, len(images), epochs, batch_size, lr, weight_decay, seed,
                probe, log=log, name=f"coopt/{arch}", device=device)

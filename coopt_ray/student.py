@@ -116,6 +116,23 @@ def transform_from_moments(n: int, mean: np.ndarray, cov: np.ndarray, whiten: bo
     return mean.astype(np.float32), P.astype(np.float32)
 
 
+def cosine_loss(pred: torch.Tensor, y: torch.Tensor, weights: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The student's objective ``1 - cos(pred, y)``, in fp32 whatever the net ran in: the mean over rows, or with
+    ``weights`` (one per row) the weighted mean ``sum(w * l) / sum(w)``."""
+    loss = 1 - torch.nn.functional.cosine_similarity(pred.float(), y.float(), dim=1)
+    return loss.mean() if weights is None else (loss * weights).sum() / weights.sum()
+
+
+def standardise(y: np.ndarray, mean: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """Per-dimension standardised targets ``(y - mean) * scale`` (``scale``: 1 / std per dimension)."""
+    return (np.asarray(y, dtype=np.float32) - mean) * scale
+
+
+def unstandardise(z: np.ndarray, mean: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """The inverse of :func:`standardise`: back to the optimized set's target space."""
+    return np.asarray(z, dtype=np.float32) / scale + mean
+
+
 class TargetMoments:
     """Count, mean and covariance of target rows added batch by batch (memory d x d, not rows x d)."""
 

@@ -20,7 +20,6 @@ from typing import Callable, Optional
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from .cluster import cluster_nodes, driver_node_id, fit_torch_trainer, init_ray, plan_workers
 from .config import Config
@@ -29,7 +28,7 @@ from .images import BatchAugment, normalize_pixels, to_float_nchw
 from .rundir import (DISTILLED_PARTS, DONE, MANIFEST, OPTIMIZED, STUDENT, RunError, prepare_run_dir, read_done, run_label,
                      write_json_atomic)
 from .rows import streamed_subset, target_moments, training_dataset
-from .student import (CKPT_PREFIX, METRICS, WEIGHTS, Student, feature_dim, init_fingerprint, latest_checkpoint,
+from .student import (CKPT_PREFIX, METRICS, WEIGHTS, Student, cosine_loss, feature_dim, init_fingerprint, latest_checkpoint,
                       load_state, report_checkpoint, resume_state, transform_from_moments, usable_checkpoint, warm_start)
 
 SHUFFLE_BUFFER = 2048       # rows in each worker's local shuffle buffer (reseeded every epoch)
@@ -112,7 +111,7 @@ def train_loop_per_worker(config: dict) -> dict:
             y = (batch["target"].to(device) - mean) @ proj
             with autocast(amp, device):
                 out = model(x)
-            loss = (1 - F.cosine_similarity(out.float(), y, dim=1)).mean()  # the loss in fp32, whatever the net ran in
+            loss = cosine_loss(out, y)  # in fp32, whatever the net ran in
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

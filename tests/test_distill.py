@@ -300,3 +300,17 @@ def test_coopt_run_includes_the_distill_stage_when_the_student_trains_on_it(tmp_
     assert metrics["rows"] == 20 and metrics["data"] == "distilled/krr-st"
     assert (run / "report" / "distilled.png").stat().st_size > 1000 and (run / "report" / "distill_loss.png").is_file()
     assert "distilled.png" in (run / "report" / "report.html").read_text()
+
+
+def test_target_standardise_round_trip_and_known_values():
+    from coopt_ray.student import standardise, target_transform, unstandardise
+
+    y = np.array([[1.0, 10.0], [3.0, 10.0], [5.0, 40.0], [7.0, 20.0]])  # means 4, 20; population stds sqrt(5), sqrt(150)
+    mean, proj = target_transform(y)
+    scale = np.diag(proj)
+    np.testing.assert_allclose(mean, [4.0, 20.0])
+    np.testing.assert_allclose(scale, [1 / np.sqrt(5), 1 / np.sqrt(150)], rtol=1e-6)
+    z = standardise(y, mean, scale)
+    np.testing.assert_allclose(z[:, 0], np.array([-3, -1, 1, 3]) / np.sqrt(5), rtol=1e-6)
+    np.testing.assert_allclose(z.mean(0), 0, atol=1e-6) and np.testing.assert_allclose(z.std(0), 1, rtol=1e-5)
+    np.testing.assert_allclose(unstandardise(z, mean, scale), y, rtol=1e-6, atol=1e-5)

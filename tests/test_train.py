@@ -221,3 +221,15 @@ def test_hue_rotation_by_zero_or_a_full_turn_is_the_identity(turns):
     y = _hue_rotate(x, torch.full((3,), turns))
     torch.testing.assert_close(y, x, atol=1e-5, rtol=0)
     assert (_hue_rotate(x, torch.full((3,), 0.5)) - x).abs().max() > 0.05  # control: half a turn moves colours
+
+
+def test_weighted_student_loss_on_hand_values():
+    from coopt_ray.student import cosine_loss
+
+    pred = torch.tensor([[1.0, 0.0], [0.0, 2.0], [1.0, 1.0]])
+    y = torch.tensor([[3.0, 0.0], [1.0, 0.0], [-1.0, -1.0]])  # cos = 1, 0, -1: losses 0, 1, 2
+    assert float(cosine_loss(pred, y)) == pytest.approx(1.0)
+    assert float(cosine_loss(pred, y, torch.tensor([1.0, 1.0, 1.0]))) == pytest.approx(1.0)
+    assert float(cosine_loss(pred, y, torch.tensor([3.0, 1.0, 0.0]))) == pytest.approx(1 / 4)  # (0*3 + 1*1) / 4
+    assert float(cosine_loss(pred, y, torch.tensor([0.0, 0.0, 2.0]))) == pytest.approx(2.0)
+    assert cosine_loss(pred.bfloat16(), y).dtype == torch.float32  # computed in fp32 under autocast

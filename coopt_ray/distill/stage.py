@@ -28,7 +28,7 @@ from ..images import decode_image, encode_png, resize_rgb
 from ..rows import read_targets, training_dataset
 from ..rundir import (DISTILLED, DONE, MANIFEST, OPTIMIZED, RunError, prepare_run_dir, read_done, run_label,
                       write_json_atomic, write_parts_atomic)
-from ..student import latest_checkpoint, load_state, target_transform, usable_checkpoint
+from ..student import latest_checkpoint, load_state, standardise, target_transform, unstandardise, usable_checkpoint
 from .krr_st import distill_loop_per_worker
 
 DISTILL_JSON = "distill.json"
@@ -127,7 +127,7 @@ def run_distill(cfg: Config, run: str | os.PathLike, address: Optional[str] = No
     mean, proj = target_transform(y)
     scale = np.diag(proj).astype(np.float32)  # per-dimension 1 / std
     init_ids, x0, y0 = initial_rows(run / OPTIMIZED, ids, d.size, cfg.seed, cfg.data.image_size)
-    y0 = (y0 - mean) * scale
+    y0 = standardise(y0, mean, scale)
 
     name = f"coopt-distill-{run_label(run)}"
     storage = (out / "ray_results").resolve()
@@ -157,7 +157,7 @@ def run_distill(cfg: Config, run: str | os.PathLike, address: Optional[str] = No
             raise RunError(f"distillation finished without a checkpoint in {exp}")
     state = load_state(latest[0])
     xs = state["model"]["x"].numpy()
-    ys = state["model"]["y"].numpy() / scale + mean  # back to the optimized set's target space
+    ys = unstandardise(state["model"]["y"].numpy(), mean, scale)
     parts = write_distilled(out, xs, ys, init_ids, d.method)
     history = state["history"]
     result = {
