@@ -11,7 +11,8 @@ from typing import Any, Optional
 
 import yaml
 
-from .config_distill import AMP_MODES, DistillConfig, check_amp, check_distill, check_gpu_fraction, distill_view  # noqa: F401
+from .config_distill import (AMP_MODES, DistillConfig, check_amp, check_distill, check_gpu_fraction,  # noqa: F401
+                             distill_view)
 from .errors import ConfigError
 
 DEFAULT_FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"

@@ -140,7 +140,8 @@ def mdatm_demands(cfg: Config) -> list:
     cpus = float(d.cpus_per_worker or 1)
     if not d.use_gpu:
         return [("distill.cpus_per_worker", {"CPU": cpus})]
-    return [("distill.use_gpu", {"CPU": cpus, "GPU": 1.0}), ("distill.gpu_fraction", {"CPU": cpus, "GPU": d.gpu_fraction})]
+    return [("distill.use_gpu", {"CPU": cpus, "GPU": 1.0}),
+            ("distill.gpu_fraction", {"CPU": cpus, "GPU": d.gpu_fraction})]
 
 
 def score_sets(sets: dict, test, classes: int, d, seed: int, log) -> dict:
