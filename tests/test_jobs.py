@@ -188,7 +188,7 @@ def test_entrypoints_parse_arguments_and_connect_to_the_job_cluster(monkeypatch)
 
 
 @pytest.mark.parametrize("job", ["optimize", "distill", "pipeline"])
-def test_entrypoint_bad_config_exits_2_before_ray_starts(job, tmp_path):
+def test_entrypoint_bad_config_exits_2_before_ray_starts(job, tmp_path, monkeypatch):
     cfg = write_config(tmp_path / "bad.yaml", ["local-dir:/nonexistent"], seed="zero")
     env = dict(os.environ)
     env.pop("RAY_ADDRESS", None)
@@ -198,3 +198,19 @@ def test_entrypoint_bad_config_exits_2_before_ray_starts(job, tmp_path):
     assert out.returncode == 2, out.stdout + out.stderr
     assert "coopt job: config error: 'seed' must be an integer" in out.stderr
     assert time.time() - t0 < 60 and not (tmp_path / "run").exists()
+    assert "[ray]" not in out.stdout + out.stderr  # no "[ray] connected" line
+
+    # The same entrypoint in-process, with every way to start Ray made to fail the test: exit 2 all the same.
+    import runpy
+
+    import ray
+
+    from conftest import forbid_ray_start
+
+    forbid_ray_start(monkeypatch, f"jobs/{job}.py started Ray for a bad config")
+    monkeypatch.setattr(ray, "init", lambda *a, **k: pytest.fail(f"jobs/{job}.py called ray.init for a bad config"))
+    monkeypatch.syspath_prepend(str(REPO / "jobs"))
+    mod = runpy.run_path(str(REPO / "jobs" / f"{job}.py"))
+    argv = ["--config", str(cfg), "--out", str(tmp_path / "run")]
+    assert mod["main"](lambda: mod["run"](argv)) == 2
+    assert not (tmp_path / "run").exists()
