@@ -43,6 +43,7 @@ class ParticipantConfig:
     share: float = 1.0           # relative share of the images this participant owns; 0: it embeds only S
     amp: str = "auto"            # bf16 autocast when embedding: auto (bf16 on CUDA, off on the CPU) | bf16 | off
     decode_cpus: float = 1.0     # CPUs per task of the decode stage (image bytes -> uint8 at the model's input size)
+    pool: str = "auto"           # the embedding of timm:/hf: models: auto | cls | pooled | mean (families.py)
 
 
 @dataclass(frozen=True)
@@ -141,6 +142,8 @@ class Config:
             if p.get("amp") == "auto":
                 p.pop("amp")
             p.pop("decode_cpus", None)  # where decoding runs, not what it computes
+            if p.get("pool") == "auto":
+                p.pop("pool")
         if d["student"].get("init") is None:
             d["student"].pop("init")
         if d["student"].get("amp") == "auto":
@@ -277,6 +280,7 @@ def _check_values(cfg: Config) -> None:
             raise ConfigError(f"'{key}.share' must be >= 0, got {p.share}")
         check_amp(f"{key}.amp", p.amp)
         _check_cpus(f"{key}.decode_cpus", p.decode_cpus)
+        _check_pool(key, p)
     if not any(p.share > 0 for p in cfg.participants):
         raise ConfigError("'participants[*].share': at least one participant must own images (share > 0)")
     s = cfg.student
@@ -305,6 +309,17 @@ def _check_values(cfg: Config) -> None:
     if cfg.eval.probe_epochs < 1:
         raise ConfigError(f"'eval.probe_epochs' must be >= 1, got {cfg.eval.probe_epochs}")
     check_gpu_fraction("eval.gpu_fraction", cfg.eval.gpu_fraction)
+
+
+POOLS = ("auto", "cls", "pooled", "mean")
+
+
+def _check_pool(key: str, p: ParticipantConfig) -> None:
+    if p.pool not in POOLS:
+        raise ConfigError(f"'{key}.pool' must be one of {', '.join(POOLS)}, got {p.pool!r}")
+    if p.pool not in ("auto", "pooled") and not p.model.startswith(("timm:", "hf:")):
+        raise ConfigError(f"'{key}.pool': {p.pool} needs a timm: or hf: model; {p.model} embeds with its own "
+                          "encode_image (pool: auto)")
 
 
 def _check_cpus(key: str, v) -> None:

@@ -43,11 +43,11 @@ def score_backbone(state: Optional[dict], arch: str, image_size: int, data: dict
 
 
 def score_teacher(model: str, pretrained: Optional[str], data: dict, epochs: int, seed: int = 0,
-                  use_gpu: bool = False, key: str = "participants[*].num_gpus") -> dict:
-    """Linear-probe accuracy of a participant's open_clip image embeddings (``key``: the config key that asked for
-    a GPU, named if none is usable)."""
+                  use_gpu: bool = False, key: str = "participants[*].num_gpus", pool: str = "auto") -> dict:
+    """Linear-probe accuracy of a participant's image embeddings, any family (``key``: the config key that asked
+    for a GPU, named if none is usable)."""
     t0 = time.time()
-    m, preprocess, dim = load_model(model, pretrained, str(stage_device(use_gpu, key)))
+    m, preprocess, dim = load_model(model, pretrained, str(stage_device(use_gpu, key)), pool)
     ftr = embed_arrays(m, preprocess, data["probe_raw"])
     fte = embed_arrays(m, preprocess, data["test_raw"])
     t1 = time.time()
@@ -153,7 +153,7 @@ def run_evaluate(cfg, run, address: Optional[str] = None, log=print) -> dict:
     for i, p in enumerate(cfg.participants):
         opts = popts[p.name]
         args = {"model": resolve_model(cfg, p.model), "pretrained": p.pretrained, "epochs": epochs,
-                "seed": seed, "use_gpu": p.num_gpus > 0, "key": f"participants[{i}].num_gpus"}
+                "seed": seed, "use_gpu": p.num_gpus > 0, "key": f"participants[{i}].num_gpus", "pool": p.pool}
         jobs[remote.options(name=f"probe_{p.name}", **opts).remote("teacher", args, data_ref)] = ("teacher", p.name)
     results: dict = {}
     pending = list(jobs)

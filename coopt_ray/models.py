@@ -1,5 +1,6 @@
 """Participant model loading: open_clip (hub tags, checkpoint files, ``local-dir:``), trained students
-(``student:RUN``); the device is the caller's (devices.py holds the rules)."""
+(``student:RUN``), ``timm:`` and ``hf:`` models (families.py); the device is the caller's (devices.py holds the
+rules)."""
 from __future__ import annotations
 
 import json
@@ -9,31 +10,20 @@ from typing import Optional
 
 import torch
 
+from .families import (ModelSpecError, PoolError, check_hf, check_timm, check_weights_file,  # noqa: F401
+                       family_of, load_family)
+
 LOCAL_DIR = "local-dir:"
 STUDENT = "student:"         # student:RUN (or student:RUN/rounds/<r>): a trained coopt student as a participant
 WEIGHT_NAMES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
 
 
-class ModelSpecError(ValueError):
-    """A model string that cannot be loaded; the message says why."""
-
-
-def check_weights_file(path: Path) -> None:
-    """Refuse a torch checkpoint that holds pickled objects besides weights (a static scan of its pickle, before
-    any work starts; the load itself uses ``weights_only=True`` as well). Safetensors hold no code."""
-    if path.suffix in (".safetensors", ".npz", ".npy"):
-        return
-    try:
-        unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
-    except Exception:  # not a zip-format torch checkpoint: the weights_only load decides
-        return
-    if unsafe:
-        raise ModelSpecError(f"checkpoint {path} holds pickled objects, not only weights "
-                             f"({', '.join(unsafe[:3])}); refused (weights load with weights_only=True)")
-
-
-def check_model_spec(model: str, pretrained: Optional[str] = None) -> None:
-    """Cheap checks that ``model``/``pretrained`` name something loadable; raise ModelSpecError."""
+def check_model_spec(model: str, pretrained: Optional[str] = None, pool: str = "auto") -> None:
+    """Cheap offline checks that ``model``/``pretrained`` (and ``pool``) name something loadable; raise
+    ModelSpecError (PoolError for a pool the model cannot give). Whether hub weights can be had is hub.py's."""
+    family = family_of(model)
+    if family is not None:
+        return (check_timm if family == "timm" else check_hf)(model, pretrained, pool)
     import open_clip
 
     if model.startswith(STUDENT):
@@ -74,15 +64,18 @@ def check_model_spec(model: str, pretrained: Optional[str] = None) -> None:
     )
 
 
-def load_model(model: str, pretrained: Optional[str] = None, device: str = "cpu"):
-    """Load an open_clip model for embedding onto ``device`` (the caller picks it by the device rules, devices.py):
-    returns ``(model, preprocess, embed_dim)``.
+def load_model(model: str, pretrained: Optional[str] = None, device: str = "cpu", pool: str = "auto"):
+    """Load a participant model for embedding onto ``device`` (the caller picks it by the device rules, devices.py):
+    returns ``(model, preprocess, embed_dim)``; ``model.encode_image`` gives the embedding whatever the family
+    (``pool`` picks it for timm:/hf: models, families.FamilyEncoder).
 
     Weights load with ``weights_only=True``; a checkpoint that holds pickled objects is refused.
     """
+    device = str(device)
+    if family_of(model) is not None:
+        return load_family(model, pretrained, device, pool)
     import open_clip
 
-    device = str(device)
     if model.startswith(STUDENT):  # a trained student: its head's output space, its own input path
         from .student import StudentEncoder, load_student, student_preprocess
 

@@ -32,7 +32,7 @@ class ParticipantEmbedder:
     """
 
     def __init__(self, model: str, pretrained: Optional[str], use_gpu: bool, threads: int = 1, amp: str = "auto",
-                 params: Optional[dict] = None, key: str = "participants[*].num_gpus"):
+                 params: Optional[dict] = None, key: str = "participants[*].num_gpus", pool: str = "auto"):
         import torch
 
         from .devices import amp_dtype, stage_device
@@ -42,7 +42,7 @@ class ParticipantEmbedder:
         self.device = stage_device(use_gpu, key)
         self.amp = amp
         amp_dtype(amp, self.device)  # a bad mode fails here, not on the first batch
-        self.model, self.preprocess, self.dim = load_model(model, pretrained, self.device)
+        self.model, self.preprocess, self.dim = load_model(model, pretrained, self.device, pool)
         self.params = params or preprocess_params(model, pretrained)
         loaded = params_of_loaded(self.model)
         if loaded is not None and loaded != self.params:  # the decode stage would feed the model the wrong pixels
@@ -144,7 +144,7 @@ def embed_dataset(cfg: Config, index: int, split: Split):
         cls,
         fn_constructor_kwargs=dict(model=model, pretrained=p.pretrained, use_gpu=p.num_gpus > 0,
                                    threads=max(1, int(p.num_cpus)), amp=p.amp, params=params,
-                                   key=f"participants[{index}].num_gpus"),
+                                   key=f"participants[{index}].num_gpus", pool=p.pool),
         compute=ray.data.ActorPoolStrategy(min_size=p.actors, max_size=p.actors_max or p.actors),
         num_gpus=p.num_gpus, num_cpus=p.num_cpus, batch_size=p.batch_size, batch_format="numpy",
         **remote,

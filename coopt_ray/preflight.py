@@ -1,12 +1,13 @@
-"""Checks that need data or models (paths, image counts, the shared subset's size, timm archs, checkpoints),
-run before any Ray work so a bad config fails in seconds with one line naming the key."""
+"""Checks that need data or models (paths, image counts, the shared subset's size, timm archs, checkpoints, whether
+hub weights can be had), run before any Ray work so a bad config fails in seconds with one line naming the key."""
 from __future__ import annotations
 
 from pathlib import Path
 
 from .config import DEFAULT_FASHION_MNIST_DIR, Config, ConfigError, resolve_model
 from .data import count_images, shared_size
-from .models import ModelSpecError, check_model_spec
+from .hub import hub_problem, predownload_hint
+from .models import ModelSpecError, PoolError, check_model_spec
 
 
 def check_student_arch(arch: str) -> None:
@@ -41,10 +42,28 @@ def check_paths(cfg: Config, *, check_models: bool = True) -> None:
     if not check_models:
         return
     for i, p in enumerate(cfg.participants):
+        model = resolve_model(cfg, p.model)
         try:
-            check_model_spec(resolve_model(cfg, p.model), p.pretrained)
+            check_model_spec(model, p.pretrained, p.pool)
         except ModelSpecError as e:
-            raise ConfigError(f"'participants[{i}].model': {e}") from None
+            raise ConfigError(f"'participants[{i}].{'pool' if isinstance(e, PoolError) else 'model'}': {e}") from None
+        check_hub(i, p.name, model, p.pretrained)
+
+
+def check_hub(index: int, name: str, model: str, pretrained, endpoint=None, timeout=None) -> None:
+    """Hub weights the participant's actors would download must be in the HF cache or answer on the hub now (a
+    few seconds at most), not fail in the actor after minutes of retries; the line says what to do."""
+    from .hub import TIMEOUT_S
+
+    why = hub_problem(model, pretrained, endpoint=endpoint, timeout=timeout or TIMEOUT_S)
+    if why is None:
+        return
+    tagged = pretrained and not model.startswith(("hf:", "hf-hub:"))
+    what = f"{model} pretrained={pretrained}" if tagged else model
+    raise ConfigError(f"'participants[{index}].{'pretrained' if tagged else 'model'}': participant {name}: hub "
+                      f"weights for {what} cannot be had: {why}; pre-download them where the hub is reachable "
+                      f"({predownload_hint(model, pretrained)}, into the HF cache every node reads: HF_HOME), or use "
+                      "model: local-dir:FOLDER (open_clip), timm:/hf: with a weights file or local folder")
 
 
 def check_student_init(cfg: Config) -> None:

@@ -1,6 +1,7 @@
 """Participant input pipeline as data: the model's preprocessing read from its config (no weights loaded), the CPU
 decode stage (encoded bytes -> fixed-shape uint8 NHWC at the model's input size) and the normalisation the embedder
-runs on its device. Together they equal the model's own preprocess (open_clip's transform, or the student's)."""
+runs on its device. Together they equal the model's own preprocess (open_clip's transform, the student's, timm's
+create_transform, or a transformers image processor's PIL path: families.py)."""
 from __future__ import annotations
 
 import functools
@@ -32,9 +33,16 @@ def preprocess_params(model: str, pretrained: Optional[str] = None) -> dict:
     """The preprocessing ``load_model(model, pretrained)`` returns, as a plain dict, without loading weights:
     ``{family, size: [h, w], resize_mode, interpolation, mean, std, fill_color}``. open_clip models follow
     open_clip's own resolution (defaults, then the folder's or hub config's ``preprocess_cfg`` or the pretrained
-    tag's, size from the model config's ``vision_cfg.image_size``); ``student:`` runs their training input path."""
+    tag's, size from the model config's ``vision_cfg.image_size``); ``student:`` runs their training input path;
+    ``timm:`` models timm's resolve_data_config of the name's pretrained config (plus ``crop_pct``), ``hf:`` models
+    their image processor's settings (preprocessor_config.json, plus ``resize``)."""
+    from .families import HF, TIMM, hf_params, timm_params
     from .models import LOCAL_DIR, STUDENT
 
+    if model.startswith(TIMM):
+        return timm_params(model, pretrained)
+    if model.startswith(HF):
+        return hf_params(model)
     if model.startswith(STUDENT):
         from .student import METRICS, student_folder
 
@@ -61,9 +69,12 @@ def preprocess_params(model: str, pretrained: Optional[str] = None) -> dict:
 
 
 def params_of_loaded(model) -> Optional[dict]:
-    """The same dict from a loaded open_clip model (what its preprocess really uses); None for other families."""
+    """The same dict from a loaded model (what its preprocess really uses): open_clip's, or a timm:/hf: model's
+    (families.FamilyEncoder.loaded_params); None for students."""
     import open_clip
 
+    if isinstance(getattr(model, "loaded_params", None), dict):
+        return model.loaded_params
     if not hasattr(model, "visual"):
         return None
     return _plain("open_clip", open_clip.get_model_preprocess_cfg(model))
@@ -77,11 +88,21 @@ def _pil_steps(key: str):
     if p["family"] == "student":
         size = p["size"][0]
         return lambda img: resize_rgb(img, size)
-    from open_clip.transform import image_transform
+    if p["family"] == "hf":
+        from .families import hf_pil_steps
 
-    size = p["size"][0] if p["size"][0] == p["size"][1] else tuple(p["size"])
-    tf = image_transform(size, is_train=False, mean=tuple(p["mean"]), std=tuple(p["std"]),
-                         resize_mode=p["resize_mode"], interpolation=p["interpolation"], fill_color=p["fill_color"])
+        return hf_pil_steps(p)
+    if p["family"] == "timm":
+        from .families import timm_transform
+
+        tf = timm_transform(p)
+    else:
+        from open_clip.transform import image_transform
+
+        size = p["size"][0] if p["size"][0] == p["size"][1] else tuple(p["size"])
+        tf = image_transform(size, is_train=False, mean=tuple(p["mean"]), std=tuple(p["std"]),
+                             resize_mode=p["resize_mode"], interpolation=p["interpolation"],
+                             fill_color=p["fill_color"])
     steps = []
     for t in tf.transforms:
         if type(t).__name__ in ("MaybeToTensor", "ToTensor"):
