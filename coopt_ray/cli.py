@@ -142,6 +142,18 @@ def cmd_run(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from .export import ExportError, export_student
+
+    try:
+        files = export_student(args.run, args.out, args.format, with_head=args.with_head)
+    except ExportError as e:
+        print(f"coopt: export error: {e}", file=sys.stderr, flush=True)
+        return 2
+    _log(f"[export] {args.format}: " + ", ".join(str(f) for f in files))
+    return 0
+
+
 def _register_more(sub, stage) -> None:
     """Later stages register here (train, evaluate, report, run, bench)."""
     stage("distill", cmd_distill, "distill RUN/optimized/ into a small synthetic set (KRR-ST) with Ray Train "
@@ -152,6 +164,13 @@ def _register_more(sub, stage) -> None:
     p = sub.add_parser("report", help="plots and RUN/report/report.html")
     p.add_argument("--run", required=True, help="run directory")
     p.set_defaults(fn=cmd_report)
+    p = sub.add_parser("export", help="the trained student's backbone as timm safetensors + config.json, or ONNX")
+    p.add_argument("--run", required=True, help="run directory with a trained student (RUN/student/)")
+    p.add_argument("--out", required=True, help="folder to write the export into")
+    p.add_argument("--format", required=True, choices=("timm", "onnx"), help="timm: model.safetensors + config.json "
+                   "(coopt_ray.export.load_timm_backbone); onnx: model.onnx with a dynamic batch axis")
+    p.add_argument("--with-head", action="store_true", help="onnx: backbone + head (the student's target space)")
+    p.set_defaults(fn=cmd_export)
     p = stage("run", cmd_run, "all stages: zoo (if missing) -> optimize -> train -> evaluate -> report")
     p.add_argument("--max-error-fraction", type=float, default=None,
                    help="fail past this fraction of unreadable images (default from config: 0.05)")
