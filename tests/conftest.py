@@ -111,3 +111,23 @@ def ray_session():
     import ray
 
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def shared_optimized(tmp_path_factory, tiny_models, ray_session) -> Path:
+    """One optimized RUN for the session: ``write_config``'s defaults over the three tiny models (300 images).
+    Read it as is; a test that writes into a RUN takes its own copy (:func:`copy_run`)."""
+    from coopt_ray.config import load_config
+    from coopt_ray.pipeline import run_optimize
+
+    root = tmp_path_factory.mktemp("shared_optimized")
+    run_optimize(load_config(write_config(root / "c.yaml", tiny_models)), root / "run", log=lambda *_: None)
+    return root / "run"
+
+
+def copy_run(src: Path, dst: Path) -> Path:
+    """A private copy of a shared RUN (its stages already done, so they are skipped where the config matches)."""
+    import shutil
+
+    shutil.copytree(src, dst)
+    return dst

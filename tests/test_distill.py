@@ -281,11 +281,15 @@ def test_student_augment_switch_changes_what_training_depends_on(tmp_path):
     assert train_fingerprint(on, man) == train_fingerprint(on, man)
 
 
-def test_coopt_run_includes_the_distill_stage_when_the_student_trains_on_it(tmp_path, tiny_models, ray_session,
+def test_coopt_run_includes_the_distill_stage_when_the_student_trains_on_it(tmp_path, tiny_models, shared_optimized,
                                                                             capsys):
-    """`coopt run` with student.data: distilled/krr-st: optimize -> distill -> train -> evaluate -> report, the
-    student trained on the distilled rows, the report showing the distillation."""
-    cfg = write_config(tmp_path / "c.yaml", tiny_models[:2], data={"source": "fashion-mnist", "limit": 200},
+    """`coopt run` with student.data: distilled/krr-st: optimize (done: a copy of the session's optimized RUN) ->
+    distill -> train -> evaluate -> report, the student trained on the distilled rows, the report showing the
+    distillation."""
+    from conftest import copy_run
+
+    copy_run(shared_optimized, tmp_path / "run")
+    cfg = write_config(tmp_path / "c.yaml", tiny_models,
                        distill={"size": 20, "steps": 4, "pool_size": 1, "pool_width": 16, "real_batch": 32,
                                 "workers": 1, "checkpoint_every": 2, "log_every": 2},
                        student={"arch": "convnet3_w16", "epochs": 1, "batch_size": 10, "workers": 1,

@@ -97,7 +97,7 @@ def test_a_resumed_matching_repeats_an_uninterrupted_one(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_killed_expert_stage_keeps_its_finished_experts_and_the_job_finishes_it(tmp_path):
+def test_a_killed_expert_stage_keeps_its_finished_experts_and_the_job_finishes_it(tmp_path, ray_session):
     from test_reliability import kill_group
 
     cfg = _cfg(tmp_path, experts=3, expert_epochs=2, labeled_limit=3000, width=16, cpus_per_worker=2)
@@ -114,6 +114,9 @@ def test_a_killed_expert_stage_keeps_its_finished_experts_and_the_job_finishes_i
     kill_group(proc)
     assert not (exp / "expert_002.json").exists(), "the experts finished before the kill; make them slower"
     kept = (exp / "expert_000.safetensors").stat().st_mtime_ns
+    from conftest import session_address
+
+    env["RAY_ADDRESS"] = session_address()  # the job's driver joins a running cluster, as under `ray job submit`
     done = subprocess.run([sys.executable, "jobs/distill.py", "--config", str(cfg), "--out", str(run)], cwd=REPO,
                           env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]

@@ -13,17 +13,17 @@ from coopt_ray.rundir import DONE
 from coopt_ray.pipeline import run_optimize
 from coopt_ray.uniformity import uniformity
 
-from conftest import write_config
+from conftest import copy_run, write_config
 
 
 @pytest.fixture(scope="module")
-def optimized(tmp_path_factory, tiny_models, ray_session):
+def optimized(tmp_path_factory, tiny_models, shared_optimized):
+    """The session's optimized RUN (write_config's defaults), copied: these tests delete markers and rerun."""
     tmp = tmp_path_factory.mktemp("opt")
     cfg = load_config(write_config(tmp / "c.yaml", tiny_models))
-    run = tmp / "run"
-    logs = []
-    man = run_optimize(cfg, run, log=logs.append)
-    return cfg, run, man, logs
+    run = copy_run(shared_optimized, tmp / "run")
+    man = json.loads((run / "manifest.json").read_text())
+    return cfg, run, man, []
 
 
 def _optimized_table(run):

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import pytest
@@ -166,16 +167,19 @@ def test_rounds_job_with_a_bad_count_exits_2_before_ray_starts(tmp_path):
 
 
 # ---------------------------------------------------------------- two rounds, killed in round 2
-def _start(cfg: Path, run: Path, log: Path) -> subprocess.Popen:
+def _start(cfg: Path, run: Path, log: Path, address: Optional[str] = None) -> subprocess.Popen:
+    """``coopt run --rounds 2`` with a local Ray of its own, or joining ``address``."""
     env = {**os.environ, "COOPT_PROGRESS": "0"}
     env.pop("RAY_ADDRESS", None)
+    if address:
+        env["RAY_ADDRESS"] = address
     return subprocess.Popen([sys.executable, "-m", "coopt_ray", "run", "--config", str(cfg), "--out", str(run),
                              "--rounds", "2"], cwd=REPO, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT,
                             start_new_session=True)
 
 
 @pytest.mark.slow
-def test_two_rounds_killed_in_round_two_resume_without_redoing_round_one(tmp_path, tiny_models):
+def test_two_rounds_killed_in_round_two_resume_without_redoing_round_one(tmp_path, tiny_models, ray_session):
     from test_reliability import kill_group
 
     cfg = write_config(tmp_path / "c.yaml", tiny_models[:2], data={"source": "fashion-mnist", "limit": 240},
@@ -194,7 +198,9 @@ def test_two_rounds_killed_in_round_two_resume_without_redoing_round_one(tmp_pat
     stamps = {f: (r1 / f).stat().st_mtime_ns for f in ("_DONE.json", "eval.json", "manifest.json", "student/student.pt")}
 
     log2 = tmp_path / "resumed.log"
-    p = _start(cfg, run, log2)
+    from conftest import session_address
+
+    p = _start(cfg, run, log2, session_address())  # the resumed driver joins the session's Ray (no start-up)
     assert p.wait(timeout=600) == 0, log2.read_text()[-3000:]
     out = log2.read_text()
     assert "[rounds] round 1: already done" in out and "==== round 1/2" not in out

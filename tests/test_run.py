@@ -1,5 +1,5 @@
-"""`coopt run` end to end on a local Ray (tiny open_clip teachers, 200 images, a 2-worker student),
-rerun skipping, `coopt report`, resuming training on 2 workers, stage commands in the wrong order,
+"""`coopt run` end to end on a local Ray (tiny open_clip teachers, 300 images: a copy of the session's optimized
+RUN, a 2-worker student), rerun skipping, `coopt report`, resuming training on 2 workers, stage commands in the wrong order,
 and the zoo hook."""
 from __future__ import annotations
 
@@ -24,15 +24,19 @@ def _main(argv) -> tuple[int, str, str]:
 
 
 @pytest.fixture(scope="module")
-def full_run(tmp_path_factory, tiny_models, ray_session):
-    from conftest import write_config
+def full_run(tmp_path_factory, tiny_models, shared_optimized):
+    """`coopt run` to the end on a copy of the session's optimized RUN (its optimize stage is skipped: the same
+    config sections), so train (2 Ray Train workers), evaluate and report run here."""
+    from conftest import copy_run, write_config
 
     root = tmp_path_factory.mktemp("full")
-    cfg = write_config(root / "c.yaml", tiny_models, data={"source": "fashion-mnist", "limit": 200},
+    cfg = write_config(root / "c.yaml", tiny_models,
                        student={"arch": ARCH, "epochs": 1, "batch_size": 32, "workers": 2},
                        eval={"probe_epochs": 5, "probe_limit": 200, "test_limit": 100})
+    copy_run(shared_optimized, root / "run")
     rc, out, err = _main(["run", "--config", cfg, "--out", root / "run"])
     assert rc == 0, err
+    assert "[optimize] already done" in out
     return cfg, root / "run", out
 
 
@@ -88,8 +92,8 @@ def test_train_stage_on_two_workers_resumes_from_its_checkpoint(full_run):
 
     cfg_path, run, _ = full_run
     m = json.loads((run / "student" / "metrics.json").read_text())
-    assert m["workers"] == 2 and m["rows"] == 200 and len(m["history"]) == 1
-    assert m["history"][0]["images"] == 192  # 2 workers x 6 full batches of 16 (drop_last)
+    assert m["workers"] == 2 and m["rows"] == 300 and len(m["history"]) == 1
+    assert m["history"][0]["images"] == 288  # 2 workers x 9 full batches of 16 (drop_last)
     assert np.isfinite(m["loss"][0])
     exp = run / "student" / "ray_results" / f"coopt-train-{run.name}"
     assert (exp / "checkpoint_epoch_0000" / "state.pt").is_file()

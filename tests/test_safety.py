@@ -16,10 +16,8 @@ import pytest
 import torch
 
 from coopt_ray import cli, models
-from coopt_ray.config import load_config
 from coopt_ray.optimize import ParticipantEmbedder
 from coopt_ray.rundir import DONE
-from coopt_ray.pipeline import run_optimize
 
 from conftest import REPO, forbid_ray_start, tiny_clip_cfg, write_config
 
@@ -134,10 +132,8 @@ def test_every_weight_load_in_the_code_is_weights_only():
 
 
 # ---------------------------------------------------------------- data exchange: Parquet only
-def test_run_directory_holds_parquet_and_json_only(tmp_path, tiny_models, ray_session):
-    cfg = load_config(write_config(tmp_path / "c.yaml", tiny_models[:2], data={"source": "fashion-mnist", "limit": 200}))
-    run = tmp_path / "run"
-    run_optimize(cfg, run, log=lambda s: None)
+def test_run_directory_holds_parquet_and_json_only(shared_optimized):
+    run = shared_optimized  # a finished optimize RUN (3 participants), read only
     files = [f for f in run.rglob("*") if f.is_file()]
     assert not [f for f in files if f.suffix in (".pkl", ".pickle", ".pt", ".pth", ".bin", ".npy")]
     for sub in ("embeddings", "optimized", "errors"):
