@@ -319,11 +319,13 @@ def fit_torch_trainer(loop, loop_cfg: dict, plan: "WorkerPlan", use_gpu: bool, n
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    from .devices import simulated_gpus  # declared-only GPUs run the loop on the CPU: gloo, as nccl needs CUDA
+
     w = plan.workers
     scaling = ScalingConfig(num_workers=w, use_gpu=use_gpu, resources_per_worker={"CPU": plan.cpus} if w else None,
                             label_selector=plan.label_selector() if w else None)
     trainer = TorchTrainer(loop, train_loop_config=loop_cfg, scaling_config=scaling,
-                 torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+                 torch_config=TorchConfig(backend="nccl" if use_gpu and not simulated_gpus() else "gloo"),
                  run_config=RunConfig(name=name, storage_path=str(storage),
                                       checkpoint_config=CheckpointConfig(num_to_keep=2),
                                       failure_config=FailureConfig(max_failures=3)),
