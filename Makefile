@@ -6,7 +6,7 @@ FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 RUN ?= runs/demo
 PYTEST_ARGS ?=
 
-.PHONY: setup test test-fast demo zoo data clean bundle
+.PHONY: setup test test-fast demo zoo data clean bundle gpu-data
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -51,6 +51,12 @@ BUNDLE_DATA ?=
 bundle:
 	$(PYTHON) cluster/bundle.py --python-version $(PY_TAG) --out $(BUNDLE) \
 	  $(if $(BUNDLE_HAVE),--have $(BUNDLE_HAVE)) $(if $(BUNDLE_DATA),--data $(BUNDLE_DATA))
+
+# Only the Fashion-MNIST images benchmarks/gpu_check.py reads (train[0:50000], t10k[0:2000]; 19.6 MB), for a GPU
+# machine without the dataset; the bundle and this archive fit one 64 MiB device call together (README, GPU nodes).
+GPU_DATA ?= dist/fashion-mnist-gpu-check.tar.xz
+gpu-data:
+	$(PYTHON) cluster/bundle.py --data-only $(GPU_DATA) --data $(dir $(FMNIST)) --data-train 50000 --data-test 2000
 
 clean:
 	rm -rf $(VENV) runs

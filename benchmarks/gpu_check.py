@@ -1,10 +1,11 @@
 """The one prepared GPU check (issue 26): one GPU machine, no network, the offline zoo, < 8 minutes in all.
 
     bash cluster/install_offline.sh dist/coopt-bundle-py312.tar.xz && python benchmarks/gpu_check.py --out $OUT
-    python benchmarks/gpu_check.py --cpu-smoke            # the same steps on the CPU with tiny sizes
+    python benchmarks/gpu_check.py --cpu-smoke     # the same steps on the CPU, tiny: ~4 min on 2 loaded cores
+The exact device call (with `make gpu-data`'s images for a machine without Fashion-MNIST): README, GPU nodes.
 
 Steps, each a subprocess with its own timeout (a step that hangs cannot eat the others' time):
-  zoo       `coopt zoo build --device cuda`
+  zoo       coopt_ray.zoo.build_zoo on the device (what `coopt zoo build --device cuda` runs), with --data-dir
   optimize  ~40k images, 4 participant pools sharing the GPU (num_gpus 0.25 each, one wave)
   plain     a plain single-process GPU loop over the same rows (benchmarks/throughput.plain_optimize) and
             model-only images/s in fp32 and bf16 -> the optimize/plain ratio
@@ -13,7 +14,8 @@ Steps, each a subprocess with its own timeout (a step that hangs cannot eat the 
   mdatm     a short M-DATM run (configs/fashion-mnist-mdatm.yaml's shape), use_gpu
 nvidia-smi utilisation and memory are sampled once a second throughout; each step records its samples' mean/max.
 The JSON (default benchmarks/results/gpu_check.json, and --out DIR/gpu_check.json too) is rewritten after every
-step, so a run stopped at its limit still reports what it finished.
+step, so a run stopped at its limit still reports what it finished. --cpu-smoke writes WORK/gpu_check_cpu_smoke.json
+and never the GPU run's file.
 """
 from __future__ import annotations
 
@@ -138,12 +140,15 @@ def result_line(out: str, tag: str = "GPU_CHECK_RESULT") -> dict:
 
 # ---------------------------------------------------------------- configs
 def sizes(smoke: bool) -> dict:
+    """The GPU mode's sizes, or the CPU smoke's: the same steps and code paths, tiny (2 pools, 1 epoch, 300 images).
+    The GPU mode reads Fashion-MNIST train[0:50000] and t10k[0:2000] only (make gpu-data packs just those)."""
     if smoke:
-        return dict(images=600, batch=128, epochs=1, arch="test_vit", krr_steps=4, mdatm_iters=3, limit_lab=500,
-                    experts=2, probe_epochs=5, probe_limit=300, device="cpu", gpu=0, frac=0, timeout_scale=4)
-    return dict(images=40000, batch=512, epochs=2, arch="resnet18", krr_steps=200, mdatm_iters=100,
-                limit_lab=10000, experts=4, probe_epochs=50, probe_limit=2000, device="cuda", gpu=1, frac=0.25,
-                timeout_scale=1)
+        return dict(images=300, participants=2, batch=128, epochs=1, arch="test_vit", krr_steps=2, krr_size=50,
+                    mdatm_iters=2, limit_lab=300, experts=2, probe_epochs=3, probe_limit=200, zoo_teachers=2,
+                    zoo_train=300, device="cpu", gpu=0, frac=0, timeout_scale=3)
+    return dict(images=40000, participants=4, batch=512, epochs=2, arch="resnet18", krr_steps=200, krr_size=1000,
+                mdatm_iters=100, limit_lab=10000, experts=4, probe_epochs=50, probe_limit=2000, zoo_teachers=5,
+                zoo_train=None, device="cuda", gpu=1, frac=0.25, timeout_scale=1)
 
 
 def write_configs(work: Path, zoo: Path, z: dict, data_path: Optional[str]) -> dict:
@@ -154,6 +159,7 @@ def write_configs(work: Path, zoo: Path, z: dict, data_path: Optional[str]) -> d
     base = yaml.safe_load((ROOT / "configs" / "fashion-mnist.yaml").read_text())
     base["zoo_dir"] = str(zoo)
     base["data"].update(limit=z["images"], path=data_path)
+    base["participants"] = base["participants"][: z["participants"]]
     for p in base["participants"]:  # 4 pools, one wave on one GPU
         p.update(num_gpus=z["frac"], batch_size=z["batch"], actors=1)
     base["student"].update(arch=z["arch"], epochs=z["epochs"], batch_size=256, workers=1, use_gpu=use_gpu)
@@ -162,12 +168,14 @@ def write_configs(work: Path, zoo: Path, z: dict, data_path: Optional[str]) -> d
     out["optimize"].write_text(yaml.safe_dump(base))
     krr = yaml.safe_load((ROOT / "configs" / "fashion-mnist-distill.yaml").read_text())
     krr.update(zoo_dir=str(zoo), participants=base["participants"], data=base["data"])
-    krr["distill"].update(steps=z["krr_steps"], workers=1, use_gpu=use_gpu, checkpoint_every=max(2, z["krr_steps"] // 2),
+    krr["distill"].update(size=z["krr_size"], real_batch=min(256, z["images"] // 2), steps=z["krr_steps"], workers=1,
+                          use_gpu=use_gpu, checkpoint_every=max(2, z["krr_steps"] // 2),
                           log_every=max(1, z["krr_steps"] // 4), pool_steps=min(100, z["krr_steps"]))
     out["krr"].write_text(yaml.safe_dump(krr))
     md = yaml.safe_load((ROOT / "configs" / "fashion-mnist-mdatm.yaml").read_text())
     md["zoo_dir"] = str(zoo)
     md["data"]["path"] = data_path
+    md["eval"] = {"test_limit": z["probe_limit"]}
     md["distill"].update(iterations=z["mdatm_iters"], labeled_limit=z["limit_lab"], experts=z["experts"],
                          use_gpu=use_gpu, checkpoint_every=max(2, z["mdatm_iters"] // 2),
                          log_every=max(1, z["mdatm_iters"] // 4), eval_runs=1, eval_epochs=50 if use_gpu else 5,
@@ -231,6 +239,16 @@ def plain_child(run: str, cfg_path: str, device: str) -> None:
     print("GPU_CHECK_RESULT " + json.dumps({"plain": plain, "model_only_images_per_s": {p.model: model_only}}), flush=True)
 
 
+def zoo_child(args: str) -> None:
+    """Subprocess body: ``build_zoo`` on the check's device and data (what `coopt zoo build --device` runs), with
+    the first ``teachers`` specs and ``n_train`` public images (None: all; the smoke's are fewer)."""
+    from coopt_ray.zoo import ZOO_SPECS, build_zoo
+
+    a = json.loads(args)
+    build_zoo(a["out"], specs=ZOO_SPECS[: a["teachers"]], n_train=a["n_train"], n_test=a["n_test"],
+              data_path=a["data"], device=a["device"], probe_epochs=a["probe_epochs"])
+
+
 def _sync(device: str) -> None:
     import torch
 
@@ -243,10 +261,12 @@ def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cpu-smoke", action="store_true", help="tiny sizes on the CPU (no GPU asked anywhere)")
     ap.add_argument("--out", default=None, help="also write gpu_check.json into this folder ($OUT on the device)")
-    ap.add_argument("--json", default=None, help="default benchmarks/results/gpu_check[_cpu_smoke].json")
+    ap.add_argument("--json", default=None,
+                    help="default benchmarks/results/gpu_check.json; --cpu-smoke: WORK/gpu_check_cpu_smoke.json")
     ap.add_argument("--work", default=None, help="scratch folder (default runs/gpu-check)")
     ap.add_argument("--zoo", default=None, help="zoo folder (default WORK/zoo, built by the zoo step)")
-    ap.add_argument("--data-dir", default=None, help="Fashion-MNIST IDX folder (default: the Debian package's)")
+    ap.add_argument("--data-dir", default=None, help="Fashion-MNIST IDX folder (default: the Debian package's; "
+                    "on the device machine the unpacked make gpu-data archive)")
     ap.add_argument("--budget", type=float, default=None,
                     help="seconds for all steps together (default 450; --cpu-smoke 2400: 2 loaded cores)")
     ap.add_argument("--only", default="", help="comma list of steps to run (default all)")
@@ -259,12 +279,14 @@ def main(argv=None) -> dict:
     z = sizes(a.cpu_smoke)
     tag = "_cpu_smoke" if a.cpu_smoke else ""
     work = Path(a.work or ROOT / "runs" / f"gpu-check{tag.replace('_', '-')}")
+    outs = [Path(a.json) if a.json else (work if a.cpu_smoke else RESULTS) / f"gpu_check{tag}.json"]
+    if a.out:
+        outs.append(Path(a.out) / f"gpu_check{tag}.json")
+    if a.cpu_smoke and (RESULTS / "gpu_check.json").resolve() in {o.resolve() for o in outs}:
+        raise SystemExit("gpu_check: --cpu-smoke never writes benchmarks/results/gpu_check.json (the GPU run's)")
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     zoo = Path(a.zoo) if a.zoo else work / "zoo"
-    outs = [Path(a.json) if a.json else RESULTS / f"gpu_check{tag}.json"]
-    if a.out:
-        outs.append(Path(a.out) / f"gpu_check{tag}.json")
     doc = {"started": time.strftime("%Y-%m-%d %H:%M:%S"), "mode": "cpu-smoke" if a.cpu_smoke else "gpu",
            "sizes": z, "machine": machine(), "goals": {"optimize_vs_plain": 0.8, "train_gpu_util_mean": 70}}
 
@@ -278,11 +300,9 @@ def main(argv=None) -> dict:
     cfgs = write_configs(work, zoo, z, data_path)
     py, run, md = sys.executable, work / "run", work / "mdatm"
     coopt = [py, "-m", "coopt_ray"]
-    zoo_cmd = coopt + ["zoo", "build", "--out", str(zoo), "--device", z["device"]]
-    if a.cpu_smoke:  # a reduced zoo: 2 small teachers' worth of public images (benchmarks/common.py's quick zoo)
-        zoo_cmd = [py, "-c", "import sys; sys.path.insert(0, 'benchmarks'); from pathlib import Path; "
-                   "from coopt_ray.zoo import build_zoo; "
-                   f"build_zoo(Path({str(zoo)!r}), n_train=1000, n_test=500)"]
+    zoo_args = {"out": str(zoo), "device": z["device"], "data": data_path, "teachers": z["zoo_teachers"],
+                "n_train": z["zoo_train"], "n_test": z["probe_limit"], "probe_epochs": 100 if z["gpu"] else 5}
+    zoo_cmd = [py, str(Path(__file__).resolve()), "--_zoo", json.dumps(zoo_args)]
     steps = [
         Step("zoo", zoo_cmd, 150, lambda out: {"teachers": _json(zoo / "zoo.json")["teachers"]}),
         Step("optimize", coopt + ["optimize", "--config", str(cfgs["optimize"]), "--out", str(run)], 150,
@@ -327,5 +347,7 @@ def main(argv=None) -> dict:
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "--_plain":
         plain_child(*sys.argv[2:5])
+    elif len(sys.argv) > 1 and sys.argv[1] == "--_zoo":
+        zoo_child(sys.argv[2])
     else:
         main()

@@ -6,8 +6,9 @@ Steps: resolve the project's pinned dependencies (pyproject.toml) for the target
 torch/torchvision replaced by empty stand-ins (the target already has its own torch), so the closure holds exactly
 what torch does not bring; drop torch, torchvision, nvidia-* and triton; drop the packages the target is known to
 have (``--have``: one name a line, e.g. cluster/bundle-have-h200.txt) when their wheel is large; download the rest as
-wheels (pure-Python sdists are built into wheels here); trim Ray (no jars/, rllib/, serve/, llm/; ELF files
-stripped; RECORD rewritten); store every wheel uncompressed so the outer xz compresses across all of them; add
+wheels (pure-Python sdists are built into wheels here); strip every ELF member; trim Ray (no jars/, rllib/,
+serve/, llm/, JS source maps); rewrite each RECORD; store every wheel uncompressed so the outer xz compresses across
+them all; add
 the project's own wheel, ``requirements.txt`` (what cluster/install_offline.sh installs) and ``bundle.json``.
 
 Stdlib only (plus pip and ``strip``), so it runs before any venv exists.
@@ -19,6 +20,7 @@ import base64
 import hashlib
 import io
 import json
+import lzma
 import os
 import re
 import shutil
@@ -39,7 +41,8 @@ except ImportError:  # Python 3.10
 ROOT = Path(__file__).resolve().parents[1]
 TORCH_STACK = ("torch", "torchvision")               # the target's own; never shipped, never pinned
 NEVER = re.compile(r"^(torch|torchvision|torchaudio|triton|nvidia-.*|cuda-.*)$")
-RAY_DROP = ("ray/jars/", "ray/rllib/", "ray/serve/", "ray/llm/")
+# members left out of Ray's wheel: a folder prefix ("x/"), or "*suffix" (the dashboard's 6.7 MB of JS source maps)
+RAY_DROP = ("ray/jars/", "ray/rllib/", "ray/serve/", "ray/llm/", "*.map")
 PLATFORMS = ("manylinux2014_x86_64", "manylinux_2_17_x86_64", "manylinux_2_27_x86_64", "manylinux_2_28_x86_64",
              "manylinux_2_24_x86_64", "manylinux1_x86_64", "manylinux_2_5_x86_64")
 HAVE_MIN_BYTES = 2_000_000   # a --have package is left out only when its wheel is at least this large
@@ -91,11 +94,17 @@ def _strip_elf(data: bytes, tmp: Path) -> bytes:
     return f.read_bytes()
 
 
+def is_dropped(name: str, drop: Iterable[str]) -> bool:
+    """Whether a wheel member falls under one of ``drop``'s patterns: a prefix, or ``*suffix``."""
+    return any(name.endswith(d[1:]) if d.startswith("*") else name.startswith(d) for d in drop)
+
+
 def repack_wheel(src: Path, dst: Path, drop: Iterable[str] = (), strip: bool = False,
                  compression: int = zipfile.ZIP_STORED) -> dict:
-    """Copy a wheel without the members under ``drop`` prefixes, ELF members stripped when ``strip``, and a
-    RECORD that lists exactly the members kept, with their new hashes and sizes (pip checks it on install).
-    Stored uncompressed by default, so an outer xz compresses it. Returns {members, dropped, bytes_in, bytes_out}."""
+    """Copy a wheel without the members ``drop`` names (see :func:`is_dropped`), ELF members stripped when
+    ``strip``, and a RECORD that lists exactly the members kept, with their new hashes and sizes (pip checks it on
+    install). Stored uncompressed by default, so an outer xz compresses it. Returns {members, dropped, bytes_in,
+    bytes_out}."""
     drop = tuple(drop)
     kept, dropped, record_name = [], 0, None
     with zipfile.ZipFile(src) as zin, tempfile.TemporaryDirectory() as td:
@@ -106,7 +115,7 @@ def repack_wheel(src: Path, dst: Path, drop: Iterable[str] = (), strip: bool = F
             if name.endswith(".dist-info/RECORD"):
                 record_name = name
                 continue
-            if drop and name.startswith(drop):
+            if is_dropped(name, drop):
                 dropped += 1
                 continue
             data = zin.read(name)
@@ -262,24 +271,50 @@ def _download(pkgs: list[dict], py: str, dest: Path) -> dict[str, Path]:
 FMNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
 
 
-def add_data(src: Path, dest: Path) -> list[str]:
+def add_data(src: Path, dest: Path, limits: Optional[dict[str, Optional[int]]] = None) -> list[str]:
     """Fashion-MNIST's IDX files from ``src`` (gzipped or not) into ``dest`` uncompressed: the outer xz packs
-    them to ~26 MB, against 31 MB for the four .gz files."""
+    them to ~26 MB, against 31 MB for the four .gz files. ``limits`` ({"train": N, "t10k": M}) keeps only the
+    first N / M images and labels of a split (the header's count rewritten), for the GPU check's data archive."""
     import gzip
+    import struct
 
     dest.mkdir(parents=True, exist_ok=True)
     out = []
     for stem in FMNIST_FILES:
         gz, raw = src / (stem + ".gz"), src / stem
         if gz.exists():
-            with gzip.open(gz, "rb") as f, open(dest / stem, "wb") as g:
-                shutil.copyfileobj(f, g)
+            with gzip.open(gz, "rb") as f:
+                data = f.read()
         elif raw.exists():
-            shutil.copy(raw, dest / stem)
+            data = raw.read_bytes()
         else:
             raise FileNotFoundError(f"--data {src}: {stem}[.gz] missing")
+        n = (limits or {}).get(stem.split("-")[0])
+        if n is not None:  # IDX: 2 zero bytes, type, ndim, ndim big-endian uint32 sizes, then the uint8 items
+            ndim = data[3]
+            shape = struct.unpack(f">{ndim}I", data[4:4 + 4 * ndim])
+            n = min(n, shape[0])
+            per = len(data[4 + 4 * ndim:]) // shape[0]
+            data = data[:4] + struct.pack(f">{ndim}I", n, *shape[1:]) + data[4 + 4 * ndim:4 + 4 * ndim + n * per]
+        (dest / stem).write_bytes(data)
         out.append(stem)
     return out
+
+
+def pack_data(src: Path, out: Path, train: Optional[int], test: Optional[int], log=print,
+              preset: int = 9 | lzma.PRESET_EXTREME) -> int:
+    """An archive of only Fashion-MNIST's IDX files (``fashion-mnist/``, uncompressed inside, xz -9e outside),
+    train and t10k cut to their first ``train`` / ``test`` images; returns its bytes. `make gpu-data`: the images
+    benchmarks/gpu_check.py reads on a GPU machine that lacks the dataset (train[0:50000], t10k[0:2000]: ~20 MB)."""
+    with tempfile.TemporaryDirectory() as td:
+        files = add_data(src, Path(td) / "fashion-mnist", {"train": train, "t10k": test})
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(out.name + ".part")
+        with tarfile.open(tmp, "w:xz", preset=preset) as tar:
+            tar.add(Path(td) / "fashion-mnist", arcname="fashion-mnist")
+        os.replace(tmp, out)
+    log(f"[bundle] {out}: {out.stat().st_size / 1e6:.1f} MB ({', '.join(files)}; train {train}, t10k {test})")
+    return out.stat().st_size
 
 
 def build(py: str, out: Path, have_file: Optional[str], work: Optional[Path] = None, trim_ray: bool = True,
@@ -304,7 +339,7 @@ def build(py: str, out: Path, have_file: Optional[str], work: Optional[Path] = N
             trimmed = repack_wheel(src, stage / "wheels" / src.name, drop=RAY_DROP, strip=True)
             log(f"[bundle] ray trimmed: {trimmed}")
         else:
-            repack_wheel(src, stage / "wheels" / src.name)  # same members, stored: RECORD unchanged in content
+            repack_wheel(src, stage / "wheels" / src.name, strip=True)  # same members, ELF stripped, stored
     log("[bundle] building the project's wheel")
     src = work / "src"  # a copy: setuptools leaves build/ in the folder it builds
     shutil.rmtree(src, ignore_errors=True)
@@ -339,7 +374,14 @@ def main(argv=None) -> int:
     ap.add_argument("--work", default=None, help="scratch folder (default: a new temporary one)")
     ap.add_argument("--full-ray", action="store_true", help="ship Ray's wheel untrimmed")
     ap.add_argument("--data", default=None, help="a Fashion-MNIST IDX folder to carry as data/fashion-mnist (optional)")
+    ap.add_argument("--data-only", default=None, metavar="OUT",
+                    help="write only a data archive of --data to OUT (no wheels); see --data-train/--data-test")
+    ap.add_argument("--data-train", type=int, default=None, help="--data-only: the first N train images (default all)")
+    ap.add_argument("--data-test", type=int, default=None, help="--data-only: the first N t10k images (default all)")
     a = ap.parse_args(argv)
+    if a.data_only:
+        pack_data(Path(a.data or "/usr/share/datasets/fashion-mnist"), Path(a.data_only), a.data_train, a.data_test)
+        return 0
     out = Path(a.out or ROOT / "dist" / f"coopt-bundle-py{a.python_version.replace('.', '')}.tar.xz")
     build(a.python_version, out, a.have, Path(a.work) if a.work else None, trim_ray=not a.full_ray,
           data=Path(a.data) if a.data else None)

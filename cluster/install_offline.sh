@@ -12,7 +12,8 @@ PY=${PYTHON:-python3}
 DATA_DIR=${COOPT_DATA_DIR:-/usr/share/datasets/fashion-mnist}
 work=$(mktemp -d "${TMPDIR:-/tmp}/coopt-bundle.XXXXXX")
 trap 'rm -rf "$work"' EXIT
-tar -xJf "$BUNDLE" -C "$work"
+# tar needs the xz program for -J; Python's tarfile does not
+tar -xJf "$BUNDLE" -C "$work" 2>/dev/null || "$PY" -c 'import sys, tarfile; tarfile.open(sys.argv[1]).extractall(sys.argv[2])' "$BUNDLE" "$work"
 b=$(echo "$work"/coopt-bundle-*)
 want=$("$PY" -c 'import json,sys; print(json.load(open(sys.argv[1]))["python"])' "$b/bundle.json")
 have=$("$PY" -c 'import sys; print("%d.%d" % sys.version_info[:2])')

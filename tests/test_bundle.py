@@ -6,6 +6,7 @@ another Python. A real bundle in dist/ (from `make bundle`) is checked for size 
 """
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
@@ -43,20 +44,21 @@ def test_trim_wheel_drops_dirs_strips_elf_and_rewrites_record(tmp_path):
     elf = Path("/bin/true").read_bytes()
     src = _fake_wheel(tmp_path / "pkg-1.0-py3-none-any.whl", {
         "pkg/__init__.py": b"X = 1\n", "pkg/jars/big.jar": b"j" * 1000, "pkg/rllib/a.py": b"a = 2\n",
-        "pkg/core/tool": elf})
+        "pkg/core/tool": elf, "pkg/web/main.js": b"f()", "pkg/web/main.js.map": b"{}"})
     assert bundle.check_record(src) == []
     out = tmp_path / "out" / src.name
     out.parent.mkdir()
-    info = bundle.repack_wheel(src, out, drop=("pkg/jars/", "pkg/rllib/"), strip=shutil.which("strip") is not None)
-    assert info["dropped"] == 2
+    info = bundle.repack_wheel(src, out, drop=("pkg/jars/", "pkg/rllib/", "*.map"),
+                               strip=shutil.which("strip") is not None)
+    assert info["dropped"] == 3
     with zipfile.ZipFile(out) as z:
         names = set(z.namelist())
-        assert "pkg/jars/big.jar" not in names and "pkg/rllib/a.py" not in names
-        assert {"pkg/__init__.py", "pkg/core/tool", "pkg-1.0.dist-info/RECORD"} <= names
+        assert not {"pkg/jars/big.jar", "pkg/rllib/a.py", "pkg/web/main.js.map"} & names
+        assert {"pkg/__init__.py", "pkg/core/tool", "pkg/web/main.js", "pkg-1.0.dist-info/RECORD"} <= names
         assert all(i.compress_type == zipfile.ZIP_STORED for i in z.infolist())  # the outer xz compresses it
         tool = z.read("pkg/core/tool")
         rec = z.read("pkg-1.0.dist-info/RECORD").decode()
-    assert "jars" not in rec and "rllib" not in rec
+    assert "jars" not in rec and "rllib" not in rec and ".map" not in rec
     assert tool[:4] == b"\x7fELF" and len(tool) <= len(elf)
     assert bundle.check_record(out) == []  # every member listed with its new hash and size
     # pip accepts the repacked wheel
@@ -112,6 +114,37 @@ def test_install_script_refuses_a_bundle_for_another_python(tmp_path):
     assert "bundle is for Python 2.7" in p.stderr
 
 
+def test_data_archive_keeps_the_first_images_of_each_split(tmp_path):
+    import gzip
+
+    import numpy as np
+
+    from coopt_ray.data import fashion_mnist_split
+
+    src = tmp_path / "src"
+    src.mkdir()
+    rng = np.random.default_rng(0)
+    full = {"train": rng.integers(0, 256, (12, 28, 28), dtype=np.uint8), "t10k": rng.integers(0, 256, (6, 28, 28),
+                                                                                            dtype=np.uint8)}
+    for split, x in full.items():
+        y = np.arange(len(x), dtype=np.uint8) % 10
+        with gzip.open(src / f"{split}-images-idx3-ubyte.gz", "wb") as f:
+            f.write(b"\0\0\x08\x03" + np.array(x.shape, ">u4").tobytes() + x.tobytes())
+        (src / f"{split}-labels-idx1-ubyte").write_bytes(b"\0\0\x08\x01" + np.array([len(y)], ">u4").tobytes()
+                                                         + y.tobytes())  # raw, not gzipped: both are read
+    arc = tmp_path / "d.tar.xz"
+    assert bundle.pack_data(src, arc, train=10, test=4, log=lambda _m: None, preset=1) == arc.stat().st_size
+    with tarfile.open(arc) as t:
+        t.extractall(tmp_path / "x")
+    d = str(tmp_path / "x" / "fashion-mnist")
+    want = {"public": (10, full["train"][:10]), "test": (4, full["t10k"][:4])}
+    for name, (n, x) in want.items():
+        got, labels = fashion_mnist_split(name, d)
+        assert got.shape == (n, 28, 28) and np.array_equal(got, x) and list(labels) == [i % 10 for i in range(n)]
+    with pytest.raises(FileNotFoundError):
+        bundle.add_data(tmp_path / "none", tmp_path / "y")
+
+
 def _real_bundle() -> Path | None:
     found = sorted((ROOT / "dist").glob("coopt-bundle-py*.tar.xz"))
     return found[-1] if found else None
@@ -121,16 +154,21 @@ def _real_bundle() -> Path | None:
 def test_real_bundle_size_and_contents():
     arc = _real_bundle()
     assert arc.stat().st_size <= BUDGET, f"{arc.name}: {arc.stat().st_size / 1e6:.1f} MB > 60 MB"
-    with tarfile.open(arc, "r:xz") as t:
-        members = {m.name: m for m in t.getmembers()}
-        top = next(iter(members)).split("/")[0]
-        meta = json.load(t.extractfile(f"{top}/bundle.json"))
-        reqs = t.extractfile(f"{top}/requirements.txt").read().decode().split()
-        wheels = [n.split("/")[-1] for n in members if n.startswith(f"{top}/wheels/") and n.endswith(".whl")]
-        ray_whl = next(n for n in members if n.split("/")[-1].startswith("ray-") and n.endswith(".whl"))
-        with zipfile.ZipFile(t.extractfile(ray_whl)) as z:
-            ray_names = z.namelist()
-            rec = z.read(next(n for n in ray_names if n.endswith(".dist-info/RECORD"))).decode()
+    names, wheels, files = [], [], {}
+    with tarfile.open(arc, "r|xz") as t:  # one streaming pass: seeking back in an xz stream decompresses it again
+        for m in t:
+            names.append(m.name)
+            base = m.name.split("/")[-1]
+            if base.endswith(".whl"):
+                wheels.append(base)
+            if base in ("bundle.json", "requirements.txt") or (base.startswith("ray-") and base.endswith(".whl")):
+                files[base if not base.endswith(".whl") else "ray.whl"] = t.extractfile(m).read()
+    top = names[0].split("/")[0]
+    meta = json.loads(files["bundle.json"])
+    reqs = files["requirements.txt"].decode().split()
+    with zipfile.ZipFile(io.BytesIO(files["ray.whl"])) as z:
+        ray_names = z.namelist()
+        rec = z.read(next(n for n in ray_names if n.endswith(".dist-info/RECORD"))).decode()
     assert top == f"coopt-bundle-py{meta['python'].replace('.', '')}"
     assert any(w.startswith("coopt_ray-") for w in wheels)
     assert any(w.startswith("open_clip_torch-") for w in wheels)
@@ -138,8 +176,8 @@ def test_real_bundle_size_and_contents():
                    for w in wheels)
     assert not any(bundle.req_name(r) in ("torch", "torchvision") for r in reqs)
     if meta["ray_trimmed"]:
-        assert not any(n.startswith(bundle.RAY_DROP) for n in ray_names)
-        assert not any(line.startswith(bundle.RAY_DROP) for line in rec.splitlines())
+        assert not any(bundle.is_dropped(n, bundle.RAY_DROP) for n in ray_names)
+        assert not any(bundle.is_dropped(line.rsplit(",", 2)[0], bundle.RAY_DROP) for line in rec.splitlines())
     assert set(meta["wheels"]) == set(wheels)
 
 
@@ -207,6 +245,19 @@ def test_gpu_check_configs_are_valid_and_ask_for_the_gpu(tmp_path):
     assert cfg.student.use_gpu and cfg.student.workers == 1 and cfg.data.limit == 40000
     for k in ("krr", "mdatm"):
         assert load_config(cfgs[k]).distill.use_gpu
+    # what the GPU mode reads lies inside the data archive (make gpu-data): train[0:50000], t10k[0:2000]
+    assert cfg.data.limit + 10_000 <= 50_000 and load_config(cfgs["mdatm"]).eval.test_limit <= 2000
+    assert cfg.eval.test_limit <= 2000 and load_config(cfgs["mdatm"]).distill.labeled_limit <= 50_000
     (tmp_path / "s").mkdir()
-    smoke = G.write_configs(tmp_path / "s", tmp_path / "zoo", G.sizes(smoke=True), None)
-    assert not load_config(smoke["optimize"]).student.use_gpu
+    smoke = G.write_configs(tmp_path / "s", tmp_path / "zoo", G.sizes(smoke=True), "/data")
+    sc = load_config(smoke["optimize"])
+    assert not sc.student.use_gpu and len(sc.participants) == 2 and sc.data.path == "/data"
+    assert [load_config(smoke[k]).data.path for k in ("krr", "mdatm")] == ["/data", "/data"]
+
+
+def test_gpu_check_smoke_never_writes_the_gpu_runs_json(tmp_path):
+    import gpu_check as G
+
+    with pytest.raises(SystemExit, match="never writes"):
+        G.main(["--cpu-smoke", "--work", str(tmp_path / "w"), "--json", str(G.RESULTS / "gpu_check.json")])
+    assert not (tmp_path / "w").exists()   # refused before any work
