@@ -68,7 +68,7 @@ def parse_args(argv=None):
     ap.add_argument("--work", default=str(ROOT / "runs" / "bench-distill"))
     ap.add_argument("--drift-only", action="store_true", help="only add to --out how far each distilled set moved "
                     "from its starting rows (pixels, targets)")
-    ap.add_argument("--note", default="", help="what this run changes (lever runs: shown in the README's levers table)")
+    ap.add_argument("--note", default="", help="what this run changes (lever runs: shown in docs/results.md's levers table)")
     ap.add_argument("--out", default=None)
     a = ap.parse_args(argv)
     if a.quick:

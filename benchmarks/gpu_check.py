@@ -2,7 +2,7 @@
 
     bash cluster/install_offline.sh dist/coopt-bundle-py312.tar.xz && python benchmarks/gpu_check.py --out $OUT
     python benchmarks/gpu_check.py --cpu-smoke     # the same steps on the CPU, tiny: ~4 min on 2 loaded cores
-The exact device call (with `make gpu-data`'s images for a machine without Fashion-MNIST): README, GPU nodes.
+The exact device call (with `make gpu-data`'s images for a machine without Fashion-MNIST): docs/gpu.md.
 
 Steps, each a subprocess with its own timeout (a step that hangs cannot eat the others' time):
   zoo       coopt_ray.zoo.build_zoo on the device (what `coopt zoo build --device cuda` runs), with --data-dir

@@ -1,8 +1,8 @@
-"""The README's results tables, generated from benchmarks/results/*.json.
+"""The results tables of docs/results.md, generated from benchmarks/results/*.json.
 
     python benchmarks/report.py              # print the generated Markdown
-    python benchmarks/report.py --readme     # rewrite README.md between the generated-results markers
-    python benchmarks/report.py --check      # exit 1 when README.md differs from the JSON (tests run this)
+    python benchmarks/report.py --docs       # rewrite docs/results.md between the generated-results markers
+    python benchmarks/report.py --check      # exit 1 when docs/results.md differs from the JSON (tests run this)
     python benchmarks/report.py --quick      # the smoke-check JSON (*_quick.json), printed only
 
 Every number between the markers comes from the JSON; the prose around them explains, never restates.
@@ -18,7 +18,7 @@ from common import RESULTS, ROOT
 from report_labeled import labeled_goal_rows, labeled_table
 from report_scale import scale_goal_rows, scale_table
 
-BEGIN, END = "<!-- generated:results:begin (benchmarks/report.py --readme) -->", "<!-- generated:results:end -->"
+BEGIN, END = "<!-- generated:results:begin (benchmarks/report.py --docs) -->", "<!-- generated:results:end -->"
 NAMES = {
     "coopt": "CoOpt (K=4, aligned, fixed ridge)", "byol": "BYOL (lightly heads and loss)",
     "simclr": "SimCLR (lightly heads and loss)", "supervised": "supervised (labels, upper bound)",
@@ -29,6 +29,7 @@ NAMES = {
     "shared_0.2": "shared subset 0.2 %, fixed ridge", "shared_1": "shared subset 1 %, fixed ridge",
     "loo_shared_0.2": "shared subset 0.2 %, LOO ridge", "loo_shared_1": "shared subset 1 %, LOO ridge",
 }
+PAGE = ROOT / "docs" / "results.md"  # the page that holds every generated table
 
 
 def pct(v):
@@ -328,31 +329,31 @@ def render() -> str:
     lab = [r for r in (load("distill_labeled"), load("distill_labeled_full")) if r]  # the CPU and GPU protocols
     parts = []
     if fid:
-        parts += ["### Fidelity", "", fidelity_tables(fid)]
+        parts += ["## Fidelity", "", fidelity_tables(fid)]
     if ali:
-        parts += ["", "### Alignment", "", alignment_table(ali)]
+        parts += ["", "## Alignment", "", alignment_table(ali)]
     if cri:
-        parts += ["", "### Choosing the best model", "", criteria_table(cri)]
+        parts += ["", "## Choosing the best model", "", criteria_table(cri)]
     if thr:
-        parts += ["", "### Speed and memory", "", throughput_table(thr, mem)]
+        parts += ["", "## Speed and memory", "", throughput_table(thr, mem)]
     if dis:
-        parts += ["", "### Distillation (KRR-ST)", "", distill_table(dis)]
+        parts += ["", "## Distillation (KRR-ST)", "", distill_table(dis)]
         lev = distill_levers_table(dis)
         if lev:
             parts += ["", lev]
     if rnd:
-        parts += ["", "### Continual rounds", "", rounds_table(rnd)]
+        parts += ["", "## Continual rounds", "", rounds_table(rnd)]
     if lab:
-        parts += ["", "### Labeled distillation (M-DATM)", "", "\n\n".join(labeled_table(r) for r in lab)]
+        parts += ["", "## Labeled distillation (M-DATM)", "", "\n\n".join(labeled_table(r) for r in lab)]
     if sca:
-        parts += ["", "### Scale: the data path at 50k and 500k images", "", scale_table(sca)]
-    parts += ["", "### Against the goals", "", goals_table(fid, ali, cri, thr, mem, dis, rnd, lab, sca)]
+        parts += ["", "## Scale: the data path at 50k and 500k images", "", scale_table(sca)]
+    parts += ["", "## Against the goals", "", goals_table(fid, ali, cri, thr, mem, dis, rnd, lab, sca)]
     return "\n".join(parts) + "\n"
 
 
 def replace_block(text: str, block: str) -> str:
     if BEGIN not in text or END not in text:
-        raise SystemExit(f"README.md has no generated-results markers ({BEGIN} ... {END})")
+        raise SystemExit(f"{PAGE.relative_to(ROOT)} has no generated-results markers ({BEGIN} ... {END})")
     head, rest = text.split(BEGIN, 1)
     _, tail = rest.split(END, 1)
     return f"{head}{BEGIN}\n{block}{END}{tail}"
@@ -361,26 +362,25 @@ def replace_block(text: str, block: str) -> str:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--readme", action="store_true")
+    ap.add_argument("--docs", "--readme", dest="docs", action="store_true", help="rewrite docs/results.md")
     ap.add_argument("--check", action="store_true")
     a = ap.parse_args(argv)
     if a.quick:
         r = load("fidelity_quick")
         print(fidelity_tables(r) if r else "no fidelity_quick.json")
         return 0
-    if not (a.check or a.readme):
+    if not (a.check or a.docs):
         print(render())
         return 0
-    readme = ROOT / "README.md"
-    text = readme.read_text()
+    text = PAGE.read_text()
     new = replace_block(text, render())
     if a.check:
         if new != text:
-            print("README.md's generated results differ from benchmarks/results/*.json; run "
-                  "`python benchmarks/report.py --readme`", file=sys.stderr)
+            print(f"{PAGE.relative_to(ROOT)}'s generated results differ from benchmarks/results/*.json; run "
+                  "`python benchmarks/report.py --docs`", file=sys.stderr)
             return 1
         return 0
-    Path(readme).write_text(new)
+    PAGE.write_text(new)
     return 0
 
 

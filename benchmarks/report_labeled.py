@@ -1,4 +1,4 @@
-"""The README's labeled-distillation table and goal rows (M-DATM, benchmarks/distill_labeled.py's JSON)."""
+"""docs/results.md's labeled-distillation table and goal rows (M-DATM, benchmarks/distill_labeled.py's JSON)."""
 from __future__ import annotations
 
 

@@ -1,4 +1,4 @@
-"""The README's scale table and goal rows, from benchmarks/results/scale.json (benchmarks/scale.py)."""
+"""docs/results.md's scale table and goal rows, from benchmarks/results/scale.json (benchmarks/scale.py)."""
 from __future__ import annotations
 
 

@@ -21,24 +21,26 @@ SOURCES = ("fashion-mnist", "images", "parquet", "webdataset")
 
 @dataclass(frozen=True)
 class DataConfig:
-    source: str = "fashion-mnist"
-    path: Optional[str] = None
-    image_size: int = 32
-    limit: Optional[int] = None
+    """The unlabeled images D: where they come from and the size every model and the student see."""
+    source: str = "fashion-mnist"  # fashion-mnist | images (a folder, any depth) | parquet | webdataset (.tar shards)
+    path: Optional[str] = None   # the IDX folder (default the Debian package's), image folder, Parquet or shard folder
+    image_size: int = 32         # the student's input size in pixels (teachers resize with their own preprocessing)
+    limit: Optional[int] = None  # use only the first N images in file order (quick runs); null: all
 
 
 @dataclass(frozen=True)
 class ParticipantConfig:
-    name: str = ""
-    model: str = ""
-    pretrained: Optional[str] = None
-    batch_size: int = 256
-    num_gpus: float = 0.0
-    num_cpus: float = 1.0
-    actors: int = 1
-    actors_max: Optional[int] = None
-    accelerator_type: Optional[str] = None
-    resources: Optional[dict] = None
+    """One participant (``participants:`` lists K of them): a pretrained model, run as its own actor pool."""
+    name: str = ""               # required: letters, digits, '-', '_'; unique (Participant_<name> in the dashboard)
+    model: str = ""              # required: open_clip arch | local-dir:DIR | student:RUN | timm:NAME | hf:REPO_OR_DIR
+    pretrained: Optional[str] = None   # open_clip / timm: a hub tag or a weights file; null for the other specs
+    batch_size: int = 256        # images per embedding batch
+    num_gpus: float = 0.0        # GPUs per actor (fractions allowed; 1 on a GPU cluster)
+    num_cpus: float = 1.0        # CPUs per actor
+    actors: int = 1              # actors in the pool (its minimum size when actors_max is set)
+    actors_max: Optional[int] = None   # autoscale the pool up to this many actors; null: a fixed pool of `actors`
+    accelerator_type: Optional[str] = None  # Ray accelerator type each actor needs, e.g. T4
+    resources: Optional[dict] = None        # custom Ray resources per actor, {name: amount}
     node_labels: Optional[dict] = None   # Ray label selector for the pool's nodes, e.g. {gpu-type: A100}
     share: float = 1.0           # relative share of the images this participant owns; 0: it embeds only S
     amp: str = "auto"            # bf16 autocast when embedding: auto (bf16 on CUDA, off on the CPU) | bf16 | off
@@ -48,9 +50,10 @@ class ParticipantConfig:
 
 @dataclass(frozen=True)
 class SharedConfig:
-    fraction: float = 0.0005
-    min: int = 16
-    heldout: float = 0.2
+    """The shared subset S that every participant embeds: |S| = max(min, ceil(fraction * N)) on average."""
+    fraction: float = 0.0005     # share of the N images in S, in (0, 1]
+    min: int = 16                # at least this many images in S (>= 2)
+    heldout: float = 0.2         # part of S left out of a second fit, for the held-out R² in the manifest
 
 
 ALIGN_SELECT = ("fixed", "loo")
@@ -59,29 +62,32 @@ SCORE_METHODS = ("uniformity", "coverage")
 
 @dataclass(frozen=True)
 class ScoreConfig:
+    """How the best participant, the alignment target, is chosen on S."""
     method: str = "uniformity"   # uniformity: lowest value wins (the paper's); coverage: the space that
                                  # linearly predicts every other participant's best on S (align.coverage)
 
 
 @dataclass(frozen=True)
 class AlignConfig:
-    ridge: float = 1.0e-3
-    enabled: bool = True
+    """The closed-form ridge maps (with bias) from every participant's space into the best one's."""
+    ridge: float = 1.0e-3        # ridge, relative to the mean squared norm of the centred source features
+    enabled: bool = True         # false: no maps; targets are cut / zero-padded to the best one's width (ablation)
     select: str = "fixed"        # fixed: align.ridge as given; loo: per participant, by leave-one-out on S
 
 
 @dataclass(frozen=True)
 class StudentConfig:
-    arch: str = "resnet18"
-    epochs: int = 10
-    batch_size: int = 256
-    lr: float = 1.0e-3
-    weight_decay: float = 0.01
-    workers: int = 2
-    use_gpu: bool = False
-    whiten: bool = False
-    limit: Optional[int] = None
-    cpus_per_worker: Optional[float] = None
+    """The student that Ray Train fits to the optimized set's targets."""
+    arch: str = "resnet18"       # a timm architecture (ResNets get a small-image stem at <= 64 px), convnet3_w16..128
+    epochs: int = 10             # passes over the training rows
+    batch_size: int = 256        # rows per worker per step
+    lr: float = 1.0e-3           # AdamW learning rate
+    weight_decay: float = 0.01   # AdamW weight decay
+    workers: int = 2             # Ray Train workers (DDP); 0: the loop runs in the driver's process
+    use_gpu: bool = False        # one GPU per worker (nccl); needs workers >= 1
+    whiten: bool = False         # whiten the targets (PCA) instead of standardising each dimension
+    limit: Optional[int] = None  # train on a seeded subset of this many rows (>= 2); null: every row
+    cpus_per_worker: Optional[float] = None  # CPUs per worker; null: the most that lets every worker fit
     data: str = "optimized"      # what the student regresses: RUN/optimized, or a distilled set (distilled/krr-st)
     augment: bool = True         # RELA's augmentations on every batch; false: the un-augmented images (KRR-ST's recipe)
     init: Optional[str] = None   # warm start: a student folder (RUN/student) whose weights start training
@@ -103,19 +109,21 @@ class RoundsConfig:
 
 @dataclass(frozen=True)
 class EvalConfig:
-    probe_epochs: int = 100
-    probe_limit: Optional[int] = None
-    test_limit: Optional[int] = None
-    probe_path: Optional[str] = None
-    test_path: Optional[str] = None
+    """The linear probe that scores the student, every teacher and a random-init student."""
+    probe_epochs: int = 100      # epochs of the linear classifier on the frozen features
+    probe_limit: Optional[int] = None  # labeled images the probe trains on (Fashion-MNIST: public train[0:N])
+    test_limit: Optional[int] = None   # test images (Fashion-MNIST: t10k[0:N]); null: all
+    probe_path: Optional[str] = None   # labeled probe-train images (class folders or Parquet with label); other sources
+    test_path: Optional[str] = None    # labeled test images, the same form; without both the probe is skipped
     gpu_fraction: float = 0.25   # the GPU share of each probe task whose model asked for a GPU (4 probes per GPU)
 
 
 @dataclass(frozen=True)
 class Config:
-    seed: int = 0
-    zoo_dir: str = "zoo"
-    max_error_fraction: float = 0.05
+    """The whole config file; its top-level keys."""
+    seed: int = 0                # seeds the split, S, the student's subset and initialisation, the probe
+    zoo_dir: str = "zoo"         # where relative local-dir: models resolve (`--zoo` overrides it)
+    max_error_fraction: float = 0.05  # stop the run past this share of unreadable images (--max-error-fraction)
     data: DataConfig = field(default_factory=DataConfig)
     participants: tuple = ()
     shared: SharedConfig = field(default_factory=SharedConfig)

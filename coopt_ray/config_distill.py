@@ -17,7 +17,7 @@ KRR_KEYS = ("size", "steps", "lr", "lr_final", "real_batch", "pool_size", "pool_
 class DistillConfig:
     """KRR-ST (Lee et al., ICLR 2024) on RUN/optimized; defaults are the paper's except ``steps`` (160,000).
     M-DATM (Zhou et al. 2024) on labeled images; defaults are DATM's CIFAR-10 IPC 10 ones, range (0, 20)."""
-    method: str = "krr-st"
+    method: str = "krr-st"       # krr-st (unlabeled, on RUN/optimized) | mdatm (labeled images)
     size: int = 1000             # M synthetic rows, initialised from M real rows of RUN/optimized
     steps: int = 2000            # outer steps
     lr: float = 1.0e-4           # AdamW on the synthetic images and targets (weight decay 0)
@@ -42,14 +42,14 @@ class DistillConfig:
     experts: int = 10            # E expert trajectories, one Ray task each
     expert_epochs: Optional[int] = None  # default T+ + expert_steps, the last epoch matching can reach
     expert_lr: float = 0.01      # the experts' SGD (no momentum); also the synthetic step size's start
-    expert_batch: int = 256
+    expert_batch: int = 256      # the experts' batch size
     width: int = 128             # the ConvNet-3 of the experts, the matching and the scorer
     syn_steps: int = 80          # N unrolled student steps per iteration
     expert_steps: int = 2        # M expert epochs the N steps must cover
     range: tuple = (0, 20)       # [T-, T+]: start epochs (M-DATM's narrow range); a YAML list becomes a tuple
     range_start: Optional[int] = None    # T, the start bound U's first value (default the middle of range)
     range_grow: Optional[int] = None     # iterations over which U grows from T to T+ (default iterations // 2)
-    iterations: int = 5000
+    iterations: int = 5000       # matching iterations (raising it continues a finished run)
     lr_img: float = 100.0        # SGD (momentum 0.5) on the synthetic images
     lr_lr: float = 1.0e-5        # SGD (momentum 0.5) on the synthetic step size
     batch_syn: Optional[int] = None      # synthetic images per unrolled step (default all of them)

@@ -1,6 +1,6 @@
-"""README "Run on a cluster / On one machine", run as a user runs it: the commands are read from the README's
-code block (so the two cannot drift apart), executed in order by bash in the repository, and the output
-lines the README shows under a command (``#   [optimize] ...``; "..." stands for text left out) must appear
+"""docs/cluster.md "On one machine" (the README's cluster sequence), run as a user runs it: the commands are read
+from the page's code block (so the two cannot drift apart), executed in order by bash in the repository, and the
+output lines the page shows under a command (``#   [optimize] ...``; "..." stands for text left out) must appear
 in that command's output.
 
 Both jobs must succeed, the pipeline job must write the manifest, eval.json and the report, its Ray Train
@@ -21,7 +21,8 @@ import pytest
 
 from conftest import REPO
 
-SECTION = "### On one machine: `cluster/local.sh`"
+PAGE = REPO / "docs" / "cluster.md"
+SECTION = "## On one machine: `cluster/local.sh`"
 
 
 def readme_steps(text: str) -> list[tuple[str, list[str]]]:
@@ -62,7 +63,7 @@ def leftover(pattern: str, wait_s: float = 60) -> str:
 
 
 def test_readme_steps_are_parsed():
-    steps = readme_steps((REPO / "README.md").read_text())
+    steps = readme_steps(PAGE.read_text())
     cmds = [re.sub(r"\s+#.*$", "", c) for c, _ in steps]
     assert cmds[0].startswith("make setup") and cmds[-1].startswith("cluster/local.sh stop")
     assert sum("ray job submit" in c for c in cmds) == 2 and any("jobs/pipeline.py" in c for c in cmds)
@@ -71,9 +72,9 @@ def test_readme_steps_are_parsed():
 
 @pytest.mark.slow
 def test_readme_cluster_sequence_runs_as_documented(tmp_path):
-    steps = readme_steps((REPO / "README.md").read_text())
+    steps = readme_steps(PAGE.read_text())
     outs = [REPO / "runs" / n for n in ("quick-optimize", "quick")]
-    for d in outs:  # the README's run folders: keep a user's, run fresh
+    for d in outs:  # the page's run folders: keep a user's, run fresh
         if d.exists():
             d.rename(d.with_name(f"{d.name}.kept-{os.getpid()}"))
     state = Path("/tmp") / f"crm-{os.getpid()}"  # short: Unix socket paths are limited to 107 bytes
@@ -90,9 +91,9 @@ def test_readme_cluster_sequence_runs_as_documented(tmp_path):
             with log.open("a") as f:
                 f.write(f"$ {cmd}\n{out.stdout}\n{out.stderr}\n")
             assert out.returncode == 0, f"{cmd}\n{(out.stdout + out.stderr)[-4000:]}"
-            for w in want:  # "..." in the README stands for text left out
+            for w in want:  # "..." on the page stands for text left out
                 for piece in filter(None, (p.strip() for p in w.split("..."))):
-                    assert piece in out.stdout + out.stderr, f"README says `{cmd[:60]}` prints {w!r}; see {log}"
+                    assert piece in out.stdout + out.stderr, f"the page says `{cmd[:60]}` prints {w!r}; see {log}"
             if "ray job submit" in cmd:
                 assert re.search(r"Job '\S+' succeeded", out.stdout + out.stderr), (out.stdout + out.stderr)[-3000:]
         run = outs[1]
