@@ -100,9 +100,11 @@ add_workers() {
   local m="$1" have i
   have=$(find "$STATE" -maxdepth 1 -name 'worker-*.log' | wc -l)
   for i in $(seq $((have + 1)) $((have + m))); do
+    # Each node its own temp dir, as on separate machines: nodes sharing one would each unpack a job's working_dir
+    # into the same folder, replacing the one the job's driver runs in (its cwd vanishes mid-job).
     # shellcheck disable=SC2046
     launch "worker-$i" --address="127.0.0.1:$RAY_PORT" --num-gpus=1 --num-cpus="$WORKER_CPUS" \
-      --temp-dir="$STATE/t" --labels="coopt-local-node=worker-$i" $(agent_ports "$i") || return 1
+      --temp-dir="$STATE/t$i" --labels="coopt-local-node=worker-$i" $(agent_ports "$i") || return 1
   done
   wait_nodes $((1 + have + m))
 }
