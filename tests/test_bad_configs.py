@@ -143,6 +143,7 @@ def _timed_cli(args, env, timeout=300):
         return t0, connected, rc, err.read()
 
 
+@pytest.mark.slow
 def test_num_gpus_on_cpu_cluster_fails_fast_and_the_fixed_config_then_runs_there(tmp_path, tiny_models, ray_session):
     """The real command on a running Ray that has no GPUs (the session's, joined through RAY_ADDRESS as a job's
     driver joins its cluster): placement planning refuses at once (exit 2, one error line), instead of waiting

@@ -173,6 +173,7 @@ def test_coopt_train_on_the_distilled_set(distilled):
     assert (run / "student" / "student.pt").is_file()
 
 
+@pytest.mark.slow
 def test_more_steps_resume_from_the_newest_checkpoint(distilled):
     run, cfg, res, _, _ = distilled
     more = dataclasses.replace(cfg, distill=dataclasses.replace(cfg.distill, steps=16))
@@ -281,6 +282,7 @@ def test_student_augment_switch_changes_what_training_depends_on(tmp_path):
     assert train_fingerprint(on, man) == train_fingerprint(on, man)
 
 
+@pytest.mark.slow
 def test_coopt_run_includes_the_distill_stage_when_the_student_trains_on_it(tmp_path, tiny_models, shared_optimized,
                                                                             capsys):
     """`coopt run` with student.data: distilled/krr-st: optimize (done: a copy of the session's optimized RUN) ->

@@ -246,6 +246,7 @@ def test_hub_cache_first_then_short_request(tmp_path, monkeypatch):
 
 
 # ---------------------------------------------------------------- one run, three families
+@pytest.mark.slow
 def test_run_mixes_three_families(fam, tiny_models, tmp_path, ray_session):
     """open_clip (16-d), timm (64-d) and hf (48-d) participants in one optimize run: each embeds its shard and S
     in its own pool, all are scored, the others aligned to the best, and merged."""

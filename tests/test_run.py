@@ -81,6 +81,7 @@ def test_report_command_rebuilds_the_page(full_run):
     assert all(f">{n}" in page for n in ("p0", "p1", "p2"))
 
 
+@pytest.mark.slow
 def test_train_stage_on_two_workers_resumes_from_its_checkpoint(full_run):
     import dataclasses
 

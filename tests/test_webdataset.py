@@ -73,6 +73,7 @@ def test_webdataset_ids_labels_and_limit(tmp_path, tiny_models, ray_session):
         count_images(DataConfig(source="webdataset", path=str(tmp_path / "bad")))
 
 
+@pytest.mark.slow
 def test_webdataset_source_optimizes_with_a_corrupt_member_as_an_error_row(tmp_path, tiny_models, ray_session):
     from coopt_ray.pipeline import run_optimize
 
