@@ -35,7 +35,7 @@ class ParticipantEmbedder:
                  params: Optional[dict] = None, key: str = "participants[*].num_gpus", pool: str = "auto"):
         import torch
 
-        from .devices import amp_dtype, stage_device
+        from .devices import amp_dtype, channels_last, stage_device
         from .models import load_model
 
         torch.set_num_threads(max(1, threads))
@@ -49,6 +49,7 @@ class ParticipantEmbedder:
             raise RuntimeError(f"{model}: preprocessing read from its config {self.params} differs from the loaded "
                                f"model's {loaded}")
         self.mean, self.std = norm_tensors(self.params, self.device)
+        self.fmt = channels_last(self.device)
         self._pinned = None
 
     def embed_pixels(self, pixels: np.ndarray) -> np.ndarray:
@@ -65,7 +66,8 @@ class ParticipantEmbedder:
             x = self._pinned[:x.numel()].view(x.shape).copy_(x).to(self.device, non_blocking=True)
         with torch.inference_mode(), autocast(self.amp, self.device):
             x = to_model_input(x, self.mean, self.std)
-            x = x.contiguous(memory_format=torch.channels_last if cuda else torch.contiguous_format)
+            if self.fmt is not None:
+                x = x.contiguous(memory_format=self.fmt)
             out = self.model.encode_image(x)
         return out.float().cpu().numpy()
 

@@ -13,7 +13,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from .images import PIXEL_MEAN, PIXEL_STD, decode_image, resize_rgb
+from .images import PIXEL_MEAN, PIXEL_STD, decode_image, resize_rgb, to_float_nchw
 
 PIXELS = "pixels"  # the decode stage's column: uint8 (N, H, W, 3), zeros on error rows
 
@@ -169,5 +169,4 @@ def norm_tensors(params: dict, device) -> tuple[torch.Tensor, torch.Tensor]:
 def to_model_input(pixels: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
     """uint8 NHWC (on the model's device) -> float32 NCHW, normalised as open_clip's ToTensor + Normalize do
     (x / 255, then (x - mean) / std, in float32: the same operations, so the same numbers)."""
-    x = pixels.permute(0, 3, 1, 2).to(torch.float32).div_(255.0)
-    return x.sub_(mean).div_(std)
+    return to_float_nchw(pixels).sub_(mean).div_(std)
