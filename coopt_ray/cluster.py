@@ -28,6 +28,10 @@ def init_ray(address: Optional[str] = None, num_cpus: Optional[int] = None, log:
     ctx = ray.data.DataContext.get_current()
     ctx.wait_for_min_actors_s = int(os.environ.get("COOPT_WAIT_FOR_ACTORS_S", "300"))
     ctx.enable_progress_bars = os.environ.get("COOPT_PROGRESS", "1") != "0"
+    # Ray 2.60's V2 Parquet reader starts a pool of 32 FooterReader actors (new worker processes) for every
+    # read_parquet call, to read footers over a network store. Our reads are a few local or shared-storage files
+    # per stage (embedding shards, split parts, the optimized set), which the V1 reader lists on the driver.
+    ctx.use_datasource_v2 = False
 
 
 def driver_node_id() -> Optional[str]:

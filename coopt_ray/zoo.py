@@ -29,69 +29,16 @@ from .probe import embed_tensors, linear_probe, preprocess_arrays
 from .models import LOCAL_DIR, load_model, save_local_dir
 from .rundir import write_json_atomic
 from .uniformity import uniformity
+from .zoo_specs import (CAPTION, CAPTION_MODES, PREPROCESS_CFG, ZOO_SPECS,
+                        pixel_stat_captions)
 
 ZOO_FORMAT = 1  # bump when training/scoring code changes in a way that invalidates cached zoos
 ZOO_JSON = "zoo.json"
 ENTRY_JSON = "zoo_entry.json"  # per-teacher record, written last inside its folder (resume marker)
 UNIFORMITY_SAMPLE = 64
 UNIFORMITY_SEED = 0
-CAPTION = "a photo of a {}"
-CAPTION_MODES = ("classes", "pixel-stats")  # spec key "captions" (absent = classes)
-SIZES, SHAPES = ("small", "medium", "large"), ("tall", "square", "wide")
 
 
-def pixel_stat_captions(pixels: torch.Tensor, fill: torch.Tensor) -> tuple[list[str], np.ndarray]:
-    """Label-free captions: "a {small|medium|large} {tall|square|wide} shape" from each image's ink area and
-    bounding-box aspect (tertiles over the training images), never from a label. Returns (captions, index)."""
-    ink = (pixels - fill.view(1, -1, 1, 1)).abs().mean(1) > 0.2          # (N, H, W): off the background
-    area = ink.float().mean((1, 2)).numpy()
-    rows, cols = ink.any(2).float().sum(1).numpy(), ink.any(1).float().sum(1).numpy()
-    aspect = (cols + 1) / (rows + 1)
-    a_bin = np.digitize(area, np.quantile(area, [1 / 3, 2 / 3]))
-    s_bin = np.digitize(aspect, np.quantile(aspect, [1 / 3, 2 / 3]))
-    captions = [f"a {z} {h} shape" for z in SIZES for h in SHAPES]
-    return captions, (a_bin * 3 + s_bin).astype(np.int64)
-
-TEXT_CFG = {"context_length": 16, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 1}
-PREPROCESS_CFG = {"mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]}
-
-
-def _vit(embed_dim: int, width: int, layers: int, head_width: int) -> dict:
-    return {
-        "embed_dim": embed_dim,
-        "vision_cfg": {"image_size": 32, "patch_size": 4, "width": width, "layers": layers,
-                       "head_width": head_width, "mlp_ratio": 2.0},
-        "text_cfg": dict(TEXT_CFG),
-    }
-
-
-def _resnet(embed_dim: int, width: int, layers: Sequence[int]) -> dict:
-    return {
-        "embed_dim": embed_dim,
-        "vision_cfg": {"image_size": 32, "layers": list(layers), "width": width},
-        "text_cfg": dict(TEXT_CFG),
-    }
-
-
-# Quality is meant to fall from a to e (measured: linear probe ~0.87 down to ~0.6).
-# ``epochs`` may be fractional: 0.5 trains on half of the public split once. Batch 64 gives more
-# steps per epoch than 256 and trains these tiny towers better at the same compute; augmentation
-# only pays off with longer training than this, so it is off.
-ZOO_SPECS: list[dict] = [
-    {"name": "clip-tiny-a", "model_cfg": _resnet(64, width=16, layers=[1, 1, 1, 1]),
-     "epochs": 3, "lr": 2e-3, "batch_size": 64, "seed": 0},
-    {"name": "clip-tiny-b", "model_cfg": _vit(96, width=64, layers=2, head_width=32),
-     "epochs": 2, "lr": 2e-3, "batch_size": 64, "seed": 1},
-    {"name": "clip-tiny-c", "model_cfg": _vit(48, width=48, layers=2, head_width=24),
-     "epochs": 1.5, "lr": 2e-3, "batch_size": 64, "seed": 2},
-    {"name": "clip-tiny-d", "model_cfg": _vit(80, width=32, layers=1, head_width=16),
-     "epochs": 1, "lr": 2e-3, "batch_size": 64, "seed": 3},
-    {"name": "clip-tiny-e", "model_cfg": _vit(32, width=32, layers=2, head_width=16),
-     "epochs": 0.5, "lr": 2e-3, "batch_size": 64, "seed": 4},
-]
-for _s in ZOO_SPECS:
-    _s["preprocess_cfg"] = dict(PREPROCESS_CFG)
-del _s
 
 SPEC_DEFAULTS = {"epochs": 1, "lr": 1e-3, "weight_decay": 0.1, "batch_size": 256, "augment": False,
                  "seed": 0, "warmup_fraction": 0.1, "preprocess_cfg": PREPROCESS_CFG}
@@ -257,7 +204,7 @@ def build_zoo(out_dir: str | os.PathLike = "zoo", specs: Optional[Sequence[dict]
               n_train: Optional[int] = None, n_test: Optional[int] = None, force: bool = False,
               progress: Optional[Callable[[str], None]] = print, data_path: Optional[str] = None,
               num_threads: Optional[int] = 1, device: str = "cpu",
-              probe_epochs: int = 100) -> list[dict]:
+              probe_epochs: int = 100, jobs: Optional[int] = None) -> list[dict]:
     """Build (or reuse) the teacher zoo under ``out_dir``; return the teacher records.
 
     Each record: ``name, path, model ("local-dir:..."), embed_dim, probe_accuracy, uniformity,
@@ -269,11 +216,14 @@ def build_zoo(out_dir: str | os.PathLike = "zoo", specs: Optional[Sequence[dict]
     ``num_threads`` (restored afterwards; None leaves torch's setting) defaults to 1: on a shared
     2-core machine, 2 torch threads made these tiny convs/attention 10-40x *slower* (OpenMP threads
     spin while the other core is busy), while 1 thread costs at most ~1.5x when the machine is idle.
+
+    ``jobs`` teachers train at once, each in its own process (``None``: one per CPU core, at most 4, on the CPU;
+    1 on CUDA). Each teacher's weights depend only on its spec and seed, so they are the same for any ``jobs``.
     """
     if device not in ("cpu", "cuda"):
         raise ValueError(f"zoo device must be cpu or cuda, got {device!r}")
     device = str(stage_device(device == "cuda", "zoo build --device"))  # asked for cuda: cuda or a one-line error
-    progress = progress or (lambda _msg: None)
+    verbose, progress = progress is not None, progress or (lambda _msg: None)
     specs = [_full_spec(s) for s in (ZOO_SPECS if specs is None else specs)]
     names = [s["name"] for s in specs]
     if len(set(names)) != len(names):
@@ -290,13 +240,67 @@ def build_zoo(out_dir: str | os.PathLike = "zoo", specs: Optional[Sequence[dict]
     old_threads = torch.get_num_threads()
     if num_threads:
         torch.set_num_threads(num_threads)
+    if jobs is None:
+        jobs = 1 if device != "cpu" else max(1, min(4, os.cpu_count() or 1))
+    args = (n_train, n_test, force, data_path, device, probe_epochs)
     try:
-        teachers = _build(out, specs, n_train, n_test, force, progress, data_path, device, probe_epochs)
+        if jobs > 1 and len(specs) > 1:
+            teachers = _build_parallel(out, specs, args, progress, verbose, jobs, num_threads)
+        else:
+            teachers = _build(out, specs, *args[:3], progress, *args[3:])
     finally:
         torch.set_num_threads(old_threads)
     write_json_atomic(out / ZOO_JSON, {"specs_hash": h, "n_train": n_train, "n_test": n_test,
                                         "probe_epochs": probe_epochs, "teachers": teachers})
     return teachers
+
+
+def _build_parallel(out: Path, specs, args: tuple, progress, verbose: bool, jobs: int,
+                    num_threads: Optional[int]) -> list[dict]:
+    """Train ``jobs`` teachers at once, each in a fresh (spawned) process, in spec order; records in spec order.
+    The children's progress lines come back through a queue and go to ``progress`` here, as they happen."""
+    import multiprocessing
+    import queue
+    from concurrent.futures import ProcessPoolExecutor, wait
+
+    t0, ctx = time.time(), multiprocessing.get_context("spawn")
+    lines = ctx.Queue()
+    progress(f"[zoo] training {len(specs)} teachers, {jobs} at a time")
+
+    def drain(timeout: float) -> None:
+        try:
+            while True:
+                progress(lines.get(timeout=timeout))
+                timeout = 0
+        except queue.Empty:
+            pass
+
+    with ProcessPoolExecutor(min(jobs, len(specs)), mp_context=ctx, initializer=_child_init,
+                             initargs=(lines if verbose else None, num_threads)) as ex:
+        futures = [ex.submit(_build_child, out, spec, args) for spec in specs]
+        while wait(futures, timeout=0).not_done:
+            drain(0.2)
+        teachers = [f.result() for f in futures]
+    drain(0.2)
+    progress(f"[zoo] built {len(teachers)} teachers in {time.time() - t0:.1f}s")
+    return teachers
+
+
+_CHILD_LINES = None  # a build child's progress queue (_child_init)
+
+
+def _child_init(lines, num_threads: Optional[int]) -> None:
+    global _CHILD_LINES
+    _CHILD_LINES = lines
+    if num_threads:
+        torch.set_num_threads(num_threads)
+
+
+def _build_child(out: Path, spec: dict, args: tuple) -> dict:
+    """One teacher, in a process of its own (:func:`_build_parallel`)."""
+    n_train, n_test, force, data_path, device, probe_epochs = args
+    say = _CHILD_LINES.put if _CHILD_LINES is not None else (lambda _m: None)
+    return _build(out, [spec], n_train, n_test, force, say, data_path, device, probe_epochs)[0]
 
 
 def _build(out: Path, specs, n_train, n_test, force, progress, data_path, device, probe_epochs):

@@ -101,3 +101,22 @@ def test_changed_specs_rebuild(tmp_path):
     assert any("epoch" in line for line in lines)  # retrained
     assert json.loads((out / "zoo.json").read_text())["specs_hash"] != h
     assert second[0]["spec"]["seed"] == 99 and first[0]["spec"]["seed"] != 99
+
+
+def test_parallel_build_trains_the_same_teachers_as_one_at_a_time(tmp_path):
+    """`jobs=2` trains each teacher in its own process; every teacher depends only on its spec and seed, so the
+    weights and records equal a one-at-a-time build's, and the children's progress reaches the caller."""
+    import torch
+    from safetensors.torch import load_file
+
+    lines: list[str] = []
+    par = _build(tmp_path / "par", lines, jobs=2)
+    seq = _build(tmp_path / "seq", jobs=1)
+    assert "[zoo] training 2 teachers, 2 at a time" in lines
+    assert any(line.startswith("[zoo] clip-tiny-b epoch 1/1") for line in lines)  # from a child process
+    for p, s in zip(par, seq):
+        assert (p["name"], p["probe_accuracy"], p["uniformity"], p["final_loss"]) == \
+            (s["name"], s["probe_accuracy"], s["uniformity"], s["final_loss"])
+        wp = {k: v for f in sorted((tmp_path / "par" / p["name"]).glob("*.safetensors")) for k, v in load_file(f).items()}
+        ws = {k: v for f in sorted((tmp_path / "seq" / s["name"]).glob("*.safetensors")) for k, v in load_file(f).items()}
+        assert wp and wp.keys() == ws.keys() and all(torch.equal(wp[k], ws[k]) for k in wp)
