@@ -13,7 +13,8 @@
 # listens on 127.0.0.1 only.
 #
 # Settings (environment): COOPT_LOCAL_STATE (default /tmp/coopt-local), RAY_PORT (6390),
-# DASHBOARD_PORT (8265), HEAD_CPUS (2), WORKER_CPUS (1), AGENT_PORT_BASE (52400), WAIT_S (180),
+# DASHBOARD_PORT (8265), HEAD_CPUS (2), WORKER_CPUS (1), AGENT_PORT_BASE (52400), WAIT_S (180: start),
+# STOP_WAIT_S (10: how long `stop` lets the nodes exit on SIGTERM before it kills what is left),
 # COOPT_SIMULATED_GPUS (1: the worker nodes' GPUs are only declared, so a stage that asked for a GPU runs on the
 # CPU instead of refusing; 0 on a machine whose GPUs are real and must be used).
 set -euo pipefail
@@ -26,6 +27,7 @@ HEAD_CPUS="${HEAD_CPUS:-2}"
 WORKER_CPUS="${WORKER_CPUS:-1}"
 AGENT_PORT_BASE="${AGENT_PORT_BASE:-52400}"
 WAIT_S="${WAIT_S:-180}"
+STOP_WAIT_S="${STOP_WAIT_S:-10}"
 
 # Job drivers inherit the head's environment: put this project's venv first, so `python` has Ray.
 if [ -x "$REPO/.venv/bin/ray" ]; then
@@ -157,7 +159,8 @@ cmd_stop() {
   # workers first, then the head (the first pid); each `ray start --block` stops its node on SIGTERM
   tac "$STATE/pids" | while read -r pid; do kill -TERM "$pid" 2>/dev/null || true; done
   t0=$SECONDS
-  while [ "$(pids_alive)" -gt 0 ] && [ $((SECONDS - t0)) -lt 30 ]; do sleep 1; done
+  # an idle node stops in a few seconds; one that ran jobs can hang for 30 s or more, so after STOP_WAIT_S
+  while [ "$(pids_alive)" -gt 0 ] && [ $((SECONDS - t0)) -lt "$STOP_WAIT_S" ]; do sleep 1; done
   # whatever is left of these nodes (each ran in its own session: process group id = pid)
   while read -r pid; do kill -KILL -- "-$pid" 2>/dev/null || true; done < "$STATE/pids"
   rm -f "$STATE/pids"

@@ -91,7 +91,7 @@ class LocalHead:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
-                self.proc.wait(timeout=15)
+                self.proc.wait(timeout=5)  # after a job has run it can take 15 s or more; its group is killed next
             except subprocess.TimeoutExpired:
                 pass
         try:

@@ -195,9 +195,11 @@ def test_driver_killed_mid_optimize_resumes_without_loss(tmp_path, tiny_models, 
 
     # Same ids and targets (within 1e-6) as an uninterrupted run with the same seed, to a second --out.
     t2 = time.time()
-    ref_run = tmp_path / "reference"
-    assert run_cli(cfg_path, ref_run, tmp_path / "ref.log", env=session_env()) == 0, \
-        (tmp_path / "ref.log").read_text()[-3000:]
+    ref_run = tmp_path / "reference"  # in this process, on the session's Ray: the same code as `coopt optimize`
+    from coopt_ray.config import load_config
+    from coopt_ray.pipeline import run_optimize
+
+    run_optimize(load_config(cfg_path), ref_run, log=lambda *_: None)
     ref = json.loads((ref_run / "manifest.json").read_text())
     t_ref = time.time() - t2
     got, want = optimized_by_id(run), optimized_by_id(ref_run)

@@ -187,7 +187,11 @@ def test_two_rounds_killed_in_round_two_resume_without_redoing_round_one(tmp_pat
                        eval={"probe_epochs": 5, "probe_limit": 200, "test_limit": 100})
     run, log = tmp_path / "run", tmp_path / "killed.log"
     r1, r2 = run / "rounds" / "1", run / "rounds" / "2"
-    p = _start(cfg, run, log)
+    from conftest import session_address
+
+    # Both drivers join the session's Ray (no start-up of their own): killing the first one ends its job, and Ray
+    # removes that job's actors and tasks; what is checked here is what RUN keeps across the kill.
+    p = _start(cfg, run, log, session_address())
     t0 = time.time()
     # Kill once round 2 has finished embedding its first participant (round 1 is complete by then).
     while p.poll() is None and not list((r2 / "embeddings").glob("*/_DONE.json")) and time.time() - t0 < 600:
@@ -198,9 +202,7 @@ def test_two_rounds_killed_in_round_two_resume_without_redoing_round_one(tmp_pat
     stamps = {f: (r1 / f).stat().st_mtime_ns for f in ("_DONE.json", "eval.json", "manifest.json", "student/student.pt")}
 
     log2 = tmp_path / "resumed.log"
-    from conftest import session_address
-
-    p = _start(cfg, run, log2, session_address())  # the resumed driver joins the session's Ray (no start-up)
+    p = _start(cfg, run, log2, session_address())
     assert p.wait(timeout=600) == 0, log2.read_text()[-3000:]
     out = log2.read_text()
     assert "[rounds] round 1: already done" in out and "==== round 1/2" not in out
