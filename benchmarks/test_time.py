@@ -57,8 +57,8 @@ def group(rows: list[dict]) -> dict[str, float]:
 def readme_parts(log: str) -> dict[str, float]:
     """The README sequence's own split: zoo build, optimize job, pipeline job stages (from its log lines)."""
     parts = {}
-    if m := re.search(r"\[zoo\] built \d+ teachers in ([0-9.]+)s", log):
-        parts["zoo build (make zoo)"] = float(m[1])
+    if built := re.findall(r"\[zoo\] built \d+ teachers in ([0-9.]+)s", log):  # the whole build's line is last
+        parts["zoo build (make zoo)"] = float(built[-1])
     done = [float(x) for x in re.findall(r"\[optimize\] done: .* in ([0-9.]+)s", log)]
     if done:
         parts["optimize job (2 waves)"] = done[0]

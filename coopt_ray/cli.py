@@ -40,7 +40,9 @@ def cmd_optimize(args) -> int:
 def cmd_zoo_build(args) -> int:
     from .zoo import build_zoo
 
-    teachers = build_zoo(args.out, force=args.force, progress=_log, device=args.device)
+    from .zoo_specs import ZOO_SETS
+
+    teachers = build_zoo(args.out, specs=ZOO_SETS[args.specs], force=args.force, progress=_log, device=args.device)
     _log(f"[zoo] {len(teachers)} teachers in {os.path.abspath(args.out)}:")
     for t in teachers:
         _log(f"  {t['name']:<14} dim {t['embed_dim']:>3}  probe {t['probe_accuracy']:.4f}  "
@@ -79,6 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
     zb = zsub.add_parser("build", help="pretrain the tiny open_clip teachers (cached)")
     zb.add_argument("--out", default="zoo", help="zoo directory (default: zoo)")
     zb.add_argument("--force", action="store_true", help="rebuild even if cached")
+    zb.add_argument("--specs", choices=("default", "diverse"), default="default",
+                    help="which teachers: default (five nested CLIP-tiny models, the offline default) or diverse "
+                         "(CLIP on classes 0-4, label-free SimCLR, supervised on classes 5-9)")
     zb.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                     help="train the teachers on this device (default cpu; cuda: a usable GPU or exit 2)")
     zb.set_defaults(fn=cmd_zoo_build)

@@ -29,6 +29,7 @@ from .probe import embed_tensors, linear_probe, preprocess_arrays
 from .models import LOCAL_DIR, load_model, save_local_dir
 from .rundir import write_json_atomic
 from .uniformity import uniformity
+from .zoo_train import class_subset, make_objective
 from .zoo_specs import (CAPTION, CAPTION_MODES, PREPROCESS_CFG, ZOO_SPECS,
                         pixel_stat_captions)
 
@@ -108,21 +109,19 @@ def _param_groups(model: torch.nn.Module, weight_decay: float):
 # ---------------------------------------------------------------- training one teacher
 def train_teacher(spec: dict, pixels: torch.Tensor, labels: np.ndarray, device: str = "cpu",
                   progress: Callable[[str], None] = print):
-    """Pretrain one tiny CLIP on preprocessed ``pixels`` (N,3,S,S) with class-name captions, or, with the
-    spec's ``captions: pixel-stats``, with label-free captions (:func:`pixel_stat_captions`; labels unused).
-
-    Uses open_clip's ``ClipLoss``; the text tower encodes the (few) distinct captions once per
-    step and they are gathered per sample, which gives the same loss and gradients as encoding
-    every caption. Returns ``(model, final_loss)``.
+    """Pretrain one tiny CLIP on preprocessed ``pixels`` (N,3,S,S) with the spec's ``objective``
+    (:mod:`coopt_ray.zoo_train`; default ``clip``: class-name captions, or with ``captions: pixel-stats``
+    label-free captions from :func:`pixel_stat_captions`), on the spec's ``classes`` only when it names them.
+    Returns ``(model, final_loss)``.
     """
     import open_clip
 
     spec = _full_spec(spec)
+    pixels, labels = class_subset(pixels, labels, spec.get("classes"))
     torch.manual_seed(int(spec["seed"]))
     gen = torch.Generator().manual_seed(int(spec["seed"]))
     model = open_clip.CLIP(**spec["model_cfg"]).to(device)
     model.train()
-    ctx = spec["model_cfg"].get("text_cfg", {}).get("context_length", 77)
     mean = torch.tensor(spec["preprocess_cfg"].get("mean", PREPROCESS_CFG["mean"]), dtype=torch.float32)
     std = torch.tensor(spec["preprocess_cfg"].get("std", PREPROCESS_CFG["std"]), dtype=torch.float32)
     fill = (0.0 - mean) / std  # black background after normalisation
@@ -130,23 +129,27 @@ def train_teacher(spec: dict, pixels: torch.Tensor, labels: np.ndarray, device: 
     if mode not in CAPTION_MODES:
         raise ValueError(f"zoo spec {spec['name']}: 'captions' must be one of {CAPTION_MODES}, got {mode!r}")
     if mode == "classes":
-        captions = [CAPTION.format(c) for c in FASHION_MNIST_CLASSES]
+        captions = ([CAPTION.format(c) for c in FASHION_MNIST_CLASSES], np.asarray(labels))
     else:
-        captions, labels = pixel_stat_captions(pixels, fill)
-    tokens = open_clip.tokenize(captions, context_length=ctx).to(device)
-    y_all = torch.as_tensor(np.asarray(labels, dtype=np.int64))
+        captions = pixel_stat_captions(pixels, fill)
+    objective = make_objective(spec, model, labels, captions, mean, std, device)
     n, bs = len(pixels), int(spec["batch_size"])
+    if spec.get("classes") is not None or spec.get("objective", "clip") != "clip":
+        progress(f"[zoo] {spec['name']}: objective {spec.get('objective', 'clip')}, "
+                 f"classes {spec.get('classes', 'all')}: {n} images")
     if n == 0:
         raise ValueError("no training images")
     bs = min(bs, n)
     steps_per_epoch = max(1, n // bs)  # drop the ragged last batch: contrastive batches stay large
     total = max(1, int(math.ceil(float(spec["epochs"]) * steps_per_epoch)))
     warmup = int(float(spec["warmup_fraction"]) * total)
-    opt = torch.optim.AdamW(_param_groups(model, float(spec["weight_decay"])), lr=float(spec["lr"]))
+    groups = _param_groups(model, float(spec["weight_decay"]))
+    if objective.params:  # a projection head or classifier that trains with the tower (not saved)
+        groups.append({"params": objective.params, "weight_decay": float(spec["weight_decay"])})
+    opt = torch.optim.AdamW(groups, lr=float(spec["lr"]))
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: (s + 1) / max(1, warmup) if s < warmup
         else 0.5 * (1 + math.cos(math.pi * (s - warmup) / max(1, total - warmup))))
-    loss_fn = open_clip.loss.ClipLoss()
 
     t0 = time.time()
     step, epoch, loss_sum, loss_n, last = 0, 0, 0.0, 0, float("nan")
@@ -160,10 +163,7 @@ def train_teacher(spec: dict, pixels: torch.Tensor, labels: np.ndarray, device: 
             x = pixels[idx]
             if spec["augment"]:
                 x = _augment(x, gen, fill)
-            x, y = x.to(device), y_all[idx].to(device)
-            img = model.encode_image(x, normalize=True)
-            txt = model.encode_text(tokens, normalize=True)[y]
-            loss = loss_fn(img, txt, model.logit_scale.exp())
+            loss = objective(x.to(device), idx, gen)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -299,7 +299,10 @@ def _child_init(lines, num_threads: Optional[int]) -> None:
 def _build_child(out: Path, spec: dict, args: tuple) -> dict:
     """One teacher, in a process of its own (:func:`_build_parallel`)."""
     n_train, n_test, force, data_path, device, probe_epochs = args
-    say = _CHILD_LINES.put if _CHILD_LINES is not None else (lambda _m: None)
+    def say(line: str) -> None:  # the parent says when the whole build is done
+        if _CHILD_LINES is not None and not line.startswith("[zoo] built "):
+            _CHILD_LINES.put(line)
+
     return _build(out, [spec], n_train, n_test, force, say, data_path, device, probe_epochs)[0]
 
 

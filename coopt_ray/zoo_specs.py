@@ -65,3 +65,21 @@ ZOO_SPECS: list[dict] = [
 for _s in ZOO_SPECS:
     _s["preprocess_cfg"] = dict(PREPROCESS_CFG)
 del _s
+
+
+# A zoo whose teachers know different things (`coopt zoo build --specs diverse`, issue 27): a caption-trained
+# teacher that saw only classes 0-4, a label-free SimCLR teacher that saw every image but no label or caption,
+# and a supervised teacher that saw only classes 5-9. Each alone misses what another knows, so their embeddings
+# together should probe above the best one alone (benchmarks/zoo_diversity.py checks it).
+DIVERSE_SPECS: list[dict] = [
+    {"name": "clip-half-0to4", "model_cfg": _vit(64, width=64, layers=2, head_width=32),
+     "epochs": 3, "lr": 2e-3, "batch_size": 64, "seed": 10, "classes": [0, 1, 2, 3, 4]},
+    {"name": "simclr-free", "model_cfg": _vit(64, width=64, layers=2, head_width=32),
+     "epochs": 2, "lr": 2e-3, "batch_size": 128, "seed": 11, "objective": "simclr"},
+    {"name": "sup-half-5to9", "model_cfg": _vit(48, width=48, layers=2, head_width=24),
+     "epochs": 3, "lr": 2e-3, "batch_size": 64, "seed": 12, "objective": "supervised", "classes": [5, 6, 7, 8, 9]},
+]
+for _s in DIVERSE_SPECS:
+    _s["preprocess_cfg"] = dict(PREPROCESS_CFG)
+del _s
+ZOO_SETS = {"default": ZOO_SPECS, "diverse": DIVERSE_SPECS}
