@@ -12,11 +12,11 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 
 from common import RESULTS, ROOT
 from report_labeled import labeled_goal_rows, labeled_table
 from report_scale import scale_goal_rows, scale_table
+from report_zoo import zoo_diversity_table
 
 BEGIN, END = "<!-- generated:results:begin (benchmarks/report.py --docs) -->", "<!-- generated:results:end -->"
 NAMES = {
@@ -325,11 +325,13 @@ def goals_table(fid, ali, cri, thr, mem, dis=None, rnd=None, lab=None, sca=None)
 
 def render() -> str:
     fid, ali, cri, thr, mem = load("fidelity"), load("alignment"), load("criteria"), load("throughput"), load("memory")
-    dis, rnd, sca = load("distill"), load("rounds"), load("scale")
+    dis, rnd, sca, zdv = load("distill"), load("rounds"), load("scale"), load("zoo_diversity")
     lab = [r for r in (load("distill_labeled"), load("distill_labeled_full")) if r]  # the CPU and GPU protocols
     parts = []
     if fid:
         parts += ["## Fidelity", "", fidelity_tables(fid)]
+    if zdv:
+        parts += ["", "## Do the zoo's teachers differ?", "", zoo_diversity_table(zdv)]
     if ali:
         parts += ["", "## Alignment", "", alignment_table(ali)]
     if cri:

@@ -82,3 +82,19 @@ def test_diverse_zoo_builds_each_kind_of_teacher_on_its_classes(tmp_path):
     assert [t["name"] for t in teachers] == [s["name"] for s in DIVERSE_SPECS]
     assert all(0 < t["probe_accuracy"] <= 1 and t["embed_dim"] == s["model_cfg"]["embed_dim"]
                for t, s in zip(teachers, DIVERSE_SPECS))
+
+    # benchmarks/zoo_diversity.py on this small zoo: each teacher alone, the top two and all of them together
+    import json
+    import sys
+
+    sys.path.insert(0, str(zoo.Path(__file__).resolve().parents[1] / "benchmarks"))
+    import zoo_diversity
+
+    out = tmp_path / "zd.json"
+    assert zoo_diversity.main(["--zoo", str(tmp_path / "z"), "--probe-images", "120", "--test-images", "80",
+                               "--probe-epochs", "3", "--out", str(out)]) == 0
+    z = json.loads(out.read_text())["zoos"]["z"]
+    assert set(z["teachers"]) == {s["name"] for s in DIVERSE_SPECS} and z["best"] == max(z["teachers"], key=z["teachers"].get)
+    assert z["best_alone"] == z["teachers"][z["best"]] and len(z["top2"]) == 2 and 0 < z["all_together"] <= 1
+    assert z["gain_all_over_best_points"] == round(100 * (z["all_together"] - z["best_alone"]), 2)
+    assert z["passes"] == (z["gain_all_over_best_points"] >= 2.0)
