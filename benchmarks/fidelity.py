@@ -72,6 +72,8 @@ def parse_args(argv=None):
                     "(default 256; quick: off)")
     ap.add_argument("--crop-min", type=float, default=0.5, help="RandomResizedCrop scale (crop_min, 1), all methods")
     ap.add_argument("--whiten", action="store_true", help="CoOpt students regress PCA-whitened targets")
+    ap.add_argument("--loss", default="cos", choices=("cos", "cos+smooth-l1", "mse"),
+                    help="the CoOpt students' loss (student.loss)")
     ap.add_argument("--methods", default="", help="comma list: train only these result keys (default all)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     ap.add_argument("--zoo", default=str(ROOT / "zoo"), help="teacher zoo folder (built if missing)")
@@ -268,7 +270,7 @@ def main(argv=None) -> dict:
             hist = [{"epoch": e, "loss": None, "train_seconds": 0.0, "probe_accuracy": acc} for e in range(a.epochs + 1)]
         elif method == "coopt":
             idx, y, w = targets_for(data)
-            hist = B.train_coopt(arch, images[idx], y, whiten=a.whiten, weights=w, **kw)[1]
+            hist = B.train_coopt(arch, images[idx], y, whiten=a.whiten, weights=w, loss=a.loss, **kw)[1]
         elif method == "supervised":
             hist = B.train_supervised(arch, images, labels, **kw)[1]
         else:

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from .devices import autocast, cuda_speed_habits, stage_device
 from .images import BatchAugment, normalize_pixels, to_float_nchw
 from .probe import backbone_features, linear_probe
-from .student import Student, build_backbone, cosine_loss, feature_dim, target_transform
+from .student import Student, build_backbone, feature_dim, student_loss, target_transform
 
 METHODS = ("coopt", "byol", "simclr", "supervised")
 
@@ -113,10 +113,10 @@ def train_coopt(arch: str, images: np.ndarray, targets: np.ndarray, epochs: int,
                 lr: float = 1e-3, weight_decay: float = 0.01, seed: int = 0, whiten: bool = False,
                 probe=None, log=print, crop_min: float = 0.5,
                 weights: Optional[np.ndarray] = None, augment: bool = True,
-                device: torch.device | str = "cpu") -> tuple[torch.nn.Module, list[dict]]:
-    """CoOpt student: regress standardised targets with ``1 - cos`` (the train stage's objective); ``weights``
-    (one per row, optional) weight each row's loss; ``augment=False`` trains on the un-augmented images
-    (``student.augment: false``)."""
+                device: torch.device | str = "cpu", loss: str = "cos") -> tuple[torch.nn.Module, list[dict]]:
+    """CoOpt student: regress standardised targets with ``loss`` (``student.loss``: ``1 - cos`` by default, the train
+    stage's objective); ``weights`` (one per row, optional) weight each row's loss; ``augment=False`` trains on the
+    un-augmented images (``student.augment: false``)."""
     torch.manual_seed(seed)
     size = images.shape[1]
     fdim = feature_dim(arch, size)
@@ -130,7 +130,8 @@ def train_coopt(arch: str, images: np.ndarray, targets: np.ndarray, epochs: int,
 
     def step(idx, gen):
         t = torch.from_numpy(idx).to(device)
-        return cosine_loss(student(_aug_batch(images, idx, aug, gen, device)), y[t], None if w is None else w[t])
+        return student_loss(student(_aug_batch(images, idx, aug, gen, device)), y[t], loss,
+                            None if w is None else w[t])
 
     hist = fit(student, student.backbone, step, len(images), epochs, batch_size, lr, weight_decay, seed,
                probe, log=log, name=f"coopt/{arch}", device=device)

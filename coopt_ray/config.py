@@ -92,9 +92,11 @@ class StudentConfig:
     augment: bool = True         # RELA's augmentations on every batch; false: the un-augmented images (KRR-ST's recipe)
     init: Optional[str] = None   # warm start: a student folder (RUN/student) whose weights start training
     amp: str = "auto"            # bf16 autocast in training: auto (bf16 on CUDA, off on the CPU) | bf16 | off
+    loss: str = "cos"            # per target: cos (1 - cos) | cos+smooth-l1 (0.9 (1 - cos) + 0.1 smooth-L1, RADIO's) | mse
 
 
 STUDENT_DATA = ("optimized", "distilled/krr-st")
+STUDENT_LOSSES = ("cos", "cos+smooth-l1", "mse")
 ROUND_JOINS = ("extra", "replace", "relabel")
 
 
@@ -156,6 +158,8 @@ class Config:
             d["student"].pop("init")
         if d["student"].get("amp") == "auto":
             d["student"].pop("amp")
+        if d["student"].get("loss") == "cos":
+            d["student"].pop("loss")
         d["eval"].pop("gpu_fraction")  # where a probe runs, not what it measures
         d["distill"] = distill_view(self.distill)
         return d
@@ -303,6 +307,8 @@ def _check_values(cfg: Config) -> None:
     if s.limit is not None and (isinstance(s.limit, bool) or not isinstance(s.limit, int) or s.limit < 2):
         raise ConfigError(f"'student.limit' must be an integer >= 2, got {s.limit!r}")
     check_amp("student.amp", s.amp)
+    if s.loss not in STUDENT_LOSSES:
+        raise ConfigError(f"'student.loss' must be one of {', '.join(STUDENT_LOSSES)}, got {s.loss!r}")
     if s.use_gpu and s.workers == 0:
         raise ConfigError("'student.use_gpu' needs Ray Train workers (student.workers >= 1): with workers: 0 the "
                           "loop runs in the driver, which Ray gave no GPU")

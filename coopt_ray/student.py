@@ -10,6 +10,8 @@ from typing import Optional
 import numpy as np
 import torch
 
+from .config import STUDENT_LOSSES
+
 STATE = "state.pt"           # inside a checkpoint dir: model/optimizer state + history (torch.save)
 META = "meta.json"           # inside a checkpoint dir: epoch + fingerprint, readable without torch
 CKPT_PREFIX = "checkpoint_epoch_"
@@ -116,11 +118,27 @@ def transform_from_moments(n: int, mean: np.ndarray, cov: np.ndarray, whiten: bo
     return mean.astype(np.float32), P.astype(np.float32)
 
 
-def cosine_loss(pred: torch.Tensor, y: torch.Tensor, weights: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """The student's objective ``1 - cos(pred, y)``, in fp32 whatever the net ran in: the mean over rows, or with
-    ``weights`` (one per row) the weighted mean ``sum(w * l) / sum(w)``."""
-    loss = 1 - torch.nn.functional.cosine_similarity(pred.float(), y.float(), dim=1)
+def student_loss(pred: torch.Tensor, y: torch.Tensor, kind: str = "cos",
+                 weights: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The student's objective (``student.loss``), in fp32 whatever the net ran in. Per row: ``cos`` is
+    ``1 - cos(pred, y)``; ``cos+smooth-l1`` is RADIO's ``0.9 (1 - cos) + 0.1 smooth-L1`` (beta 1, mean over
+    dimensions); ``mse`` the mean squared error over dimensions. Then the mean over rows, or with ``weights`` (one
+    per row) the weighted mean ``sum(w * l) / sum(w)``."""
+    pred, y = pred.float(), y.float()
+    if kind not in STUDENT_LOSSES:
+        raise ValueError(f"student loss must be one of {STUDENT_LOSSES}, got {kind!r}")
+    if kind == "mse":
+        loss = (pred - y).pow(2).mean(1)
+    else:
+        loss = 1 - torch.nn.functional.cosine_similarity(pred, y, dim=1)
+        if kind == "cos+smooth-l1":
+            loss = 0.9 * loss + 0.1 * torch.nn.functional.smooth_l1_loss(pred, y, reduction="none").mean(1)
     return loss.mean() if weights is None else (loss * weights).sum() / weights.sum()
+
+
+def cosine_loss(pred: torch.Tensor, y: torch.Tensor, weights: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``student_loss(pred, y, "cos", weights)``: ``1 - cos`` per row, mean or weighted mean over rows."""
+    return student_loss(pred, y, "cos", weights)
 
 
 def standardise(y: np.ndarray, mean: np.ndarray, scale: np.ndarray) -> np.ndarray:

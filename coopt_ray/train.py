@@ -28,8 +28,8 @@ from .images import BatchAugment, normalize_pixels, to_float_nchw
 from .rundir import (DISTILLED_PARTS, DONE, MANIFEST, OPTIMIZED, STUDENT, RunError, prepare_run_dir, read_done, run_label,
                      write_json_atomic)
 from .rows import streamed_subset, target_moments, training_dataset
-from .student import (CKPT_PREFIX, METRICS, WEIGHTS, Student, cosine_loss, feature_dim, init_fingerprint, latest_checkpoint,
-                      load_state, report_checkpoint, resume_state, transform_from_moments, usable_checkpoint, warm_start)
+from .student import (CKPT_PREFIX, METRICS, WEIGHTS, Student, feature_dim, init_fingerprint, latest_checkpoint,
+                      load_state, student_loss, report_checkpoint, resume_state, transform_from_moments, usable_checkpoint, warm_start)
 
 SHUFFLE_BUFFER = 2048       # rows in each worker's local shuffle buffer (reseeded every epoch)
 
@@ -53,6 +53,7 @@ def train_loop_per_worker(config: dict) -> dict:
     device = train_device(bool(config.get("use_gpu")), "student.use_gpu")
     cuda_speed_habits(device)
     amp, fmt = config.get("amp", "auto"), channels_last(device)
+    kind = config.get("loss", "cos")
     seed = int(config.get("seed", 0))
     torch.manual_seed(seed)  # identical init on every worker (DDP broadcasts rank 0's anyway)
 
@@ -111,7 +112,7 @@ def train_loop_per_worker(config: dict) -> dict:
             y = (batch["target"].to(device) - mean) @ proj
             with autocast(amp, device):
                 out = model(x)
-            loss = cosine_loss(out, y)  # in fp32, whatever the net ran in
+            loss = student_loss(out, y, kind)  # in fp32, whatever the net ran in
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -164,6 +165,8 @@ def train_fingerprint(cfg: Config, manifest: dict, with_epochs: bool = True, run
         s.pop(k, None)  # how many workers is not what is learned
     if s.get("amp") == "auto":
         s.pop("amp")  # the default: runs made before the key existed keep their fingerprints
+    if s.get("loss") == "cos":
+        s.pop("loss")  # the same
     if s.get("augment", True):
         s.pop("augment", None)  # the default: fingerprints of runs made before the switch existed still match
     if s.get("init") is None:
@@ -238,7 +241,7 @@ def run_train(cfg: Config, run: str | os.PathLike, address: Optional[str] = None
             "arch": s.arch, "image_size": cfg.data.image_size, "target_dim": tdim,
             "target_mean": mean.tolist(), "target_proj": proj.tolist(), "epochs": s.epochs,
             "batch_size": per_worker, "lr": s.lr, "weight_decay": s.weight_decay, "seed": cfg.seed,
-            "fingerprint": rfp, "threads": threads, "use_gpu": s.use_gpu, "amp": s.amp, "augment": s.augment,
+            "fingerprint": rfp, "threads": threads, "use_gpu": s.use_gpu, "amp": s.amp, "loss": s.loss, "augment": s.augment,
             "resume_from": str(latest[0]) if latest else None, "init_from": s.init,
             "local_checkpoint_dir": str(exp) if workers == 0 else None, "checkpoint_root": str(exp),
         }

@@ -45,6 +45,8 @@ CASES = [
     ("unknown-participant-key",
      lambda m: {"participants": [{**_participant(m[0]), "modle": "x"}]}, "participants[0].modle"),
     ("unknown-student-key", lambda m: {"student": {"archh": "resnet18"}}, "student.archh"),
+    ("unknown-student-loss", lambda m: {"student": {"loss": "l2"}},
+     "'student.loss' must be one of cos, cos+smooth-l1, mse, got 'l2'"),
     ("unknown-timm-arch", lambda m: {"student": {"arch": "resnet-nope"}}, "'student.arch': unknown timm"),
     ("missing-checkpoint",
      lambda m: {"participants": [_participant("ViT-B-32", pretrained="/no/such.pt")]}, "/no/such.pt"),

@@ -233,3 +233,19 @@ def test_weighted_student_loss_on_hand_values():
     assert float(cosine_loss(pred, y, torch.tensor([3.0, 1.0, 0.0]))) == pytest.approx(1 / 4)  # (0*3 + 1*1) / 4
     assert float(cosine_loss(pred, y, torch.tensor([0.0, 0.0, 2.0]))) == pytest.approx(2.0)
     assert cosine_loss(pred.bfloat16(), y).dtype == torch.float32  # computed in fp32 under autocast
+
+
+def test_student_loss_kinds_on_hand_values():
+    """student.loss: cos, RADIO's 0.9 cos + 0.1 smooth-L1, and mse, per row then (weighted) mean over rows."""
+    from coopt_ray.student import student_loss
+
+    pred = torch.tensor([[1.0, 0.0], [0.0, 2.0]])
+    y = torch.tensor([[3.0, 0.0], [0.0, 2.5]])  # cos 1 and 1: the cosine losses are 0; the distances are not
+    assert float(student_loss(pred, y, "cos")) == pytest.approx(0.0, abs=1e-7)
+    # smooth-L1 (beta 1) per row: [(|1-3| - 0.5) + 0] / 2 = 0.75 and [0 + 0.5 * 0.5^2] / 2 = 0.0625
+    assert float(student_loss(pred, y, "cos+smooth-l1")) == pytest.approx(0.1 * (0.75 + 0.0625) / 2)
+    assert float(student_loss(pred, y, "mse")) == pytest.approx(((4 + 0) / 2 + (0 + 0.25) / 2) / 2)
+    assert float(student_loss(pred, y, "mse", torch.tensor([0.0, 1.0]))) == pytest.approx(0.125)
+    assert float(student_loss(pred, -y, "cos+smooth-l1")) > 0.9 * 2 - 1e-6  # opposite directions: cos loss 2
+    with pytest.raises(ValueError, match="got 'l2'"):
+        student_loss(pred, y, "l2")
