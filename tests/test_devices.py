@@ -128,7 +128,7 @@ def test_reduce_sums_through_a_real_gloo_group(monkeypatch, tmp_path):
 
 
 # ---------------------------------------------------------------- the real train loop, in-process
-def _train_once(tmp_path, monkeypatch, amp):
+def _train_once(tmp_path, monkeypatch, amp, loss=None, losses=None):
     """One epoch of train_loop_per_worker in-process; returns (autocast state seen in the forward, reductions)."""
     import ray.data
     from ray.train import ScalingConfig
@@ -151,6 +151,15 @@ def _train_once(tmp_path, monkeypatch, amp):
         reductions.append((device, [v.device for v in values if torch.is_tensor(v)]))
         return real(values, device, world)
 
+    if losses is not None:  # record what student.loss the loop asked for, and what each step's loss was
+        real_loss = train.student_loss
+
+        def watched_loss(pred, y, kind="cos", weights=None):
+            value = real_loss(pred, y, kind, weights)
+            losses.append((kind, float(value)))
+            return value
+
+        monkeypatch.setattr(train, "student_loss", watched_loss)
     monkeypatch.setattr(train, "Student", Watched)
     monkeypatch.setattr(train, "reduce_sums", watched_reduce)
     rng = np.random.default_rng(0)
@@ -161,10 +170,14 @@ def _train_once(tmp_path, monkeypatch, amp):
     cfg = {"arch": "resnet10t", "image_size": size, "target_dim": dim, "target_mean": mean.tolist(),
            "target_proj": proj.tolist(), "epochs": 1, "batch_size": 16, "lr": 1e-3, "seed": 0, "fingerprint": "d",
            "threads": 1, "use_gpu": False, "amp": amp, "local_checkpoint_dir": str(tmp_path / amp), "log": False}
+    if loss is not None:
+        cfg["loss"] = loss
     ds = ray.data.from_items([{"image": imgs[i], "target": tgt[i]} for i in range(n)])
     r = TorchTrainer(train.train_loop_per_worker, train_loop_config=cfg, scaling_config=ScalingConfig(num_workers=0),
                      datasets={"train": ds}).fit()
     assert np.isfinite(r.return_value["history"][0]["loss"]) and r.return_value["history"][0]["images"] == n
+    if losses is not None:
+        losses.append(("epoch", r.return_value["history"][0]["loss"]))
     return forward, reductions
 
 
@@ -179,6 +192,14 @@ def test_train_loop_auto_amp_leaves_the_cpu_in_fp32(ray_session, tmp_path, monke
     forward, _ = _train_once(tmp_path, monkeypatch, "auto")
     assert forward and not any(enabled for enabled, _ in forward)  # CPU results do not move
     assert amp_dtype("auto", torch.device("cuda")) == torch.bfloat16 and amp_dtype("off", torch.device("cuda")) is None
+
+
+def test_train_loop_trains_with_the_configured_student_loss(ray_session, tmp_path, monkeypatch):
+    seen: list = []
+    _train_once(tmp_path, monkeypatch, "off", loss="mse", losses=seen)
+    steps, (_, epoch) = seen[:-1], seen[-1]
+    assert len(steps) == 2 and {k for k, _ in steps} == {"mse"}  # 32 rows, batch 16
+    assert epoch == pytest.approx(np.mean([v for _, v in steps]), rel=1e-6)  # the epoch reports that loss
 
 
 # ---------------------------------------------------------------- M-DATM on the task's device
