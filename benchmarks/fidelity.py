@@ -72,6 +72,7 @@ def parse_args(argv=None):
                     "(default 256; quick: off)")
     ap.add_argument("--crop-min", type=float, default=0.5, help="RandomResizedCrop scale (crop_min, 1), all methods")
     ap.add_argument("--whiten", action="store_true", help="CoOpt students regress PCA-whitened targets")
+    ap.add_argument("--phi-s", action="store_true", help="CoOpt students regress PHI-S-standardised targets")
     ap.add_argument("--loss", default="cos", choices=("cos", "cos+smooth-l1", "mse"),
                     help="the CoOpt students' loss (student.loss)")
     ap.add_argument("--methods", default="", help="comma list: train only these result keys (default all)")
@@ -270,7 +271,7 @@ def main(argv=None) -> dict:
             hist = [{"epoch": e, "loss": None, "train_seconds": 0.0, "probe_accuracy": acc} for e in range(a.epochs + 1)]
         elif method == "coopt":
             idx, y, w = targets_for(data)
-            hist = B.train_coopt(arch, images[idx], y, whiten=a.whiten, weights=w, loss=a.loss, **kw)[1]
+            hist = B.train_coopt(arch, images[idx], y, whiten=a.whiten, weights=w, loss=a.loss, phi_s=a.phi_s, **kw)[1]
         elif method == "supervised":
             hist = B.train_supervised(arch, images, labels, **kw)[1]
         else:

@@ -113,14 +113,15 @@ def train_coopt(arch: str, images: np.ndarray, targets: np.ndarray, epochs: int,
                 lr: float = 1e-3, weight_decay: float = 0.01, seed: int = 0, whiten: bool = False,
                 probe=None, log=print, crop_min: float = 0.5,
                 weights: Optional[np.ndarray] = None, augment: bool = True,
-                device: torch.device | str = "cpu", loss: str = "cos") -> tuple[torch.nn.Module, list[dict]]:
+                device: torch.device | str = "cpu", loss: str = "cos",
+                phi_s: bool = False) -> tuple[torch.nn.Module, list[dict]]:
     """CoOpt student: regress standardised targets with ``loss`` (``student.loss``: ``1 - cos`` by default, the train
     stage's objective); ``weights`` (one per row, optional) weight each row's loss; ``augment=False`` trains on the
     un-augmented images (``student.augment: false``)."""
     torch.manual_seed(seed)
     size = images.shape[1]
     fdim = feature_dim(arch, size)
-    mean, proj = target_transform(targets, whiten=whiten, out_dim=fdim)
+    mean, proj = target_transform(targets, whiten=whiten, out_dim=fdim, phi_s=phi_s)
     device = torch.device(device)
     y = torch.from_numpy((targets.astype(np.float32) - mean) @ proj).to(device)
     torch.manual_seed(seed)

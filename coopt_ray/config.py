@@ -86,6 +86,7 @@ class StudentConfig:
     workers: int = 2             # Ray Train workers (DDP); 0: the loop runs in the driver's process
     use_gpu: bool = False        # one GPU per worker (nccl); needs workers >= 1
     whiten: bool = False         # whiten the targets (PCA) instead of standardising each dimension
+    phi_s: bool = False          # PHI-S instead: a rotation and one scale give every dimension unit variance
     limit: Optional[int] = None  # train on a seeded subset of this many rows (>= 2); null: every row
     cpus_per_worker: Optional[float] = None  # CPUs per worker; null: the most that lets every worker fit
     data: str = "optimized"      # what the student regresses: RUN/optimized, or a distilled set (distilled/krr-st)
@@ -158,8 +159,9 @@ class Config:
             d["student"].pop("init")
         if d["student"].get("amp") == "auto":
             d["student"].pop("amp")
-        if d["student"].get("loss") == "cos":
-            d["student"].pop("loss")
+        for k, v in (("loss", "cos"), ("phi_s", False)):
+            if d["student"].get(k) == v:
+                d["student"].pop(k)
         d["eval"].pop("gpu_fraction")  # where a probe runs, not what it measures
         d["distill"] = distill_view(self.distill)
         return d
@@ -307,6 +309,8 @@ def _check_values(cfg: Config) -> None:
     if s.limit is not None and (isinstance(s.limit, bool) or not isinstance(s.limit, int) or s.limit < 2):
         raise ConfigError(f"'student.limit' must be an integer >= 2, got {s.limit!r}")
     check_amp("student.amp", s.amp)
+    if s.whiten and s.phi_s:
+        raise ConfigError("'student.whiten' and 'student.phi_s' are two ways to standardise the targets: set one")
     if s.loss not in STUDENT_LOSSES:
         raise ConfigError(f"'student.loss' must be one of {', '.join(STUDENT_LOSSES)}, got {s.loss!r}")
     if s.use_gpu and s.workers == 0:

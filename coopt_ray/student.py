@@ -89,25 +89,33 @@ def feature_dim(arch: str, image_size: int) -> int:
 
 # ---------------------------------------------------------------- targets
 def target_transform(y: np.ndarray, whiten: bool = False, out_dim: Optional[int] = None,
-                     eps: float = 1e-6) -> tuple[np.ndarray, np.ndarray]:
+                     eps: float = 1e-6, phi_s: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """``(mean, P)`` with ``T(y) = (y - mean) @ P``.
 
-    Without ``whiten``: per-dimension standardisation (P diagonal). With ``whiten``: PCA to
-    ``min(out_dim, d)`` components, each scaled to unit variance (RELA).
+    By default: per-dimension standardisation (P diagonal). With ``whiten``: PCA to ``min(out_dim, d)``
+    components, each scaled to unit variance (RELA). With ``phi_s``: PHI-S, a rotation and one isotropic scale
+    that give every dimension unit variance (:mod:`coopt_ray.phis`).
     """
     y = np.asarray(y, dtype=np.float64)
     if y.ndim != 2 or len(y) < 2:
         raise ValueError(f"need at least 2 target rows to standardise, got shape {y.shape}")
     mean = y.mean(0)
-    return transform_from_moments(len(y), mean, (y - mean).T @ (y - mean) / len(y), whiten, out_dim, eps)
+    return transform_from_moments(len(y), mean, (y - mean).T @ (y - mean) / len(y), whiten, out_dim, eps, phi_s)
 
 
 def transform_from_moments(n: int, mean: np.ndarray, cov: np.ndarray, whiten: bool = False,
-                           out_dim: Optional[int] = None, eps: float = 1e-6) -> tuple[np.ndarray, np.ndarray]:
+                           out_dim: Optional[int] = None, eps: float = 1e-6,
+                           phi_s: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """``target_transform`` from the targets' count, mean and (population) covariance, so the targets can be
     streamed through ``TargetMoments`` instead of held in memory."""
     if n < 2:
         raise ValueError(f"need at least 2 target rows to standardise, got {n}")
+    if whiten and phi_s:
+        raise ValueError("whiten and phi_s are two different standardisations: choose one")
+    if phi_s:
+        from .phis import phi_s_transform
+
+        return phi_s_transform(mean, cov * n / (n - 1))
     if not whiten:
         std = np.sqrt(np.maximum(np.diag(cov), 0.0))
         return mean.astype(np.float32), np.diag(1.0 / np.maximum(std, eps)).astype(np.float32)

@@ -165,8 +165,9 @@ def train_fingerprint(cfg: Config, manifest: dict, with_epochs: bool = True, run
         s.pop(k, None)  # how many workers is not what is learned
     if s.get("amp") == "auto":
         s.pop("amp")  # the default: runs made before the key existed keep their fingerprints
-    if s.get("loss") == "cos":
-        s.pop("loss")  # the same
+    for k, v in (("loss", "cos"), ("phi_s", False)):
+        if s.get(k) == v:
+            s.pop(k)  # the same
     if s.get("augment", True):
         s.pop("augment", None)  # the default: fingerprints of runs made before the switch existed still match
     if s.get("init") is None:
@@ -216,7 +217,7 @@ def run_train(cfg: Config, run: str | os.PathLike, address: Optional[str] = None
     keep = streamed_subset(rows_dir, s.limit, cfg.seed)  # ids and targets are streamed, never all held here
     rows, t_mean, t_cov = target_moments(rows_dir, keep)
     fdim = feature_dim(s.arch, cfg.data.image_size)
-    mean, proj = transform_from_moments(rows, t_mean, t_cov, whiten=s.whiten, out_dim=fdim)
+    mean, proj = transform_from_moments(rows, t_mean, t_cov, whiten=s.whiten, out_dim=fdim, phi_s=s.phi_s)
     tdim = len(mean)
     world = max(1, workers)
     per_worker = max(2, s.batch_size // world)
@@ -230,7 +231,7 @@ def run_train(cfg: Config, run: str | os.PathLike, address: Optional[str] = None
     rfp = train_fingerprint(cfg, manifest, with_epochs=False, run=run)
     latest = usable_checkpoint(exp, rfp, log, "train")
     log(f"[train] student {s.arch} on {rows} rows of {s.data} (target dim {tdim} -> {proj.shape[1]}"
-        f"{', whitened' if s.whiten else ', standardised'}), {s.epochs} epochs, "
+        f"{', whitened' if s.whiten else ', PHI-S' if s.phi_s else ', standardised'}), {s.epochs} epochs, "
         f"{plan.message}, batch {per_worker}/worker, run name {name}")
     if latest and latest[1]["epoch"] + 1 >= s.epochs:
         log(f"[train] checkpoint {latest[0].name} already covers {s.epochs} epochs")
@@ -257,7 +258,8 @@ def run_train(cfg: Config, run: str | os.PathLike, address: Optional[str] = None
     history = state["history"]
     metrics = {
         "arch": s.arch, "image_size": cfg.data.image_size, "target_dim": tdim,
-        "head_dim": int(proj.shape[1]), "whiten": s.whiten, "data": s.data, "rows": rows, "epochs": s.epochs,
+        "head_dim": int(proj.shape[1]), "whiten": s.whiten, "phi_s": s.phi_s, "loss_kind": s.loss, "data": s.data,
+        "rows": rows, "epochs": s.epochs,
         "workers": workers, "cpus_per_worker": cpw, "batch_size_per_worker": per_worker,
         "worker_nodes": history[-1].get("nodes") if history else None, "driver_node": driver,
         "history": history, "loss": [h["loss"] for h in history],

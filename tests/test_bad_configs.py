@@ -45,6 +45,8 @@ CASES = [
     ("unknown-participant-key",
      lambda m: {"participants": [{**_participant(m[0]), "modle": "x"}]}, "participants[0].modle"),
     ("unknown-student-key", lambda m: {"student": {"archh": "resnet18"}}, "student.archh"),
+    ("whiten-and-phi-s", lambda m: {"student": {"whiten": True, "phi_s": True}},
+     "'student.whiten' and 'student.phi_s' are two ways to standardise the targets: set one"),
     ("unknown-student-loss", lambda m: {"student": {"loss": "l2"}},
      "'student.loss' must be one of cos, cos+smooth-l1, mse, got 'l2'"),
     ("unknown-timm-arch", lambda m: {"student": {"arch": "resnet-nope"}}, "'student.arch': unknown timm"),
