@@ -31,7 +31,7 @@ setup: $(VENV)/.installed data
 test: setup
 	$(PY) -m pytest -q --durations=15 $(PYTEST_ARGS)
 
-# Without the tests marked slow (the cluster sequence, multi-node, job and kill tests, the longer pipeline runs): ~4 min.
+# Without the tests marked slow (the cluster sequence, multi-node, job and kill tests, the longer pipeline runs): ~4-5 min.
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
