@@ -31,6 +31,7 @@ import fidelity_targets as FT
 from fidelity_summary import ABLATION_KEYS, MAIN, plot, summarise, uniformity_vs_accuracy
 
 from coopt_ray import baselines as B  # noqa: E402
+from coopt_ray.config import STUDENT_LOSSES  # noqa: E402
 from coopt_ray.data import fashion_mnist_split, shared_size  # noqa: E402
 from coopt_ray.images import arrays_to_rgb  # noqa: E402
 
@@ -73,7 +74,7 @@ def parse_args(argv=None):
     ap.add_argument("--crop-min", type=float, default=0.5, help="RandomResizedCrop scale (crop_min, 1), all methods")
     ap.add_argument("--whiten", action="store_true", help="CoOpt students regress PCA-whitened targets")
     ap.add_argument("--phi-s", action="store_true", help="CoOpt students regress PHI-S-standardised targets")
-    ap.add_argument("--loss", default="cos", choices=("cos", "cos+smooth-l1", "mse"),
+    ap.add_argument("--loss", default="cos", choices=STUDENT_LOSSES,
                     help="the CoOpt students' loss (student.loss)")
     ap.add_argument("--methods", default="", help="comma list: train only these result keys (default all)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
