@@ -1,5 +1,6 @@
 """The evaluate stage (DESIGN.md §1 step 7): the same linear probe (probe.py) scores the student, every
-teacher and a random-init student on a labeled split, one Ray task each; writes RUN/eval.json."""
+teacher and a random-init student on a labeled split (one Ray task per teacher, one for the two students); writes
+RUN/eval.json."""
 from __future__ import annotations
 
 import dataclasses
@@ -57,13 +58,15 @@ def score_teacher(model: str, pretrained: Optional[str], data: dict, epochs: int
 
 
 def _score_task(kind: str, args: dict, data: dict, state: Optional[dict] = None) -> dict:
+    """One probe task: ``{"teacher": ...}``, or for ``kind`` "backbones" the trained student and the random-init
+    student of its architecture one after the other (one worker process, one import of torch and timm, not two)."""
     threads = int(os.environ.get("COOPT_EVAL_THREADS", "0") or 0)
     if threads:
         torch.set_num_threads(threads)
     data = {**data, "probe_y": np.array(data["probe_y"]), "test_y": np.array(data["test_y"])}  # writable
     if kind == "teacher":
-        return score_teacher(data=data, **args)
-    return score_backbone(state, data=data, **args)
+        return {"teacher": score_teacher(data=data, **args)}
+    return {"student": score_backbone(state, data=data, **args), "random_init": score_backbone(None, data=data, **args)}
 
 
 def eval_fingerprint(cfg, train_done: dict) -> str:
@@ -100,8 +103,8 @@ def run_evaluate(cfg, run, address: Optional[str] = None, log=print) -> dict:
     """The evaluate stage: the same linear probe for the student, every teacher and a random-init
     student of the same architecture; writes RUN/eval.json and returns its content.
 
-    Each scorer is one Ray task (1 CPU, plus ``eval.gpu_fraction`` of a GPU where the participant/student asks for
-    one).
+    Each teacher is scored in one Ray task, the student and the random init together in another (1 CPU, plus
+    ``eval.gpu_fraction`` of a GPU where the participant/student asks for one).
     """
     import ray
 
@@ -146,24 +149,21 @@ def run_evaluate(cfg, run, address: Optional[str] = None, log=print) -> dict:
     remote = ray.remote(_score_task)
     jobs = {}
     bargs = {"arch": meta["arch"], "image_size": size, "epochs": epochs, "seed": seed, "use_gpu": s_gpu}
-    jobs[remote.options(name="probe_student", **sopts).remote("backbone", bargs, data_ref, state_ref)] = \
-        ("student", None)
-    jobs[remote.options(name="probe_random_init", **sopts).remote("backbone", bargs, data_ref, None)] = \
-        ("random_init", None)
+    jobs[remote.options(name="probe_student", **sopts).remote("backbones", bargs, data_ref, state_ref)] = None
     for i, p in enumerate(cfg.participants):
         opts = popts[p.name]
         args = {"model": resolve_model(cfg, p.model), "pretrained": p.pretrained, "epochs": epochs,
                 "seed": seed, "use_gpu": p.num_gpus > 0, "key": f"participants[{i}].num_gpus", "pool": p.pool}
-        jobs[remote.options(name=f"probe_{p.name}", **opts).remote("teacher", args, data_ref)] = ("teacher", p.name)
+        jobs[remote.options(name=f"probe_{p.name}", **opts).remote("teacher", args, data_ref)] = p.name
     results: dict = {}
     pending = list(jobs)
     while pending:
         ready, pending = ray.wait(pending, num_returns=1)
-        kind, name = jobs[ready[0]]
-        r = ray.get(ready[0])
-        results[(kind, name)] = r
-        label = name or kind.replace("_", "-")
-        log(f"[evaluate] {label:<12} probe accuracy {r['probe_accuracy']:.4f}  ({r['seconds']:.1f}s)")
+        name = jobs[ready[0]]
+        for kind, r in ray.get(ready[0]).items():
+            results[(kind, name)] = r
+            label = name or kind.replace("_", "-")
+            log(f"[evaluate] {label:<12} probe accuracy {r['probe_accuracy']:.4f}  ({r['seconds']:.1f}s)")
     teachers = {p.name: results[("teacher", p.name)] for p in cfg.participants}
     student = {**results[("student", None)], "epochs": meta["epochs"], "rows": meta["rows"]}
     rnd = results[("random_init", None)]

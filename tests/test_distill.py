@@ -99,7 +99,7 @@ def distill_config(tmp_path: Path, **distill):
     d = {"size": 20, "steps": 12, "lr": 1e-2, "pool_size": 2, "pool_width": 16, "pool_steps": 0, "real_batch": 64,
          "workers": 2, "checkpoint_every": 4, "log_every": 2, **distill}
     return load_config(write_config(tmp_path / "c.yaml", ["local-dir:/unused"], distill=d,
-                                    student={"arch": "convnet3_w16", "epochs": 2, "batch_size": 10, "workers": 1,
+                                    student={"arch": "convnet3_w16", "epochs": 2, "batch_size": 10, "workers": 0,
                                              "data": "distilled/krr-st"}))
 
 
@@ -293,8 +293,8 @@ def test_coopt_run_includes_the_distill_stage_when_the_student_trains_on_it(tmp_
     copy_run(shared_optimized, tmp_path / "run")
     cfg = write_config(tmp_path / "c.yaml", tiny_models,
                        distill={"size": 20, "steps": 4, "pool_size": 1, "pool_width": 16, "real_batch": 32,
-                                "workers": 1, "checkpoint_every": 2, "log_every": 2},
-                       student={"arch": "convnet3_w16", "epochs": 1, "batch_size": 10, "workers": 1,
+                                "workers": 0, "checkpoint_every": 2, "log_every": 2},
+                       student={"arch": "convnet3_w16", "epochs": 1, "batch_size": 10, "workers": 0,
                                 "data": "distilled/krr-st"},
                        eval={"probe_epochs": 5, "probe_limit": 200, "test_limit": 100})
     run = tmp_path / "run"
