@@ -44,7 +44,7 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--device", default="cpu")
     a = ap.parse_args(argv)
-    from coopt_ray.images import BatchAugment
+    from coopt_ray.augment import BatchAugment
 
     torch.set_num_threads(a.threads)
     x = torch.rand(a.batch, 3, a.size, a.size, generator=torch.Generator().manual_seed(0)).to(a.device)

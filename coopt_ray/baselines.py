@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from .devices import autocast, cuda_speed_habits, stage_device
-from .images import BatchAugment, normalize_pixels, to_float_nchw
+from .augment import BatchAugment, normalize_pixels, to_float_nchw
 from .probe import backbone_features, linear_probe
 from .student import Student, build_backbone, feature_dim, student_loss, target_transform
 

@@ -13,7 +13,8 @@ from typing import Optional
 import numpy as np
 import torch
 
-from .images import PIXEL_MEAN, PIXEL_STD, decode_image, resize_rgb, to_float_nchw
+from .augment import to_float_nchw
+from .images import PIXEL_MEAN, PIXEL_STD, decode_image, resize_rgb
 
 PIXELS = "pixels"  # the decode stage's column: uint8 (N, H, W, 3), zeros on error rows
 

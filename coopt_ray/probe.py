@@ -7,7 +7,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from .images import normalize_pixels, to_float_nchw
+from .augment import normalize_pixels, to_float_nchw
 
 
 # ---------------------------------------------------------------- the probe (pure torch, CPU)

@@ -303,7 +303,8 @@ class StudentEncoder(torch.nn.Module):
 
 def student_preprocess(image_size: int):
     """PIL image -> normalised float CHW tensor, the student's own training input path (resize, [0,1], normalise)."""
-    from .images import normalize_pixels, resize_rgb
+    from .augment import normalize_pixels
+    from .images import resize_rgb
 
     def prep(img) -> torch.Tensor:
         x = torch.from_numpy(resize_rgb(img, image_size).copy()).permute(2, 0, 1).float().div_(255.0)

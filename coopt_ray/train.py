@@ -24,7 +24,7 @@ import torch
 from .cluster import cluster_nodes, driver_node_id, fit_torch_trainer, init_ray, plan_workers
 from .config import Config
 from .devices import autocast, channels_last, check_cuda_usable, cuda_speed_habits, reduce_sums, train_device
-from .images import BatchAugment, normalize_pixels, to_float_nchw
+from .augment import BatchAugment, normalize_pixels, to_float_nchw
 from .rundir import (DISTILLED_PARTS, DONE, MANIFEST, OPTIMIZED, STUDENT, RunError, prepare_run_dir, read_done, run_label,
                      write_json_atomic)
 from .rows import streamed_subset, target_moments, training_dataset

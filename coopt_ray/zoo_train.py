@@ -57,7 +57,7 @@ class SimCLRObjective:
         from lightly.loss import NTXentLoss
         from lightly.models.modules import SimCLRProjectionHead
 
-        from .images import BatchAugment
+        from .augment import BatchAugment
 
         self.model = model
         self.head = SimCLRProjectionHead(embed_dim, 2 * embed_dim, 64).to(device)

@@ -24,7 +24,8 @@ from coopt_ray.data import fashion_mnist_split
 from coopt_ray.distill.krr_st import ModelPool, krr_loss, linear_lr
 from coopt_ray.distill.stage import run_distill
 from coopt_ray.embeddings import column_matrix
-from coopt_ray.images import arrays_to_rgb, decode_image, encode_png, normalize_pixels
+from coopt_ray.augment import normalize_pixels
+from coopt_ray.images import arrays_to_rgb, decode_image, encode_png
 from coopt_ray.rundir import DONE
 
 from conftest import forbid_ray_start, write_config

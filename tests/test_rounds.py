@@ -104,7 +104,7 @@ def _save_student(d: Path, arch="convnet3_w16", size=32, head=8, seed=0) -> Stud
 def test_a_trained_student_loads_as_a_participant_model(tmp_path):
     from PIL import Image
 
-    from coopt_ray.images import normalize_pixels
+    from coopt_ray.augment import normalize_pixels
     from coopt_ray.models import ModelSpecError, check_model_spec, load_model
 
     s = _save_student(tmp_path / "run")

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from coopt_ray.images import BatchAugment
+from coopt_ray.augment import BatchAugment
 from coopt_ray.student import Student, adapt_stem, build_backbone, latest_checkpoint, load_state, target_transform
 from coopt_ray.rows import subset_ids
 from coopt_ray.train import train_loop_per_worker
@@ -215,7 +215,7 @@ def test_streamed_subset_and_target_moments_match_the_in_memory_versions(tmp_pat
 
 @pytest.mark.parametrize("turns", [0.0, 1.0, -1.0])
 def test_hue_rotation_by_zero_or_a_full_turn_is_the_identity(turns):
-    from coopt_ray.images import _hue_rotate
+    from coopt_ray.augment import _hue_rotate
 
     x = torch.rand(3, 3, 8, 8, generator=torch.Generator().manual_seed(0)) * 0.8 + 0.1
     y = _hue_rotate(x, torch.full((3,), turns))

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from ..convnet import ConvNet
 from ..devices import autocast, cuda_speed_habits, reduce_sums, train_device
-from ..images import normalize_pixels, to_float_nchw
+from ..augment import normalize_pixels, to_float_nchw
 from ..student import report_checkpoint, resume_state
 
 RIDGE = 1e-6                 # lambda = RIDGE * trace(K_ss), as released
