@@ -326,18 +326,19 @@ def _my_train_workers() -> dict[str, tuple[str, int]]:
 
 
 @pytest.mark.slow
-def test_train_worker_killed_resumes_from_checkpoint(tmp_path, tiny_models, ray_session):
+def test_train_worker_killed_resumes_from_checkpoint(tmp_path, tiny_models, shared_optimized):
     """A Ray Train worker is SIGKILLed after an epoch's checkpoint, while the next epoch runs: FailureConfig
     restarts the worker group from that checkpoint and training ends with the configured number of epochs,
-    the finished epochs not trained again."""
+    the finished epochs not trained again. (It trains on a copy of the session's optimized RUN: 300 rows.)"""
+    from conftest import copy_run
+
     from coopt_ray.student import latest_checkpoint, load_state
     from coopt_ray.train import run_train
 
     epochs = 4
-    cfg = load_config(write_config(tmp_path / "c.yaml", tiny_models[:2], data={"source": "fashion-mnist", "limit": 400},
+    cfg = load_config(write_config(tmp_path / "c.yaml", tiny_models,
                                    student={"arch": "resnet10t", "epochs": epochs, "batch_size": 32, "workers": 2}))
-    run = tmp_path / "run"
-    run_optimize(cfg, run, log=lambda s: None)
+    run = copy_run(shared_optimized, tmp_path / "run")
     exp = run / "student" / "ray_results" / f"coopt-train-{run.resolve().name}"
     before_ids = set(_my_train_workers())
     result: dict = {}
