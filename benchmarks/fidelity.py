@@ -76,6 +76,8 @@ def parse_args(argv=None):
     ap.add_argument("--phi-s", action="store_true", help="CoOpt students regress PHI-S-standardised targets")
     ap.add_argument("--loss", default="cos", choices=STUDENT_LOSSES,
                     help="the CoOpt students' loss (student.loss)")
+    ap.add_argument("--augment", default="true", choices=("true", "weak", "false"),
+                    help="the CoOpt students' augmentation (student.augment; the baselines keep theirs)")
     ap.add_argument("--methods", default="", help="comma list: train only these result keys (default all)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     ap.add_argument("--zoo", default=str(ROOT / "zoo"), help="teacher zoo folder (built if missing)")
@@ -272,7 +274,8 @@ def main(argv=None) -> dict:
             hist = [{"epoch": e, "loss": None, "train_seconds": 0.0, "probe_accuracy": acc} for e in range(a.epochs + 1)]
         elif method == "coopt":
             idx, y, w = targets_for(data)
-            hist = B.train_coopt(arch, images[idx], y, whiten=a.whiten, weights=w, loss=a.loss, phi_s=a.phi_s, **kw)[1]
+            hist = B.train_coopt(arch, images[idx], y, whiten=a.whiten, weights=w, loss=a.loss, phi_s=a.phi_s,
+                                 augment={"true": True, "false": False}.get(a.augment, a.augment), **kw)[1]
         elif method == "supervised":
             hist = B.train_supervised(arch, images, labels, **kw)[1]
         else:

@@ -107,7 +107,20 @@ class BatchAugment:
             gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, (1,))))
         if x.shape[1] == 1:
             x = x.expand(-1, 3, -1, -1)
-        return self.color(self.crop_flip(x, gen), gen)
+        x = self.crop_flip(x, gen)
+        return x if self.p_jitter == 0 and self.p_gray == 0 else self.color(x, gen)
+
+
+def make_augment(size: int, setting=True, crop_min: float = 0.5) -> Optional[BatchAugment]:
+    """The student's augmentation for ``student.augment``: true, RELA's (crop, flip, colour jitter, grey); "weak",
+    the crop and flip alone (the colours stay the teacher's); false, none (None)."""
+    if setting is False:
+        return None
+    if setting is True:
+        return BatchAugment(size, scale=(crop_min, 1.0))
+    if setting == "weak":
+        return BatchAugment(size, scale=(crop_min, 1.0), p_jitter=0.0, p_gray=0.0)
+    raise ValueError(f"augment must be true, false or weak, got {setting!r}")
 
 
 _RGB2YIQ = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])

@@ -5,7 +5,7 @@ with the same lr / weight decay, batch size and epochs, and the same per-epoch l
 (``probe.linear_probe`` on frozen pooled features). Only the objective differs:
 
 * ``coopt``: ``student.Student`` regressing standardised targets (``student.target_transform``) with
-  ``1 - cos``, on ``images.BatchAugment`` views, exactly as ``train.train_loop_per_worker`` does;
+  ``1 - cos``, on ``augment.BatchAugment`` views, exactly as ``train.train_loop_per_worker`` does;
 * ``byol`` / ``simclr``: lightly's heads, losses and momentum helpers, on two ``BatchAugment`` views;
 * ``supervised``: cross-entropy on the labels (an upper bound), on ``BatchAugment`` views.
 
@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from .devices import autocast, cuda_speed_habits, stage_device
-from .augment import BatchAugment, normalize_pixels, to_float_nchw
+from .augment import BatchAugment, make_augment, normalize_pixels, to_float_nchw
 from .probe import backbone_features, linear_probe
 from .student import Student, build_backbone, feature_dim, student_loss, target_transform
 
@@ -112,12 +112,12 @@ def _aug_batch(images: np.ndarray, idx: np.ndarray, aug: BatchAugment, gen: torc
 def train_coopt(arch: str, images: np.ndarray, targets: np.ndarray, epochs: int, batch_size: int = 256,
                 lr: float = 1e-3, weight_decay: float = 0.01, seed: int = 0, whiten: bool = False,
                 probe=None, log=print, crop_min: float = 0.5,
-                weights: Optional[np.ndarray] = None, augment: bool = True,
+                weights: Optional[np.ndarray] = None, augment: bool | str = True,
                 device: torch.device | str = "cpu", loss: str = "cos",
                 phi_s: bool = False) -> tuple[torch.nn.Module, list[dict]]:
     """CoOpt student: regress standardised targets with ``loss`` (``student.loss``: ``1 - cos`` by default, the train
-    stage's objective); ``weights`` (one per row, optional) weight each row's loss; ``augment=False`` trains on the
-    un-augmented images (``student.augment: false``)."""
+    stage's objective); ``weights`` (one per row, optional) weight each row's loss; ``augment`` is ``student.augment``:
+    True (RELA's), "weak" (crop and flip only) or False (the un-augmented images)."""
     torch.manual_seed(seed)
     size = images.shape[1]
     fdim = feature_dim(arch, size)
@@ -126,7 +126,7 @@ def train_coopt(arch: str, images: np.ndarray, targets: np.ndarray, epochs: int,
     y = torch.from_numpy((targets.astype(np.float32) - mean) @ proj).to(device)
     torch.manual_seed(seed)
     student = Student(arch, size, y.shape[1])
-    aug = BatchAugment(size, scale=(crop_min, 1.0)) if augment else (lambda x, gen: x)
+    aug = make_augment(size, augment, crop_min) or (lambda x, gen: x)
     w = None if weights is None else torch.as_tensor(np.asarray(weights, dtype=np.float32), device=device)
 
     def step(idx, gen):

@@ -90,7 +90,7 @@ class StudentConfig:
     limit: Optional[int] = None  # train on a seeded subset of this many rows (>= 2); null: every row
     cpus_per_worker: Optional[float] = None  # CPUs per worker; null: the most that lets every worker fit
     data: str = "optimized"      # what the student regresses: RUN/optimized, or a distilled set (distilled/krr-st)
-    augment: bool = True         # RELA's augmentations on every batch; false: the un-augmented images (KRR-ST's recipe)
+    augment: bool | str = True   # RELA's augmentations on every batch; weak: crop and flip only; false: none (KRR-ST)
     init: Optional[str] = None   # warm start: a student folder (RUN/student) whose weights start training
     amp: str = "auto"            # bf16 autocast in training: auto (bf16 on CUDA, off on the CPU) | bf16 | off
     loss: str = "cos"            # per target: cos (1 - cos) | cos+smooth-l1 (0.9 (1 - cos) + 0.1 smooth-L1, RADIO's) | mse
@@ -193,11 +193,19 @@ def _build(cls, raw: Any, where: str):
     return cls(**kwargs)
 
 
+BOOL_OR = {"student.augment": ("weak",)}  # switches that also take a named middle setting
+
+
 def _check_type(key: str, value: Any, default: Any) -> Any:
     if value is None or default is None or isinstance(default, (dict, tuple)):
         return value
     if isinstance(default, bool):
+        if value in BOOL_OR.get(key, ()):
+            return value
         if not isinstance(value, bool):
+            extra = "".join(f" or {v}" for v in BOOL_OR.get(key, ()))
+            if extra:
+                raise ConfigError(f"'{key}' must be true, false{extra}, got {value!r}")
             raise ConfigError(f"'{key}' must be true or false, got {value!r}")
         return value
     if isinstance(default, int) and not isinstance(default, bool):

@@ -24,7 +24,7 @@ import torch
 from .cluster import cluster_nodes, driver_node_id, fit_torch_trainer, init_ray, plan_workers
 from .config import Config
 from .devices import autocast, channels_last, check_cuda_usable, cuda_speed_habits, reduce_sums, train_device
-from .augment import BatchAugment, normalize_pixels, to_float_nchw
+from .augment import make_augment, normalize_pixels, to_float_nchw
 from .rundir import (DISTILLED_PARTS, DONE, MANIFEST, OPTIMIZED, STUDENT, RunError, prepare_run_dir, read_done, run_label,
                      write_json_atomic)
 from .rows import streamed_subset, target_moments, training_dataset
@@ -88,7 +88,7 @@ def train_loop_per_worker(config: dict) -> dict:
     if state is not None and rank == 0 and config.get("log", True):
         _say(f"[train] resumed after epoch {start} from {resume_dir}")
 
-    aug = BatchAugment(int(config["image_size"])) if config.get("augment", True) else None
+    aug = make_augment(int(config["image_size"]), config.get("augment", True))
     shard = ray.train.get_dataset_shard("train")
     epochs = int(config["epochs"])
     bs = int(config["batch_size"])
@@ -168,7 +168,7 @@ def train_fingerprint(cfg: Config, manifest: dict, with_epochs: bool = True, run
     for k, v in (("loss", "cos"), ("phi_s", False)):
         if s.get(k) == v:
             s.pop(k)  # the same
-    if s.get("augment", True):
+    if s.get("augment", True) is True:
         s.pop("augment", None)  # the default: fingerprints of runs made before the switch existed still match
     if s.get("init") is None:
         s.pop("init", None)

@@ -64,6 +64,8 @@ def type_name(ann: str) -> str:
     """A field annotation in words: ``Optional[int]`` -> ``integer or null``."""
     if ann.startswith("Optional[") and ann.endswith("]"):
         return f"{type_name(ann[len('Optional['):-1])} or null"
+    if " | " in ann:  # ``bool | str`` -> ``boolean or string``
+        return " or ".join(type_name(a) for a in ann.split(" | "))
     return TYPES.get(ann, ann)
 
 

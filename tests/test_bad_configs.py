@@ -49,6 +49,8 @@ CASES = [
      "'student.whiten' and 'student.phi_s' are two ways to standardise the targets: set one"),
     ("unknown-student-loss", lambda m: {"student": {"loss": "l2"}},
      "'student.loss' must be one of cos, cos+smooth-l1, mse, got 'l2'"),
+    ("unknown-augment", lambda m: {"student": {"augment": "strong"}},
+     "'student.augment' must be true, false or weak, got 'strong'"),
     ("unknown-timm-arch", lambda m: {"student": {"arch": "resnet-nope"}}, "'student.arch': unknown timm"),
     ("missing-checkpoint",
      lambda m: {"participants": [_participant("ViT-B-32", pretrained="/no/such.pt")]}, "/no/such.pt"),

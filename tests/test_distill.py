@@ -278,8 +278,9 @@ def test_student_augment_switch_changes_what_training_depends_on(tmp_path):
 
     on = distill_config(tmp_path)
     off = dataclasses.replace(on, student=dataclasses.replace(on.student, augment=False))
+    weak = dataclasses.replace(on, student=dataclasses.replace(on.student, augment="weak"))
     man = {"fingerprint": "x"}
-    assert train_fingerprint(on, man) != train_fingerprint(off, man)
+    assert len({train_fingerprint(c, man) for c in (on, off, weak)}) == 3
     assert train_fingerprint(on, man) == train_fingerprint(on, man)
 
 

@@ -78,6 +78,24 @@ def test_augment_grayscale_input_and_identity_crop():
     assert torch.allclose(out, x.expand(-1, 3, -1, -1), atol=1e-5)  # full-image crop is the identity
 
 
+def test_weak_augment_crops_and_flips_but_keeps_the_colours():
+    from coopt_ray.augment import make_augment
+
+    assert make_augment(8, False) is None
+    flat = torch.rand(16, 3, 1, 1).expand(-1, -1, 8, 8).contiguous()  # one colour per image
+    gen = lambda: torch.Generator().manual_seed(3)  # noqa: E731
+    weak, strong = make_augment(8, "weak")(flat, gen()), make_augment(8, True)(flat, gen())
+    assert torch.allclose(weak, flat, atol=1e-6)  # a crop or flip of one colour is that colour, exactly
+    assert (strong - flat).abs().amax(dim=(1, 2, 3)).gt(1e-3).sum() >= 8  # jitter/grey change most (p = 0.8)
+    ramp = torch.linspace(0, 1, 8).view(1, 1, 1, 8).expand(16, 3, 8, 8).contiguous()  # dark left, bright right
+    moved = make_augment(8, "weak")(ramp, gen())
+    assert (moved - ramp).abs().amax(dim=(1, 2, 3)).gt(1e-3).sum() >= 8  # crops and flips still happen
+    flipped = moved[:, :, :, 0].mean((1, 2)) > moved[:, :, :, -1].mean((1, 2))
+    assert 0 < int(flipped.sum()) < 16  # some images flipped (bright left), some not
+    with pytest.raises(ValueError, match="true, false or weak"):
+        make_augment(8, "strong")
+
+
 # ---------------------------------------------------------------- targets
 def test_standardise_targets():
     rng = np.random.default_rng(0)
