@@ -2,7 +2,7 @@
 
 Every method trains the same student architecture on the same unlabeled images for the same epochs in the same
 in-process loop (``coopt_ray.baselines.fit``), with the same augmentation code and crop scale
-(``images.BatchAugment``), and is scored by the same linear probe. Each main method gets a learning-rate sweep on
+(``augment.BatchAugment``), and is scored by the same linear probe. Each main method gets a learning-rate sweep on
 seed 0 (``--lrs``; SimCLR also at batch ``--simclr-batch``); the setting with the best final seed-0 accuracy is
 then run on the other seeds, and that is the number reported (the sweep is in the JSON). The probe trains on
 labeled images from the tail of the unlabeled split, which neither the teachers (trained on public train[0:10k])
@@ -31,7 +31,7 @@ import fidelity_targets as FT
 from fidelity_summary import ABLATION_KEYS, MAIN, plot, summarise, uniformity_vs_accuracy
 
 from coopt_ray import baselines as B  # noqa: E402
-from coopt_ray.config import STUDENT_LOSSES  # noqa: E402
+from coopt_ray.config import BOOL_OR, STUDENT_LOSSES  # noqa: E402
 from coopt_ray.data import fashion_mnist_split, shared_size  # noqa: E402
 from coopt_ray.images import arrays_to_rgb  # noqa: E402
 
@@ -76,7 +76,7 @@ def parse_args(argv=None):
     ap.add_argument("--phi-s", action="store_true", help="CoOpt students regress PHI-S-standardised targets")
     ap.add_argument("--loss", default="cos", choices=STUDENT_LOSSES,
                     help="the CoOpt students' loss (student.loss)")
-    ap.add_argument("--augment", default="true", choices=("true", "weak", "false"),
+    ap.add_argument("--augment", default="true", choices=("true", "false", *BOOL_OR["student.augment"]),
                     help="the CoOpt students' augmentation (student.augment; the baselines keep theirs)")
     ap.add_argument("--methods", default="", help="comma list: train only these result keys (default all)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")

@@ -200,14 +200,11 @@ def _check_type(key: str, value: Any, default: Any) -> Any:
     if value is None or default is None or isinstance(default, (dict, tuple)):
         return value
     if isinstance(default, bool):
-        if value in BOOL_OR.get(key, ()):
+        named = BOOL_OR.get(key, ())
+        if isinstance(value, bool) or value in named:
             return value
-        if not isinstance(value, bool):
-            extra = "".join(f" or {v}" for v in BOOL_OR.get(key, ()))
-            if extra:
-                raise ConfigError(f"'{key}' must be true, false{extra}, got {value!r}")
-            raise ConfigError(f"'{key}' must be true or false, got {value!r}")
-        return value
+        choices = ["true", "false", *named]
+        raise ConfigError(f"'{key}' must be {', '.join(choices[:-1])} or {choices[-1]}, got {value!r}")
     if isinstance(default, int) and not isinstance(default, bool):
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(f"'{key}' must be an integer, got {value!r}")

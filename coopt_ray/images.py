@@ -1,6 +1,6 @@
 """Pixels without torch: decode, encode, resize, arrays -> RGB, and the student's pixel normalisation constants.
 
-Ray Data's decode, split and merge tasks import only this (numpy and PIL), so their worker processes start without
+Ray Data's decode and split tasks import only this (numpy and PIL), so their worker processes start without
 importing torch; the tensor side (normalisation, augmentation) is augment.py."""
 from __future__ import annotations
 

@@ -3,7 +3,7 @@
 * ``clip`` (the default zoo): open_clip's ``ClipLoss`` against captions made from class names (``captions:
   classes``) or, label-free, from pixel statistics (``captions: pixel-stats``);
 * ``simclr``: label-free and caption-free: lightly's ``SimCLRProjectionHead`` and ``NTXentLoss`` on two
-  ``images.BatchAugment`` views of each image (the image tower only);
+  ``augment.BatchAugment`` views of each image (the image tower only);
 * ``supervised``: cross-entropy through a linear classifier on the image tower's embedding.
 
 ``classes`` (a list of Fashion-MNIST class indices) keeps only those classes' images, so two teachers can know
