@@ -202,6 +202,26 @@ def test_train_loop_trains_with_the_configured_student_loss(ray_session, tmp_pat
     assert epoch == pytest.approx(np.mean([v for _, v in steps]), rel=1e-6)  # the epoch reports that loss
 
 
+def test_the_two_student_probe_task_and_weak_augment_stay_off_cuda_when_not_asked(cuda_forbidden):
+    """The evaluate stage's one task for the student and the random init (use_gpu false), and student.augment:
+    weak, run on the CPU without calling any CUDA entry point (cuda_forbidden fails the test if they do)."""
+    from coopt_ray.augment import make_augment
+    from coopt_ray.evaluate import _score_task, score_backbone
+    from coopt_ray.student import build_backbone
+
+    rng = np.random.default_rng(0)
+    data = {"probe_rgb": rng.integers(0, 255, (20, 16, 16, 3), dtype=np.uint8), "probe_y": np.arange(20) % 2,
+            "test_rgb": rng.integers(0, 255, (10, 16, 16, 3), dtype=np.uint8), "test_y": np.arange(10) % 2}
+    state = build_backbone("resnet10t", 16).state_dict()
+    args = {"arch": "resnet10t", "image_size": 16, "epochs": 2, "use_gpu": False}
+    out = _score_task("backbones", args, data, state)
+    assert set(out) == {"student", "random_init"}
+    # the random init scored after the student in the same task is the one scored alone (seeded, no state leaks)
+    assert out["random_init"]["probe_accuracy"] == score_backbone(None, data=data, **args)["probe_accuracy"]
+    x = make_augment(16, "weak")(torch.rand(4, 3, 16, 16), torch.Generator().manual_seed(0))
+    assert x.device == torch.device("cpu") and x.shape == (4, 3, 16, 16)
+
+
 # ---------------------------------------------------------------- M-DATM on the task's device
 def test_mdatm_step_size_lives_on_the_images_device():
     from coopt_ray.distill.mdatm import Matcher, hard_labels
