@@ -94,10 +94,20 @@ class StudentConfig:
     init: Optional[str] = None   # warm start: a student folder (RUN/student) whose weights start training
     amp: str = "auto"            # bf16 autocast in training: auto (bf16 on CUDA, off on the CPU) | bf16 | off
     loss: str = "cos"            # per target: cos (1 - cos) | cos+smooth-l1 (0.9 (1 - cos) + 0.1 smooth-L1, RADIO's) | mse
+    heads: str = "aligned"       # aligned: one head on the aligned targets | per-participant: one head per teacher on
+                                 # its own (standardised) embedding, D(k) trains head k, S every head | both
 
 
 STUDENT_DATA = ("optimized", "distilled/krr-st")
 STUDENT_LOSSES = ("cos", "cos+smooth-l1", "mse")
+STUDENT_HEADS = ("aligned", "per-participant", "both")
+# student keys added after runs existed, with the value that means "as before": left out of fingerprints at it
+STUDENT_LATER_DEFAULTS = {"init": None, "amp": "auto", "loss": "cos", "phi_s": False, "heads": "aligned"}
+
+
+def student_view(d: dict) -> dict:
+    """A student section's dict without the keys of ``STUDENT_LATER_DEFAULTS`` that sit at those values."""
+    return {k: v for k, v in d.items() if k not in STUDENT_LATER_DEFAULTS or v != STUDENT_LATER_DEFAULTS[k]}
 ROUND_JOINS = ("extra", "replace", "relabel")
 
 
@@ -155,13 +165,7 @@ class Config:
             p.pop("decode_cpus", None)  # where decoding runs, not what it computes
             if p.get("pool") == "auto":
                 p.pop("pool")
-        if d["student"].get("init") is None:
-            d["student"].pop("init")
-        if d["student"].get("amp") == "auto":
-            d["student"].pop("amp")
-        for k, v in (("loss", "cos"), ("phi_s", False)):
-            if d["student"].get(k) == v:
-                d["student"].pop(k)
+        d["student"] = student_view(d["student"])
         d["eval"].pop("gpu_fraction")  # where a probe runs, not what it measures
         d["distill"] = distill_view(self.distill)
         return d
@@ -323,6 +327,11 @@ def _check_values(cfg: Config) -> None:
                           "loop runs in the driver, which Ray gave no GPU")
     if s.data not in STUDENT_DATA:
         raise ConfigError(f"'student.data' must be one of {', '.join(STUDENT_DATA)}, got {s.data!r}")
+    if s.heads not in STUDENT_HEADS:
+        raise ConfigError(f"'student.heads' must be one of {', '.join(STUDENT_HEADS)}, got {s.heads!r}")
+    if s.heads != "aligned" and s.data != "optimized":
+        raise ConfigError(f"'student.heads: {s.heads}' needs each participant's own targets, which only "
+                          f"RUN/optimized has: use student.data: optimized, or student.heads: aligned with {s.data}")
     check_distill(cfg.distill)
     r = cfg.rounds
     if r.count < 1:

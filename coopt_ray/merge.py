@@ -18,8 +18,8 @@ import pyarrow.parquet as pq
 from .align import Alignment, coverage, fit_with_stats
 from .config import Config, resolve_model
 from .embeddings import column_matrix, shared_matrices
-from .rundir import (ALIGN, EMBEDDINGS, ERRORS, MANIFEST, OPTIMIZE_SECTIONS, OPTIMIZED, RunError, read_json,
-                     write_json_atomic)
+from .rundir import (ALIGN, EMBEDDINGS, ERRORS, MANIFEST, OPTIMIZE_SECTIONS, OPTIMIZED, SHARED_ROWS, RunError,
+                     read_json, write_json_atomic)
 from .uniformity import best_participant, uniformity
 
 ERROR_SCHEMA = pa.schema([("id", pa.string()), ("participant", pa.string()), ("stage", pa.string()),
@@ -57,11 +57,12 @@ def score_and_align(cfg: Config, run: Path) -> dict:
             "score_seconds": t_score, "align_seconds": time.time() - t1}
 
 
-def _merge_batch(batch: pa.Table, maps: dict) -> pa.Table:
+def _merge_batch(batch: pa.Table, maps: dict, own_dim: int) -> pa.Table:
     """Owned, readable rows of an embeddings batch as optimized rows, targets aligned per participant.
 
-    ``maps`` holds, per participant name, ``(W, b, model)``; W is None for the best participant.
-    The participant comes from the Parquet file's folder (``embeddings/<name>/``).
+    ``maps`` holds, per participant name, ``(W, b, model, target_dim)``; W is None for the best participant.
+    ``own_target`` keeps each row's unaligned embedding, zero-padded to ``own_dim`` (the widest participant's), for
+    per-participant student heads. The participant comes from the Parquet file's folder (``embeddings/<name>/``).
     """
     from ray.data.extensions import ArrowTensorArray
 
@@ -70,18 +71,55 @@ def _merge_batch(batch: pa.Table, maps: dict) -> pa.Table:
     names = [Path(p).parent.name for p in batch.column("path").to_pylist()]
     dim = next(iter(maps.values()))[3]
     y = np.zeros((batch.num_rows, dim), dtype=np.float32)
+    own = np.zeros((batch.num_rows, own_dim), dtype=np.float32)
     for name in set(names):
         W, b, _, _ = maps[name]
         rows = np.array([n == name for n in names])
         x = column_matrix(batch.filter(pa.array(rows)).column("embedding"))
         y[rows] = x if W is None else (x.astype(np.float64) @ W + b).astype(np.float32)
+        own[rows, :x.shape[1]] = x
     return pa.table({
         "id": batch.column("id"), "image": batch.column("image"), "label": batch.column("label"),
         "target": ArrowTensorArray.from_numpy(np.ascontiguousarray(y)),
         "participant": pa.array(names, pa.string()),
         "model": pa.array([maps[n][2] for n in names], pa.string()),
         "aligned": pa.array([maps[n][0] is not None for n in names], pa.bool_()),
+        "own_target": ArrowTensorArray.from_numpy(own),
     })
+
+
+def write_shared_rows(cfg: Config, run: Path, shared_ids: list, target_dim: int, own_dim: int) -> int:
+    """RUN/shared_rows.parquet: every image of S as embedded by each participant that does not own it (its owner's
+    embedding is in RUN/optimized), so per-participant heads train on all of S. Columns as RUN/optimized's, with a
+    zero ``target``; only S's ids every participant read. Returns its rows."""
+    from ray.data.extensions import ArrowTensorArray
+
+    want = pa.array(list(shared_ids), pa.string())
+    parts, images = [], {}
+    for p in cfg.participants:  # only an image's owner kept its bytes (preprocess.py)
+        t = pads.dataset(str(run / EMBEDDINGS / p.name), format="parquet").to_table(
+            columns=["id", "image"], filter=pads.field("owned") & pads.field("is_shared") & (pads.field("error") == ""))
+        images.update(zip(t.column("id").to_pylist(), t.column("image").to_pylist()))
+    for p in cfg.participants:
+        t = pads.dataset(str(run / EMBEDDINGS / p.name), format="parquet").to_table(
+            columns=["id", "label", "embedding"], filter=~pads.field("owned") & (pads.field("error") == ""))
+        t = t.filter(pc.is_in(t.column("id"), value_set=want))
+        x = column_matrix(t.column("embedding")) if t.num_rows else np.zeros((0, 1), np.float32)
+        own = np.zeros((t.num_rows, own_dim), dtype=np.float32)
+        own[:, :x.shape[1]] = x
+        n = t.num_rows
+        parts.append(pa.table({
+            "id": t.column("id"), "image": pa.array([images[i] for i in t.column("id").to_pylist()], pa.binary()),
+            "label": t.column("label"), "target": ArrowTensorArray.from_numpy(np.zeros((n, target_dim), np.float32)),
+            "participant": pa.array([p.name] * n, pa.string()),
+            "model": pa.array([resolve_model(cfg, p.model)] * n, pa.string()),
+            "aligned": pa.array([False] * n, pa.bool_()),
+            "own_target": ArrowTensorArray.from_numpy(own)}))
+    out = pa.concat_tables(parts)
+    tmp = run / (SHARED_ROWS + ".tmp")
+    pq.write_table(out, tmp)
+    os.replace(tmp, run / SHARED_ROWS)
+    return out.num_rows
 
 
 def write_errors(cfg: Config, run: Path) -> int:
@@ -102,7 +140,8 @@ def write_errors(cfg: Config, run: Path) -> int:
     return total
 
 
-def merge(cfg: Config, run: Path, aligns: dict, target_dim: int, log: Callable[[str], None] = print) -> int:
+def merge(cfg: Config, run: Path, aligns: dict, target_dim: int, own_dim: int,
+          log: Callable[[str], None] = print) -> int:
     """Write RUN/optimized/ (Parquet parts) in one Ray Data pass over all participants; return its rows."""
     import ray.data
 
@@ -115,7 +154,7 @@ def merge(cfg: Config, run: Path, aligns: dict, target_dim: int, log: Callable[[
                         resolve_model(cfg, p.model), target_dim)
     dirs = [str(run / EMBEDDINGS / p.name) for p in cfg.participants]
     ds = ray.data.read_parquet(dirs, file_extensions=["parquet"], include_paths=True)
-    ds = ds.map_batches(_merge_batch, batch_format="pyarrow", fn_kwargs=dict(maps=maps))
+    ds = ds.map_batches(_merge_batch, batch_format="pyarrow", fn_kwargs=dict(maps=maps, own_dim=own_dim))
     ds.set_name("merge")
     ds.write_parquet(str(tmp))
     shutil.rmtree(out, ignore_errors=True)
@@ -207,7 +246,9 @@ def run_merge(cfg: Config, run: Path, embedded: dict, t_start: float, log: Calla
         log(f"[optimize] {n}: uniformity {v:.4f}  coverage {scored['coverage'][n]:.3f}  {extra}")
     t0 = time.time()
     best_dim = stats[[p.name for p in cfg.participants].index(scored["best"])]["embed_dim"]
-    rows = merge(cfg, run, scored["alignments"], best_dim, log=log)
+    own_dim = max(st["embed_dim"] for st in stats)
+    rows = merge(cfg, run, scored["alignments"], best_dim, own_dim, log=log)
+    write_shared_rows(cfg, run, scored["shared_ids"], best_dim, own_dim)
     t_merge = time.time() - t0
     if rows + error_rows != total:
         raise RunError(f"row accounting failed: {rows} optimized + {error_rows} errors != {total} images")

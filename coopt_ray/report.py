@@ -159,7 +159,12 @@ def build_report(run: str | os.PathLike, log: Callable[[str], None] = print) -> 
     if metrics and metrics.get("history"):
         h = metrics["history"]
         fig, ax = plt.subplots(figsize=(6, 3.5))
-        ax.plot([e["epoch"] for e in h], [e["loss"] for e in h], marker="o")
+        ax.plot([e["epoch"] for e in h], [e["loss"] for e in h], marker="o", label="total")
+        for k, (n, info) in enumerate((metrics.get("head_info") or {}).items()):
+            ax.plot([e["epoch"] for e in h], info["loss"], marker=".", ls="--", color=COLORS[(k + 1) % len(COLORS)],
+                    label=f"head {n}")
+        if metrics.get("head_info"):
+            ax.legend(fontsize=7)
         ax.set_xlabel("epoch")
         ax.set_ylabel("1 - cos(ŷ, y)")
         ax.set_title(f"Student {metrics['arch']} training loss")
@@ -305,6 +310,8 @@ def _html(run: Path, manifest: dict, metrics: Optional[dict], ev: Optional[dict]
                 _table(["arch", "rows", "epochs", "workers", "final loss", "train seconds"],
                        [[metrics["arch"], metrics["rows"], metrics["epochs"], metrics["workers"],
                          metrics["loss"][-1] if metrics["loss"] else None, metrics["seconds"]["train"]]])]
+    if metrics and metrics.get("head_info"):
+        sec += heads_section(metrics)
     sec.append("<h2>Plots</h2>")
     for f, cap in figs:
         sec.append(f'<figure><img src="{e(f)}" alt="{e(f)}"><figcaption>{e(cap)}</figcaption></figure>')
@@ -315,6 +322,21 @@ def _html(run: Path, manifest: dict, metrics: Optional[dict], ev: Optional[dict]
              "img{max-width:100%}")
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>coopt report</title>"
             f"<style>{style}</style></head><body>{''.join(sec)}</body></html>\n")
+
+
+def heads_section(metrics: dict) -> list:
+    """What each per-participant head learned (student.heads): its rows and its loss on them, first and last epoch."""
+    e, info = html.escape, metrics["head_info"]
+    kind = metrics.get("loss_kind", "cos")
+    return ["<h2>Student heads</h2>",
+            f"<p>student.heads: <b>{e(metrics['heads_mode'])}</b>. Each participant's head regresses that teacher's "
+            f"own embedding, standardised on its own rows, on its shard and on S (loss {e(kind)} on its rows)"
+            + ("; the aligned head regresses the merged targets on every image" if metrics["aligned_head"] else "")
+            + f". Without an aligned head the student's output is head <b>{e(str(metrics['primary_head']))}</b>'s "
+            "(the best participant's space). The linear probe reads the backbone, not a head.</p>",
+            _table(["head", "teacher", "target dim", "head dim", "rows (last epoch)", "loss, epoch 1", "loss, last"],
+                   [[n, i.get("model"), i["target_dim"], i["head_dim"], i["rows"], i["loss"][0] if i["loss"] else None,
+                     i["loss"][-1] if i["loss"] else None] for n, i in info.items()])]
 
 
 def summary_table(manifest: dict, metrics: Optional[dict], ev: Optional[dict]) -> str:

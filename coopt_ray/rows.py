@@ -14,7 +14,8 @@ from .rundir import RunError
 
 
 def decode_batch(batch: dict, image_size: int) -> dict:
-    """``map_batches`` fn: PNG/JPEG bytes -> uint8 (N, S, S, 3) RGB; targets pass through.
+    """``map_batches`` fn: PNG/JPEG bytes -> uint8 (N, S, S, 3) RGB; targets (and student.heads' columns) pass
+    through.
 
     Every merged row was decoded once by its participant, so a row that no longer decodes means RUN/optimized
     was damaged: fail, naming the id, rather than train on fewer rows than metrics.json would report."""
@@ -25,11 +26,17 @@ def decode_batch(batch: dict, image_size: int) -> dict:
         except ValueError as e:
             raise RunError(f"optimized row {batch['id'][i]!r} no longer decodes ({e}); RUN/optimized is damaged: "
                            "delete RUN/optimized and RUN/manifest.json and rerun `coopt optimize`") from None
-    target = np.asarray(batch["target"], dtype=np.float32)
-    if target.dtype == object:
-        target = np.stack([np.asarray(t, dtype=np.float32) for t in batch["target"]])
-    out = np.stack(imgs) if imgs else np.zeros((0, image_size, image_size, 3), np.uint8)
-    return {"image": out, "target": target.reshape(len(batch["image"]), -1)}
+    out = {"image": np.stack(imgs) if imgs else np.zeros((0, image_size, image_size, 3), np.uint8)}
+    for k in ("target", "own_target"):  # tensor columns -> float32 matrices
+        if k in batch:
+            m = np.asarray(batch[k], dtype=np.float32)
+            if m.dtype == object:
+                m = np.stack([np.asarray(t, dtype=np.float32) for t in batch[k]])
+            out[k] = m.reshape(len(batch["image"]), -1)
+    for k in ("head", "target_weight"):  # per-row scalars (student.heads)
+        if k in batch:
+            out[k] = np.asarray(batch[k])
+    return out
 
 
 def _keep_ids(batch, ids: frozenset):
@@ -95,25 +102,80 @@ def target_moments(rows_dir: Path, keep: Optional[frozenset] = None):
     return m.n, mean, cov
 
 
-def training_dataset(opt_dir: Path, image_size: int, keep: Optional[frozenset] = None, shuffle_seed=None):
+def _head_columns(batch, names: list, weight: float):
+    """``map_batches`` fn (student.heads): each row's participant as its head index, and the aligned head's weight."""
+    import pyarrow as pa
+
+    pos = {n: k for k, n in enumerate(names)}
+    part = batch.column("participant").to_pylist()
+    bad = sorted(set(part) - set(pos))
+    if bad:
+        raise RunError(f"rows of participant(s) {bad} are not among the run's participants {names}")
+    batch = batch.drop_columns(["participant"])
+    batch = batch.append_column("head", pa.array([pos[p] for p in part], pa.int64()))
+    return batch.append_column("target_weight", pa.array([weight] * len(part), pa.float32()))
+
+
+def _read_rows(path: Path, columns: list, keep: Optional[frozenset]):
+    import ray.data
+
+    ds = ray.data.read_parquet(str(path), file_extensions=["parquet"]).select_columns(columns)
+    if keep is not None:
+        ds = ds.map_batches(_keep_ids, batch_format="pyarrow", fn_kwargs={"ids": keep})
+    return ds
+
+
+def training_dataset(opt_dir: Path, image_size: int, keep: Optional[frozenset] = None, shuffle_seed=None,
+                     heads: Optional[list] = None, shared_rows: Optional[Path] = None):
     """RUN/optimized as a Ray Dataset of decoded uint8 images + targets.
+
+    With ``heads`` (the participants' names, student.heads) every row also carries ``own_target``, ``head`` and
+    ``target_weight`` (1), and ``shared_rows`` (RUN/shared_rows.parquet) adds S's rows of the participants that do
+    not own them, with weight 0 (see :mod:`coopt_ray.heads`).
 
     The merged parts are grouped by participant, so the rows are globally shuffled once (seeded); the
     images are decoded once and the result is materialized in the object store (50k 32 px images are
     ~150 MB), so an epoch only streams the blocks (each worker adds a local shuffle buffer, reseeded per
     epoch) instead of re-reading, re-shuffling and re-decoding the Parquet every epoch.
     """
-    import ray.data
-
-    ds = ray.data.read_parquet(str(opt_dir), file_extensions=["parquet"]).select_columns(["id", "image", "target"])
-    if keep is not None:
-        ds = ds.map_batches(_keep_ids, batch_format="pyarrow", fn_kwargs={"ids": keep})
+    cols = ["id", "image", "target"] + (["participant", "own_target"] if heads else [])
+    ds = _read_rows(opt_dir, cols, keep)
+    if heads:
+        ds = ds.map_batches(_head_columns, batch_format="pyarrow", fn_kwargs={"names": list(heads), "weight": 1.0})
+        if shared_rows is not None and Path(shared_rows).is_file():
+            extra = _read_rows(shared_rows, cols, keep).map_batches(
+                _head_columns, batch_format="pyarrow", fn_kwargs={"names": list(heads), "weight": 0.0})
+            ds = ds.union(extra)
     ds = ds.random_shuffle(seed=shuffle_seed)
     ds = ds.map_batches(decode_batch, batch_format="numpy", fn_kwargs={"image_size": image_size},
                         batch_size=256)
     ds = ds.materialize()
     ds.set_name("student_train")
     return ds
+
+
+def head_moments(rows_dir: Path, dims: dict, keep: Optional[frozenset] = None) -> dict:
+    """Per participant (``dims``: name -> embedding width), the rows, mean and covariance of its own rows'
+    ``own_target`` (its shard, unaligned), streamed in one pass: ``{name: (n, mean, cov)}``."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    from .student import TargetMoments
+
+    moments = {n: TargetMoments() for n in dims}
+    value_set = pa.array(sorted(keep), pa.string()) if keep is not None else None
+    for b in scan(rows_dir, ["id", "participant", "own_target"]):
+        if value_set is not None:
+            b = b.filter(pc.is_in(b.column("id"), value_set=value_set))
+        for name, d in dims.items():
+            t = b.filter(pc.equal(b.column("participant"), name))
+            if t.num_rows:
+                moments[name].add(column_matrix(t.column("own_target"))[:, :d])
+    out = {}
+    for name, m in moments.items():
+        mean, cov = m.mean_cov() if m.n else (np.zeros(dims[name]), np.zeros((dims[name], dims[name])))
+        out[name] = (m.n, mean, cov)
+    return out
 
 
 def read_targets(opt_dir: Path) -> tuple[list[str], np.ndarray]:

@@ -17,6 +17,7 @@ MANIFEST = "manifest.json"   # the optimized dataset's manifest (DESIGN.md §3)
 EVAL = "eval.json"           # linear-probe accuracies
 EMBEDDINGS = "embeddings"    # embeddings/<participant>/ Parquet parts + done marker
 OPTIMIZED = "optimized"      # the merged optimized dataset (Parquet)
+SHARED_ROWS = "shared_rows.parquet"  # S's rows as embedded by the participants that do not own them (student.heads)
 ERRORS = "errors"            # errors/<participant>.parquet: id, participant, stage, error
 ALIGN = "align"              # align/<participant>.npz: the alignment applied (W, b)
 STUDENT = "student"          # student/: student.pt, metrics.json, Ray Train checkpoints

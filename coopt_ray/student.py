@@ -71,15 +71,28 @@ def adapt_stem(model: torch.nn.Module, in_chans: int = 3) -> bool:
 
 
 class Student(torch.nn.Module):
-    """Backbone -> linear head onto the (standardised) target space."""
+    """Backbone -> a linear head onto the (standardised) aligned target space (``out_dim`` 0: none), and with
+    ``heads`` ({participant: width}, ``student.heads``) one linear head per participant. ``forward`` returns the
+    aligned head's output, or ``primary``'s when there is no aligned head; ``all_heads=True`` returns
+    ``(aligned output or None, {participant: output})`` (through DDP too, which only syncs ``forward``)."""
 
-    def __init__(self, arch: str, image_size: int, out_dim: int):
+    def __init__(self, arch: str, image_size: int, out_dim: int, heads: Optional[dict] = None,
+                 primary: Optional[str] = None):
         super().__init__()
         self.backbone = build_backbone(arch, image_size)
-        self.head = torch.nn.Linear(self.backbone.feature_width, out_dim)
+        w = self.backbone.feature_width
+        self.head = torch.nn.Linear(w, out_dim) if out_dim else None
+        self.heads = torch.nn.ModuleDict({n: torch.nn.Linear(w, int(d)) for n, d in (heads or {}).items()})
+        if self.head is None and primary not in self.heads:
+            raise ValueError(f"a student without an aligned head needs a primary head among {list(self.heads)}, "
+                             f"got {primary!r}")
+        self.primary = primary
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.backbone(x))
+    def forward(self, x: torch.Tensor, all_heads: bool = False):
+        f = self.backbone(x)
+        if all_heads:
+            return (None if self.head is None else self.head(f)), {n: h(f) for n, h in self.heads.items()}
+        return self.head(f) if self.head is not None else self.heads[self.primary](f)
 
 
 def feature_dim(arch: str, image_size: int) -> int:
@@ -126,21 +139,25 @@ def transform_from_moments(n: int, mean: np.ndarray, cov: np.ndarray, whiten: bo
     return mean.astype(np.float32), P.astype(np.float32)
 
 
-def student_loss(pred: torch.Tensor, y: torch.Tensor, kind: str = "cos",
-                 weights: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """The student's objective (``student.loss``), in fp32 whatever the net ran in. Per row: ``cos`` is
+def row_loss(pred: torch.Tensor, y: torch.Tensor, kind: str = "cos") -> torch.Tensor:
+    """The student's objective per row (``student.loss``), in fp32 whatever the net ran in: ``cos`` is
     ``1 - cos(pred, y)``; ``cos+smooth-l1`` is RADIO's ``0.9 (1 - cos) + 0.1 smooth-L1`` (beta 1, mean over
-    dimensions); ``mse`` the mean squared error over dimensions. Then the mean over rows, or with ``weights`` (one
-    per row) the weighted mean ``sum(w * l) / sum(w)``."""
+    dimensions); ``mse`` the mean squared error over dimensions."""
     pred, y = pred.float(), y.float()
     if kind not in STUDENT_LOSSES:
         raise ValueError(f"student loss must be one of {STUDENT_LOSSES}, got {kind!r}")
     if kind == "mse":
-        loss = (pred - y).pow(2).mean(1)
-    else:
-        loss = 1 - torch.nn.functional.cosine_similarity(pred, y, dim=1)
-        if kind == "cos+smooth-l1":
-            loss = 0.9 * loss + 0.1 * torch.nn.functional.smooth_l1_loss(pred, y, reduction="none").mean(1)
+        return (pred - y).pow(2).mean(1)
+    loss = 1 - torch.nn.functional.cosine_similarity(pred, y, dim=1)
+    if kind == "cos+smooth-l1":
+        loss = 0.9 * loss + 0.1 * torch.nn.functional.smooth_l1_loss(pred, y, reduction="none").mean(1)
+    return loss
+
+
+def student_loss(pred: torch.Tensor, y: torch.Tensor, kind: str = "cos",
+                 weights: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """:func:`row_loss`, then the mean over rows, or with ``weights`` (one per row) ``sum(w * l) / sum(w)``."""
+    loss = row_loss(pred, y, kind)
     return loss.mean() if weights is None else (loss * weights).sum() / weights.sum()
 
 
@@ -325,24 +342,37 @@ def student_folder(path: str | os.PathLike) -> Path:
 
 
 def load_student(path: str | os.PathLike, map_location="cpu") -> tuple[Student, dict]:
-    """The whole trained student (backbone + head, eval mode) and its metrics, from a run or student folder."""
+    """The whole trained student (backbone + heads, eval mode) and its metrics, from a run or student folder."""
     d = student_folder(path)
     meta = json.loads((d / METRICS).read_text())
-    student = Student(meta["arch"], int(meta["image_size"]), int(meta["head_dim"]))
+    aligned = meta.get("aligned_head", True)  # students trained before student.heads have only the aligned head
+    student = Student(meta["arch"], int(meta["image_size"]), int(meta["head_dim"]) if aligned else 0,
+                      heads=meta.get("heads"), primary=meta.get("primary_head"))
     student.load_state_dict(torch.load(d / WEIGHTS, map_location=map_location, weights_only=True))
     return student.eval(), meta
 
 
+def _prefixed(state: dict, prefix: str) -> dict:
+    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+
+
 def warm_start(student: Student, path: str | os.PathLike) -> str:
-    """Load a trained student's weights into ``student`` (``student.init``): the backbone always, the head when
-    its shape matches (the target space can change between rounds). Returns what was loaded, for the log."""
+    """Load a trained student's weights into ``student`` (``student.init``): the backbone always, and every head
+    (aligned or a participant's) whose name and shape match (the target space can change between rounds). Returns
+    what was loaded, for the log."""
     d = student_folder(path)
     state = torch.load(d / WEIGHTS, map_location="cpu", weights_only=True)
-    head = {k[len("head."):]: v for k, v in state.items() if k.startswith("head.")}
-    student.backbone.load_state_dict({k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")})
-    if all(student.head.state_dict()[k].shape == v.shape for k, v in head.items()):
-        student.head.load_state_dict(head)
-        return f"backbone and head from {d}"
+    student.backbone.load_state_dict(_prefixed(state, "backbone."))
+    mods = ([("head", student.head)] if student.head is not None else []) + [
+        (f"heads.{n}", h) for n, h in student.heads.items()]
+    got = []
+    for prefix, mod in mods:
+        sub, own = _prefixed(state, prefix + "."), mod.state_dict()
+        if sub.keys() == own.keys() and all(own[k].shape == v.shape for k, v in sub.items()):
+            mod.load_state_dict(sub)
+            got.append(prefix)
+    if got:
+        return f"backbone and {', '.join(got)} from {d}"
     return f"backbone from {d} (head re-initialised: the target space changed)"
 
 

@@ -22,16 +22,20 @@ import numpy as np
 import torch
 
 from .cluster import cluster_nodes, driver_node_id, fit_torch_trainer, init_ray, plan_workers
-from .config import Config
+from .config import Config, student_view
 from .devices import autocast, channels_last, check_cuda_usable, cuda_speed_habits, reduce_sums, train_device
 from .augment import make_augment, normalize_pixels, to_float_nchw
-from .rundir import (DISTILLED_PARTS, DONE, MANIFEST, OPTIMIZED, STUDENT, RunError, prepare_run_dir, read_done, run_label,
-                     write_json_atomic)
-from .rows import streamed_subset, target_moments, training_dataset
+from .rundir import (DISTILLED_PARTS, DONE, MANIFEST, OPTIMIZED, SHARED_ROWS, STUDENT, RunError, prepare_run_dir,
+                     read_done, run_label, write_json_atomic)
+from .heads import HeadTransforms, TorchHeads, head_transforms, multi_head_loss
+from .rows import head_moments, streamed_subset, target_moments, training_dataset
 from .student import (CKPT_PREFIX, METRICS, WEIGHTS, Student, feature_dim, init_fingerprint, latest_checkpoint,
                       load_state, student_loss, report_checkpoint, resume_state, transform_from_moments, usable_checkpoint, warm_start)
 
 SHUFFLE_BUFFER = 2048       # rows in each worker's local shuffle buffer (reseeded every epoch)
+HEAD_COLUMNS = ("own_target", "head", "target_weight")  # a training row's extra columns with student.heads
+BATCH_DTYPES = {"image": torch.uint8, "target": torch.float32, "own_target": torch.float32, "head": torch.int64,
+                "target_weight": torch.float32}
 
 
 # ---------------------------------------------------------------- the training loop
@@ -59,7 +63,11 @@ def train_loop_per_worker(config: dict) -> dict:
 
     mean = torch.as_tensor(np.asarray(config["target_mean"], dtype=np.float32), device=device)
     proj = torch.as_tensor(np.asarray(config["target_proj"], dtype=np.float32), device=device)
-    student = Student(config["arch"], int(config["image_size"]), proj.shape[1])
+    heads = HeadTransforms.from_config(config["heads"]) if config.get("heads") else None
+    th = TorchHeads(heads, device) if heads else None
+    aligned_head = heads is None or bool(config.get("aligned_head", True))
+    student = Student(config["arch"], int(config["image_size"]), proj.shape[1] if aligned_head else 0,
+                      heads=heads.out_dims() if heads else None, primary=config.get("primary_head"))
 
     state, resume_dir = resume_state(ray.train.get_checkpoint(), config)
     history: list = []
@@ -100,9 +108,10 @@ def train_loop_per_worker(config: dict) -> dict:
         t0 = time.time()
         gen = torch.Generator().manual_seed(seed * 100_003 + epoch * 1_009 + rank)
         loss_sum = torch.zeros((), dtype=torch.float64, device=device)  # summed on the device: no per-step sync
+        k = len(heads.names) if heads else 0
+        head_sums = torch.zeros(2 * k, dtype=torch.float64, device=device)  # per head: loss sum, then rows
         seen = 0
-        for batch in shard.iter_torch_batches(batch_size=bs, drop_last=True,
-                                              dtypes={"image": torch.uint8, "target": torch.float32},
+        for batch in shard.iter_torch_batches(batch_size=bs, drop_last=True, dtypes=BATCH_DTYPES,
                                               local_shuffle_buffer_size=SHUFFLE_BUFFER,
                                               local_shuffle_seed=seed * 100_003 + epoch * 1_009 + rank):
             x = to_float_nchw(batch["image"].to(device))
@@ -111,14 +120,18 @@ def train_loop_per_worker(config: dict) -> dict:
                 x = x.contiguous(memory_format=fmt)
             y = (batch["target"].to(device) - mean) @ proj
             with autocast(amp, device):
-                out = model(x)
-            loss = student_loss(out, y, kind)  # in fp32, whatever the net ran in
+                out = model(x, all_heads=True) if heads else model(x)
+            if heads:  # in fp32, whatever the net ran in
+                loss, hs, hc = multi_head_loss(out, {c: batch[c].to(device) for c in HEAD_COLUMNS}, th, y, kind)
+                head_sums += torch.cat([hs, hc]).double()
+            else:
+                loss = student_loss(out, y, kind)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             loss_sum += loss.detach().double() * len(x)
             seen += len(x)
-        tot = reduce_sums([loss_sum, seen], device, world)  # one sync per epoch, on the loop's device
+        tot = reduce_sums([loss_sum, seen, *head_sums], device, world)  # one sync per epoch, on the loop's device
         if tot[1] == 0:
             raise RuntimeError(f"epoch {epoch + 1}: no full batch of {bs} rows on a worker; "
                                "lower student.batch_size or use more data")
@@ -126,6 +139,9 @@ def train_loop_per_worker(config: dict) -> dict:
         metrics = {"epoch": epoch + 1, "loss": tot[0] / tot[1], "images": int(tot[1]),
                    "seconds": round(dt, 3), "images_per_s": round(float(tot[1]) / max(dt, 1e-9), 2),
                    "nodes": nodes}
+        if heads:  # each head's mean loss over its own rows this epoch
+            metrics["head_loss"] = {n: tot[2 + j] / max(tot[2 + k + j], 1.0) for j, n in enumerate(heads.names)}
+            metrics["head_rows"] = {n: int(tot[2 + k + j]) for j, n in enumerate(heads.names)}
         history.append(metrics)
         name = f"{CKPT_PREFIX}{epoch:04d}"
         if rank == 0 and config.get("log", True):
@@ -163,16 +179,10 @@ def train_fingerprint(cfg: Config, manifest: dict, with_epochs: bool = True, run
     s = dataclasses.asdict(cfg.student)
     for k in ("workers", "use_gpu", "cpus_per_worker") + (() if with_epochs else ("epochs",)):
         s.pop(k, None)  # how many workers is not what is learned
-    if s.get("amp") == "auto":
-        s.pop("amp")  # the default: runs made before the key existed keep their fingerprints
-    for k, v in (("loss", "cos"), ("phi_s", False)):
-        if s.get(k) == v:
-            s.pop(k)  # the same
+    s = student_view(s)  # keys added later, at their "as before" values: older runs keep their fingerprints
     if s.get("augment", True) is True:
-        s.pop("augment", None)  # the default: fingerprints of runs made before the switch existed still match
-    if s.get("init") is None:
-        s.pop("init", None)
-    else:
+        s.pop("augment", None)  # the same for the switch's default (weak is a str: it stays)
+    if s.get("init") is not None:
         s["init"] = [s["init"], init_fingerprint(s["init"])]  # the weights it starts from, not just the path
     data = manifest.get("fingerprint")
     if s.pop("data") != "optimized":  # a distilled set: what it was distilled with (RUN/distilled/<m>/_DONE.json)
@@ -180,6 +190,41 @@ def train_fingerprint(cfg: Config, manifest: dict, with_epochs: bool = True, run
     blob = json.dumps({"student": s, "optimized": data,
                        "image_size": cfg.data.image_size, "seed": cfg.seed}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def student_heads(cfg: Config, run: Path, manifest: dict, rows_dir: Path, keep, fdim: int):
+    """``HeadTransforms`` for ``student.heads`` (None for ``aligned``): each participant's standardisation from its
+    own rows (a participant that owns none, ``share: 0``, from its rows of S). A run merged before per-participant targets existed fails here, saying what to rerun."""
+    import pyarrow.parquet as pq
+
+    if cfg.student.heads == "aligned":
+        return None
+    parts = sorted(Path(rows_dir).glob("*.parquet"))
+    if not parts or "own_target" not in pq.read_schema(parts[0]).names or not (run / SHARED_ROWS).is_file():
+        raise RunError(f"student.heads: {cfg.student.heads} needs each participant's own targets, which {run} "
+                       "lacks (merged by an older version): delete RUN/manifest.json and rerun `coopt optimize`")
+    dims = {p["name"]: int(p["embed_dim"]) for p in manifest["participants"]}
+    moments = head_moments(rows_dir, dims, keep)
+    few = {n: d for n, d in dims.items() if moments[n][0] < 2}  # share 0: its part of the data is S alone
+    if few:
+        moments.update(head_moments(run / SHARED_ROWS, few, keep))
+    try:
+        return head_transforms(moments, dims, whiten=cfg.student.whiten, phi_s=cfg.student.phi_s, out_dim=fdim)
+    except ValueError as e:
+        raise RunError(f"student.heads: {e}") from None
+
+
+def heads_metrics(mode: str, heads: HeadTransforms, manifest: dict, history: list) -> dict:
+    """What metrics.json says about the heads: per participant its teacher, widths, rows and loss by epoch."""
+    models = {p["name"]: p["model"] for p in manifest["participants"]}
+    last = history[-1] if history else {}
+    return {
+        "heads_mode": mode, "aligned_head": mode != "per-participant", "primary_head": manifest["best"],
+        "heads": heads.out_dims(),
+        "head_info": {n: {"model": models.get(n), "target_dim": d, "head_dim": o, "rows": last.get("head_rows", {}).get(n),
+                          "loss": [h.get("head_loss", {}).get(n) for h in history]}
+                      for (n, o), d in zip(heads.out_dims().items(), heads.dims)},
+    }
 
 
 def run_train(cfg: Config, run: str | os.PathLike, address: Optional[str] = None,
@@ -219,6 +264,7 @@ def run_train(cfg: Config, run: str | os.PathLike, address: Optional[str] = None
     fdim = feature_dim(s.arch, cfg.data.image_size)
     mean, proj = transform_from_moments(rows, t_mean, t_cov, whiten=s.whiten, out_dim=fdim, phi_s=s.phi_s)
     tdim = len(mean)
+    heads = student_heads(cfg, run, manifest, rows_dir, keep, fdim)
     world = max(1, workers)
     per_worker = max(2, s.batch_size // world)
     if rows // world < per_worker:
@@ -233,6 +279,10 @@ def run_train(cfg: Config, run: str | os.PathLike, address: Optional[str] = None
     log(f"[train] student {s.arch} on {rows} rows of {s.data} (target dim {tdim} -> {proj.shape[1]}"
         f"{', whitened' if s.whiten else ', PHI-S' if s.phi_s else ', standardised'}), {s.epochs} epochs, "
         f"{plan.message}, batch {per_worker}/worker, run name {name}")
+    if heads:
+        log(f"[train] heads: {s.heads}: " + ", ".join(f"{n} ({d} -> {o})" for (n, o), d in zip(
+            heads.out_dims().items(), heads.dims)) + (" + aligned" if s.heads == "both" else "")
+            + f"; primary {manifest['best']}")
     if latest and latest[1]["epoch"] + 1 >= s.epochs:
         log(f"[train] checkpoint {latest[0].name} already covers {s.epochs} epochs")
     else:
@@ -245,8 +295,11 @@ def run_train(cfg: Config, run: str | os.PathLike, address: Optional[str] = None
             "fingerprint": rfp, "threads": threads, "use_gpu": s.use_gpu, "amp": s.amp, "loss": s.loss, "augment": s.augment,
             "resume_from": str(latest[0]) if latest else None, "init_from": s.init,
             "local_checkpoint_dir": str(exp) if workers == 0 else None, "checkpoint_root": str(exp),
+            "heads": heads.to_config() if heads else None, "aligned_head": s.heads != "per-participant",
+            "primary_head": manifest["best"],
         }
-        ds = training_dataset(rows_dir, cfg.data.image_size, keep, shuffle_seed=cfg.seed)
+        ds = training_dataset(rows_dir, cfg.data.image_size, keep, shuffle_seed=cfg.seed,
+                              heads=heads.names if heads else None, shared_rows=run / SHARED_ROWS)
         fit_torch_trainer(train_loop_per_worker, loop_cfg, plan, s.use_gpu, name, storage, ds)
         latest = latest_checkpoint(exp)
         if latest is None:
@@ -258,7 +311,8 @@ def run_train(cfg: Config, run: str | os.PathLike, address: Optional[str] = None
     history = state["history"]
     metrics = {
         "arch": s.arch, "image_size": cfg.data.image_size, "target_dim": tdim,
-        "head_dim": int(proj.shape[1]), "whiten": s.whiten, "phi_s": s.phi_s, "loss_kind": s.loss, "data": s.data,
+        "head_dim": int(proj.shape[1]) if not heads or s.heads != "per-participant" else
+        heads.out_dims()[manifest["best"]], "whiten": s.whiten, "phi_s": s.phi_s, "loss_kind": s.loss, "data": s.data,
         "rows": rows, "epochs": s.epochs,
         "workers": workers, "cpus_per_worker": cpw, "batch_size_per_worker": per_worker,
         "worker_nodes": history[-1].get("nodes") if history else None, "driver_node": driver,
@@ -267,6 +321,8 @@ def run_train(cfg: Config, run: str | os.PathLike, address: Optional[str] = None
                     "stage": round(time.time() - t_start, 3)},
         "checkpoint": str(latest[0]), "fingerprint": fp,
     }
+    if heads:
+        metrics.update(heads_metrics(s.heads, heads, manifest, history))
     write_json_atomic(out / METRICS, metrics)
     write_json_atomic(out / DONE, {"fingerprint": fp, "final_loss": history[-1]["loss"], "epochs": s.epochs})
     log(f"[train] done: final loss {history[-1]['loss']:.4f} after {len(history)} epochs "

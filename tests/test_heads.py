@@ -1,0 +1,187 @@
+"""student.heads: per-participant heads, their standardisation, the merge's own targets and the train stage."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from coopt_ray.heads import (HeadTransforms, TorchHeads, head_transforms, moments_by_head, multi_head_loss,
+                             per_head_loss, weighted_mean)
+from coopt_ray.student import Student, load_student, warm_start
+
+ARCH = "resnet10t"
+
+
+def _identity_heads(dims):
+    """Heads whose transform is the identity (mean 0, P = I) for widths ``dims``."""
+    names = [f"p{k}" for k in range(len(dims))]
+    return HeadTransforms(names, list(dims), [np.zeros(d, np.float32) for d in dims],
+                          [np.eye(d, dtype=np.float32) for d in dims])
+
+
+# ---------------------------------------------------------------- the loss, known answers
+def test_each_row_counts_only_in_its_own_head():
+    """Rows of head 0 predicted exactly (cos loss 0), rows of head 1 predicted as the negative (cos loss 2): the mean
+    over the batch is 1, and head 0's outputs for head 1's rows (here garbage) do not count."""
+    th = TorchHeads(_identity_heads([3, 2]), torch.device("cpu"))
+    own = torch.tensor([[1., 2., 3.], [0., 1., 0.], [1., 1., 0.], [2., -1., 0.]])  # rows 2, 3: width 2, zero-padded
+    head = torch.tensor([0, 0, 1, 1])
+    outs = {"p0": torch.cat([own[:2], torch.randn(2, 3)]),
+            "p1": torch.cat([torch.randn(2, 2), -own[2:, :2]])}
+    loss, sums, counts = per_head_loss(outs, own, head, th)
+    assert loss.item() == pytest.approx(1.0, abs=1e-6)
+    assert sums.tolist() == pytest.approx([0.0, 4.0], abs=1e-6) and counts.tolist() == [2.0, 2.0]
+
+
+def test_head_transform_is_applied_per_head():
+    """A head's target is (own[:, :d_k] - mean_k) @ P_k: the prediction 2 * (own - 1) has cos 1 (loss 0) under
+    mean 1 and is wrong under mean 0."""
+    t = HeadTransforms(["a"], [2], [np.ones(2, np.float32)], [np.eye(2, dtype=np.float32)])
+    own = torch.tensor([[3., 0.], [0., 5.]])
+    pred = {"a": 2 * (own - 1)}
+    assert per_head_loss(pred, own, torch.tensor([0, 0]), TorchHeads(t, torch.device("cpu")))[0].item() == \
+        pytest.approx(0.0, abs=1e-6)
+    t0 = HeadTransforms(["a"], [2], [np.zeros(2, np.float32)], [np.eye(2, dtype=np.float32)])
+    want = 1 - np.mean([12 / (np.sqrt(20) * 3), 40 / (np.sqrt(68) * 5)])  # cos([4, -2], [3, 0]), cos([-2, 8], [0, 5])
+    assert per_head_loss(pred, own, torch.tensor([0, 0]), TorchHeads(t0, torch.device("cpu")))[0].item() == \
+        pytest.approx(want, abs=1e-6)
+
+
+def test_aligned_head_loss_is_added_on_rows_of_weight_one():
+    th = TorchHeads(_identity_heads([2]), torch.device("cpu"))
+    own = torch.tensor([[1., 0.], [0., 1.]])
+    batch = {"own_target": own, "head": torch.tensor([0, 0]), "target_weight": torch.tensor([1., 0.])}
+    y = torch.tensor([[1., 0.], [1., 0.]])
+    aligned = torch.tensor([[-1., 0.], [1., 0.]])  # row 0 (weight 1): loss 2; row 1 (weight 0) would be 0
+    loss, _, _ = multi_head_loss((aligned, {"p0": own}), batch, th, y)
+    assert loss.item() == pytest.approx(2.0, abs=1e-6)
+    loss_heads_only, _, _ = multi_head_loss((None, {"p0": own}), batch, th, y)
+    assert loss_heads_only.item() == pytest.approx(0.0, abs=1e-6)
+    assert weighted_mean(torch.tensor([3., 4.]), torch.zeros(2)).item() == 0.0  # a batch of S rows only
+
+
+def test_per_head_standardisation_comes_from_each_heads_own_rows():
+    rng = np.random.default_rng(0)
+    a = rng.normal(5.0, 3.0, size=(200, 4))
+    b = np.pad(rng.normal(-2.0, 0.5, size=(100, 2)), ((0, 0), (0, 2)))  # width 2, padded to 4
+    own = np.concatenate([a, b])
+    head = np.array([0] * 200 + [1] * 100)
+    t = head_transforms(moments_by_head(own, head, ["a", "b"]), {"a": 4, "b": 2})
+    assert t.out_dims() == {"a": 4, "b": 2}
+    za = (a - t.means[0]) @ t.projs[0]
+    zb = (b[:, :2] - t.means[1]) @ t.projs[1]
+    for z in (za, zb):
+        np.testing.assert_allclose(z.mean(0), 0, atol=1e-5)
+        np.testing.assert_allclose(z.std(0), 1, atol=1e-3)
+    phis = head_transforms(moments_by_head(own, head, ["a", "b"]), {"a": 4, "b": 2}, phi_s=True)
+    np.testing.assert_allclose(np.cov(((a - phis.means[0]) @ phis.projs[0]).T).diagonal(), 1, atol=1e-5)
+    with pytest.raises(ValueError, match="'b' has 1 row"):
+        head_transforms(moments_by_head(own[:201], head[:201], ["a", "b"]), {"a": 4, "b": 2})
+
+
+# ---------------------------------------------------------------- the network
+def test_student_heads_forward_and_primary():
+    torch.manual_seed(0)
+    s = Student(ARCH, 16, 5, heads={"p0": 3, "p1": 7})
+    x = torch.rand(2, 3, 16, 16)
+    aligned, outs = s(x, all_heads=True)
+    assert aligned.shape == (2, 5) and outs["p0"].shape == (2, 3) and outs["p1"].shape == (2, 7)
+    torch.testing.assert_close(s(x), aligned)
+    only = Student(ARCH, 16, 0, heads={"p0": 3, "p1": 7}, primary="p1")
+    a2, outs2 = only(x, all_heads=True)
+    assert a2 is None and not any(k.startswith("head.") for k in only.state_dict())
+    torch.testing.assert_close(only(x), outs2["p1"])  # no aligned head: forward is the primary head
+    with pytest.raises(ValueError, match="primary head"):
+        Student(ARCH, 16, 0, heads={"p0": 3}, primary="nope")
+
+
+def test_warm_start_loads_the_heads_that_match(tmp_path):
+    torch.manual_seed(0)
+    s = Student(ARCH, 16, 0, heads={"p0": 3, "p1": 7}, primary="p0")
+    d = tmp_path / "student"
+    d.mkdir()
+    torch.save(s.state_dict(), d / "student.pt")
+    (d / "metrics.json").write_text(json.dumps({"arch": ARCH, "image_size": 16, "head_dim": 3, "aligned_head": False,
+                                                "heads": {"p0": 3, "p1": 7}, "primary_head": "p0"}))
+    back, _ = load_student(tmp_path)
+    x = torch.rand(2, 3, 16, 16)
+    torch.testing.assert_close(back(x), s.eval()(x))
+    other = Student(ARCH, 16, 0, heads={"p0": 3, "p1": 9}, primary="p0")  # p1's width changed
+    msg = warm_start(other, tmp_path)
+    assert "heads.p0" in msg and "heads.p1" not in msg
+    torch.testing.assert_close(other.heads["p0"].weight, s.heads["p0"].weight)
+
+
+# ---------------------------------------------------------------- the merge's own targets (read-only, shared run)
+def test_merge_keeps_every_rows_own_target_and_s_for_every_participant(shared_optimized):
+    from coopt_ray.embeddings import column_matrix
+
+    run = shared_optimized
+    man = json.loads((run / "manifest.json").read_text())
+    dims = {p["name"]: p["embed_dim"] for p in man["participants"]}
+    opt = pq.read_table(run / "optimized", columns=["id", "participant", "own_target"])
+    own = column_matrix(opt.column("own_target"))
+    assert own.shape == (opt.num_rows, max(dims.values()))
+    emb = {}
+    for name in dims:
+        t = pq.read_table(run / "embeddings" / name, columns=["id", "embedding", "error"])
+        emb[name] = {i: e for i, e, err in zip(t.column("id").to_pylist(), column_matrix(t.column("embedding")),
+                                               t.column("error").to_pylist()) if not err}
+    for i, p, o in list(zip(opt.column("id").to_pylist(), opt.column("participant").to_pylist(), own))[::7]:
+        np.testing.assert_allclose(o[:dims[p]], emb[p][i], rtol=1e-6)
+        assert not o[dims[p]:].any()  # zero padding past the participant's width
+    sh = pq.read_table(run / "shared_rows.parquet")
+    owner = dict(zip(opt.column("id").to_pylist(), opt.column("participant").to_pylist()))
+    want = {(i, n) for i in man["shared_ids"] for n in dims if owner[i] != n}
+    got = list(zip(sh.column("id").to_pylist(), sh.column("participant").to_pylist()))
+    assert set(got) == want and len(got) == len(want)  # S: every participant but the owner, once
+    so = column_matrix(sh.column("own_target"))
+    for (i, n), o in zip(got, so):
+        np.testing.assert_allclose(o[:dims[n]], emb[n][i], rtol=1e-6)
+    assert not column_matrix(sh.column("target")).any()
+    img = dict(zip(pq.read_table(run / "optimized", columns=["id", "image"]).column("id").to_pylist(),
+                   pq.read_table(run / "optimized", columns=["image"]).column("image").to_pylist()))
+    assert all(b == img[i] for i, b in zip(sh.column("id").to_pylist(), sh.column("image").to_pylist()))
+
+
+# ---------------------------------------------------------------- the train stage
+def test_train_stage_with_per_participant_heads(shared_optimized, tiny_models, tmp_path):
+    """``both``, two Ray Train workers (DDP with a ModuleDict of heads), then ``per-participant`` in the driver: each
+    head trains on its own rows and S, metrics.json and report.html say what each head learned, and the student
+    loads back with its heads."""
+    from conftest import copy_run, session_address, write_config
+    from coopt_ray.config import load_config
+    from coopt_ray.train import run_train
+
+    run = copy_run(shared_optimized, tmp_path / "run")
+    man = json.loads((run / "manifest.json").read_text())
+    names = [p["name"] for p in man["participants"]]
+    owned = pq.read_table(run / "optimized", columns=["participant"]).column("participant").to_pylist()
+    shared = pq.read_table(run / "shared_rows.parquet", columns=["participant"]).column("participant").to_pylist()
+    lines = []
+    for mode, workers in (("both", 2), ("per-participant", 0)):
+        cfg = load_config(write_config(tmp_path / f"{mode}.yaml", tiny_models, student={
+            "arch": ARCH, "epochs": 1, "batch_size": 50, "workers": workers, "heads": mode}))
+        m = run_train(cfg, run, address=session_address(), log=lines.append)
+        assert m["heads_mode"] == mode and m["aligned_head"] == (mode == "both") and m["primary_head"] == man["best"]
+        info = m["head_info"]
+        assert set(info) == set(names)
+        # every row of the epoch went to exactly one head (drop_last may leave a partial batch out)
+        assert sum(i["rows"] for i in info.values()) == m["history"][-1]["images"]
+        for n in names:
+            avail = owned.count(n) + shared.count(n)
+            assert 0 < info[n]["rows"] <= avail and np.isfinite(info[n]["loss"][-1])
+            assert info[n]["target_dim"] == dict((p["name"], p["embed_dim"]) for p in man["participants"])[n]
+        student, meta = load_student(run)
+        x = torch.rand(2, 3, 32, 32)
+        aligned, outs = student(x, all_heads=True)
+        assert (aligned is not None) == (mode == "both") and set(outs) == set(names)
+        assert student(x).shape[1] == meta["head_dim"]
+    assert any("[train] heads: per-participant" in ln for ln in lines)
+    from coopt_ray.report import build_report
+
+    page = build_report(run, log=lambda *_: None).read_text()
+    assert "Student heads" in page and all(n in page for n in names)
