@@ -185,3 +185,20 @@ def test_train_stage_with_per_participant_heads(shared_optimized, tiny_models, t
 
     page = build_report(run, log=lambda *_: None).read_text()
     assert "Student heads" in page and all(n in page for n in names)
+
+
+def test_heads_setting_changes_what_training_depends_on_and_its_default_does_not(tmp_path, tiny_models):
+    """Runs trained before student.heads existed keep their fingerprints: the default is left out of them."""
+    import dataclasses
+
+    from conftest import write_config
+    from coopt_ray.config import load_config, student_view
+    from coopt_ray.train import train_fingerprint
+
+    cfg = load_config(write_config(tmp_path / "c.yaml", tiny_models))
+    assert "heads" not in student_view(dataclasses.asdict(cfg.student))
+    assert "heads" not in cfg.fingerprint_view()["student"]
+    man = {"fingerprint": "x"}
+    fps = {train_fingerprint(dataclasses.replace(cfg, student=dataclasses.replace(cfg.student, heads=h)), man)
+           for h in ("aligned", "per-participant", "both")}
+    assert len(fps) == 3
