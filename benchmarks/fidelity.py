@@ -132,6 +132,8 @@ def optimize_specs(a, teachers: list[dict]) -> dict:
         for name, frac in SHARED_FRACTIONS.items():
             specs[name] = dict(teachers=teachers[:4], shared_fraction=frac, shared_min=2)
             specs[f"loo_{name}"] = dict(teachers=teachers[:4], shared_fraction=frac, shared_min=2, select="loo")
+        for t in teachers[:4]:  # heads_all: every teacher on every image (the best one's is central's run)
+            specs[f"solo_{t['name']}"] = dict(teachers=[t])
     return specs
 
 
@@ -232,14 +234,15 @@ def main(argv=None) -> dict:
         """(row indices, targets, weights) of a dataset, optimizing first when needed."""
         if name not in targets:
             start_ray()
-            base = {"noalign": "coopt", "randproj": "coopt", "weighted": "loo"}.get(name, name)
+            base = {"noalign": "coopt", "randproj": "coopt", "weighted": "loo", "heads_pp": "coopt",
+                    "heads_both": "coopt", "heads_all": "coopt"}.get(name, name)
             run, man, cfg, used = sets[base]
             info = {"run": str(run), "best": man["best"], "participants": [
                 {k: p.get(k) for k in ("name", "model", "uniformity", "coverage", "aligned", "align_r2",
                                        "align_heldout_r2", "align_ridge", "shared_rows")} for p in man["participants"]],
                 "shared_rows": len(man.get("shared_ids", [])), "timings": man["timings"],
                 "teachers_train_seconds": round(sum(t.get("train_seconds", 0) for t in used), 1)}
-            w = None
+            w = heads = None
             if name == "noalign":
                 idx, y, part = FT.unaligned_targets(run, man)
                 info["note"] = "coopt's embeddings, unaligned, cut/zero-padded to the best model's width"
@@ -252,11 +255,19 @@ def main(argv=None) -> dict:
                 if name == "weighted":
                     w, per = FT.alignment_weights(run, cfg, man, part)
                     info["weights"] = {k: round(v, 4) for k, v in per.items()}
+                if name in ("heads_pp", "heads_both"):
+                    heads = dict(FT.head_targets(run, man, idx), aligned=name == "heads_both")
+                    info["note"] = "student.heads: " + ("both" if heads["aligned"] else "per-participant")
+                elif name == "heads_all":
+                    solo = {t["name"]: sets[f"solo_{t['name']}"][:2] for t in used}
+                    heads = FT.all_teacher_targets(solo, idx)
+                    info["note"] = "every teacher on every image, one head each (not collaborative: RADIO's setting)"
             keep = idx < n  # the pool may be larger than the training images
             if keep.sum() != n:
                 log(f"[fidelity] {name}: {n - keep.sum()} images had no target; training on the {keep.sum()} that do")
             res["optimize"][name] = info
-            targets[name] = idx[keep], y[keep], None if w is None else w[keep]
+            targets[name] = (idx[keep], y[keep], None if w is None else w[keep],
+                             None if heads is None else FT.subset_heads(heads, keep))
         return targets[name]
 
     def save():
@@ -273,8 +284,8 @@ def main(argv=None) -> dict:
             acc = B.random_init_accuracy(arch, 32, seed, prober)
             hist = [{"epoch": e, "loss": None, "train_seconds": 0.0, "probe_accuracy": acc} for e in range(a.epochs + 1)]
         elif method == "coopt":
-            idx, y, w = targets_for(data)
-            hist = B.train_coopt(arch, images[idx], y, whiten=a.whiten, weights=w, loss=a.loss, phi_s=a.phi_s,
+            idx, y, w, heads = targets_for(data)
+            hist = B.train_coopt(arch, images[idx], y, whiten=a.whiten, weights=w, loss=a.loss, phi_s=a.phi_s, heads=heads,
                                  augment={"true": True, "false": False}.get(a.augment, a.augment), **kw)[1]
         elif method == "supervised":
             hist = B.train_supervised(arch, images, labels, **kw)[1]

@@ -7,7 +7,8 @@ import numpy as np
 
 MAIN = ("coopt", "byol", "simclr", "supervised")
 ABLATION_KEYS = ("noalign", "randproj", "central", "worst", "labelfree", "loo", "weighted",
-                 "shared_0.2", "shared_1", "loo_shared_0.2", "loo_shared_1")
+                 "shared_0.2", "shared_1", "loo_shared_0.2", "loo_shared_1", "heads_pp", "heads_both", "heads_all")
+COLLABORATIVE = ("coopt", "loo", "weighted", "heads_pp", "heads_both")  # settings allowed in the collaborative setting
 
 
 def mean_std(xs) -> dict:
@@ -68,6 +69,19 @@ def summarise(res: dict, a) -> dict:
         v = diff(a, b)
         if v is not None:
             g[name] = v
+    for k in ("heads_pp", "heads_both", "heads_all"):
+        for b in ("central", "coopt", "simclr"):
+            v = diff(k, b)
+            if v is not None:
+                g[f"{k}_minus_{b}_points"] = v
+    collab = [k for k in COLLABORATIVE if res.get(k)]
+    if collab:
+        best = max(collab, key=lambda k: res[k]["mean"])
+        g["best_collaborative"] = best
+        for b in ("central", "simclr", "byol"):
+            v = diff(best, b)
+            if v is not None:
+                g[f"best_collaborative_minus_{b}_points"] = v
     if all(res.get(k) for k in ("coopt", "shared_1", "noalign")):
         gain1 = res["shared_1"]["mean"] - res["noalign"]["mean"]
         gain005 = res["coopt"]["mean"] - res["noalign"]["mean"]

@@ -88,3 +88,48 @@ def check_merged(run: Path, manifest: dict, y: np.ndarray, idx: np.ndarray, part
         j = np.searchsorted(idx, i[:5])
         np.testing.assert_allclose(y[j], (x[:5].astype(np.float64) @ a["W"] + a["b"]), rtol=1e-4, atol=1e-4)
 
+
+
+def head_targets(run: Path, manifest: dict, idx: np.ndarray) -> dict:
+    """``student.heads: per-participant`` on the rows ``idx`` (sorted): ``baselines.train_coopt``'s ``heads`` with
+    each participant's own embedding of the images of its shard, and every participant's of the images of S."""
+    names = [p["name"] for p in manifest["participants"]]
+    dims = [int(p["embed_dim"]) for p in manifest["participants"]]
+    own = np.zeros((len(idx), len(names), max(dims)), np.float32)
+    train = np.zeros((len(idx), len(names)), bool)
+    stats = np.zeros_like(train)
+    shared = set(manifest.get("shared_ids") or [])
+    for k, name in enumerate(names):
+        t = pq.read_table(run / "embeddings" / name, columns=["id", "embedding", "owned", "error"])
+        t = t.filter(pc.equal(t.column("error"), ""))
+        ids, owned = t.column("id").to_pylist(), np.array(t.column("owned").to_pylist(), bool)
+        use = owned | np.array([i in shared for i in ids], bool)
+        j = _index(ids)
+        pos = np.searchsorted(idx, j)
+        hit = use & (pos < len(idx)) & (idx[np.minimum(pos, len(idx) - 1)] == j)
+        x = column_matrix(t.column("embedding"))
+        own[pos[hit], k, :x.shape[1]] = x[hit]
+        train[pos[hit], k] = True
+        stats[pos[hit & owned], k] = True
+    return {"names": names, "dims": dims, "own": own, "train": train, "stats": stats, "aligned": False}
+
+
+def all_teacher_targets(solo: dict, idx: np.ndarray) -> dict:
+    """"All teachers on every image" (RADIO's setting, not a collaborative one): ``heads`` from single-teacher runs
+    ``{name: (run, manifest)}``, each teacher's raw embedding of every image, for every head."""
+    names = list(solo)
+    per = {n: optimized_targets(run) for n, (run, _) in solo.items()}
+    dims = [per[n][1].shape[1] for n in names]
+    own = np.zeros((len(idx), len(names), max(dims)), np.float32)
+    for k, n in enumerate(names):
+        i, y, _ = per[n]
+        pos = np.searchsorted(i, idx)
+        if not np.array_equal(i[np.minimum(pos, len(i) - 1)], idx):
+            raise RuntimeError(f"teacher {n}'s single-teacher run lacks some of the training images")
+        own[:, k, :y.shape[1]] = y[pos]
+    full = np.ones((len(idx), len(names)), bool)
+    return {"names": names, "dims": dims, "own": own, "train": full, "stats": full, "aligned": False}
+
+
+def subset_heads(heads: dict, keep: np.ndarray) -> dict:
+    return {**heads, **{k: heads[k][keep] for k in ("own", "train", "stats")}}

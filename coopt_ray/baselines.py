@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 from .devices import autocast, cuda_speed_habits, stage_device
 from .augment import BatchAugment, make_augment, normalize_pixels, to_float_nchw
+from .heads import TorchHeads, head_transforms, moments_by_head, per_head_loss
 from .probe import backbone_features, linear_probe
 from .student import Student, build_backbone, feature_dim, student_loss, target_transform
 
@@ -114,10 +115,15 @@ def train_coopt(arch: str, images: np.ndarray, targets: np.ndarray, epochs: int,
                 probe=None, log=print, crop_min: float = 0.5,
                 weights: Optional[np.ndarray] = None, augment: bool | str = True,
                 device: torch.device | str = "cpu", loss: str = "cos",
-                phi_s: bool = False) -> tuple[torch.nn.Module, list[dict]]:
+                phi_s: bool = False, heads: Optional[dict] = None) -> tuple[torch.nn.Module, list[dict]]:
     """CoOpt student: regress standardised targets with ``loss`` (``student.loss``: ``1 - cos`` by default, the train
     stage's objective); ``weights`` (one per row, optional) weight each row's loss; ``augment`` is ``student.augment``:
-    True (RELA's), "weak" (crop and flip only) or False (the un-augmented images)."""
+    True (RELA's), "weak" (crop and flip only) or False (the un-augmented images).
+
+    ``heads`` (``student.heads``, :mod:`coopt_ray.heads`): ``names``, ``dims`` (each participant's width), ``own``
+    (N, K, D: participant k's embedding of each image, zero where it has none), ``train`` (N, K: the heads each
+    image trains), ``stats`` (N, K: the rows each head is standardised on, its own shard) and ``aligned`` (also the
+    aligned head on ``targets``, every image once)."""
     torch.manual_seed(seed)
     size = images.shape[1]
     fdim = feature_dim(arch, size)
@@ -125,18 +131,34 @@ def train_coopt(arch: str, images: np.ndarray, targets: np.ndarray, epochs: int,
     device = torch.device(device)
     y = torch.from_numpy((targets.astype(np.float32) - mean) @ proj).to(device)
     torch.manual_seed(seed)
-    student = Student(arch, size, y.shape[1])
+    hd = _heads_setup(heads, fdim, whiten, phi_s, device) if heads else None
+    aligned = hd is None or heads["aligned"]
+    student = Student(arch, size, y.shape[1] if aligned else 0, heads=hd[0].out_dims() if hd else None,
+                      primary=heads["names"][0] if heads else None)
     aug = make_augment(size, augment, crop_min) or (lambda x, gen: x)
     w = None if weights is None else torch.as_tensor(np.asarray(weights, dtype=np.float32), device=device)
 
     def step(idx, gen):
         t = torch.from_numpy(idx).to(device)
-        return student_loss(student(_aug_batch(images, idx, aug, gen, device)), y[t], loss,
-                            None if w is None else w[t])
+        x = _aug_batch(images, idx, aug, gen, device)
+        if hd is None:
+            return student_loss(student(x), y[t], loss, None if w is None else w[t])
+        a, outs = student(x, all_heads=True)
+        total = per_head_loss(outs, hd[1][t], hd[2][t], hd[3], loss)[0]
+        return total if a is None else total + student_loss(a, y[t], loss, None if w is None else w[t])
 
     hist = fit(student, student.backbone, step, len(images), epochs, batch_size, lr, weight_decay, seed,
                probe, log=log, name=f"coopt/{arch}", device=device)
     return student.backbone, hist
+
+
+def _heads_setup(heads: dict, fdim: int, whiten: bool, phi_s: bool, device: torch.device):
+    """(HeadTransforms, own, train mask, TorchHeads) for :func:`train_coopt`'s ``heads``."""
+    names, own = list(heads["names"]), np.asarray(heads["own"], dtype=np.float32)
+    dims = {n: int(d) for n, d in zip(names, heads["dims"])}
+    t = head_transforms(moments_by_head(own, np.asarray(heads["stats"]), names), dims, whiten, phi_s, fdim)
+    return (t, torch.from_numpy(own).to(device), torch.as_tensor(np.asarray(heads["train"]), device=device),
+            TorchHeads(t, device))
 
 
 def train_supervised(arch: str, images: np.ndarray, labels: np.ndarray, epochs: int, batch_size: int = 256,

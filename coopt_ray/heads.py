@@ -64,14 +64,21 @@ def head_transforms(moments: dict, dims: dict, whiten: bool = False, phi_s: bool
 
 
 def moments_by_head(own: np.ndarray, head: np.ndarray, names: Sequence[str], weight: Optional[np.ndarray] = None) -> dict:
-    """``{name: (n, mean, cov)}`` of ``own`` over each head's own rows (``weight > 0`` when given: owned rows only)."""
+    """``{name: (n, mean, cov)}`` of each head's targets over its rows (``weight > 0`` when given: owned rows only).
+
+    ``own`` (N, D) with ``head`` (N,) the head index of each row, as the train stage's rows; or ``own`` (N, K, D),
+    head k's target of each row, with ``head`` (N, K) a mask of the rows each head's statistics come from."""
     out = {}
     for k, name in enumerate(names):
-        rows = (head == k) if weight is None else (head == k) & (weight > 0)
+        rows = head[:, k].astype(bool) if head.ndim == 2 else (head == k)
+        if weight is not None:
+            rows = rows & (weight > 0)
+        x = own[rows, k] if own.ndim == 3 else own[rows]
         m = TargetMoments()
-        if rows.any():
-            m.add(own[rows])
-        mean, cov = m.mean_cov() if m.n else (np.zeros(own.shape[1]), np.zeros((own.shape[1], own.shape[1])))
+        if len(x):
+            m.add(x)
+        d = own.shape[-1]
+        mean, cov = m.mean_cov() if m.n else (np.zeros(d), np.zeros((d, d)))
         out[name] = (m.n, mean, cov)
     return out
 
@@ -91,12 +98,15 @@ def per_head_loss(outs: dict, own: torch.Tensor, head: torch.Tensor, heads: Torc
     """Mean over the batch of each row's loss on its own head: row i counts only in head ``head[i]``.
 
     Every head runs on every row (so every parameter is in the graph, as DDP wants) and the others are masked out.
+    The benchmarks also pass ``own`` (N, K, D) with head k's target of each row and ``head`` (N, K), a mask of the
+    heads each row trains (a row may train several: its loss is then their sum).
     Returns ``(loss, per-head loss sums, per-head row counts)``; the sums are detached."""
     total = torch.zeros((), dtype=torch.float32, device=own.device)
     sums, counts = [], []
     for k, name in enumerate(heads.names):
-        y = (own[:, :heads.dims[k]].float() - heads.means[k]) @ heads.projs[k]
-        mask = (head == k).float()
+        yk = own[:, k] if own.dim() == 3 else own
+        y = (yk[:, :heads.dims[k]].float() - heads.means[k]) @ heads.projs[k]
+        mask = head[:, k].float() if head.dim() == 2 else (head == k).float()
         lk = row_loss(outs[name], y, kind) * mask
         total = total + lk.sum()
         sums.append(lk.detach().sum())

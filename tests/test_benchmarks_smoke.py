@@ -26,6 +26,13 @@ def test_methods_train_and_summarise():
         # an ablation: probed after its last epoch only
         "noalign": B.train_coopt("test_vit", images, targets, **{**kw, "probe": fidelity.FinalProbe(probe, 1)})[1],
     }
+    own = rng.normal(size=(32, 2, 6)).astype(np.float32)
+    own[:16, 1, 4:] = 0  # participant 1 is 4 wide
+    train = np.zeros((32, 2), bool)
+    train[:16, 0] = train[16:, 1] = True
+    train[:4] = True  # S: both participants embedded it
+    heads = {"names": ["a", "b"], "dims": [6, 4], "own": own, "train": train, "stats": train, "aligned": True}
+    runs["heads_both"] = B.train_coopt("test_vit", images, targets, heads=heads, **kw)[1]
     assert runs["noalign"][0]["probe_accuracy"] is None and runs["noalign"][-1]["probe_accuracy"] is not None
     for hist in runs.values():
         assert [h["epoch"] for h in hist] == [0, 1]

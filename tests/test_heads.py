@@ -202,3 +202,18 @@ def test_heads_setting_changes_what_training_depends_on_and_its_default_does_not
     fps = {train_fingerprint(dataclasses.replace(cfg, student=dataclasses.replace(cfg.student, heads=h)), man)
            for h in ("aligned", "per-participant", "both")}
     assert len(fps) == 3
+
+
+def test_rows_that_train_several_heads_sum_their_losses():
+    """The benchmarks' form: own (N, K, D) and a mask (N, K). A row of S trains both heads: loss 0 on head 0 and
+    2 on head 1 sums to 2; a row that trains head 0 only adds 0; mean over 2 rows is 1."""
+    th = TorchHeads(_identity_heads([2, 2]), torch.device("cpu"))
+    own = torch.tensor([[[1., 0.], [0., 1.]], [[1., 1.], [5., 5.]]])
+    mask = torch.tensor([[True, True], [True, False]])
+    outs = {"p0": own[:, 0], "p1": -own[:, 1]}  # head 1 is wrong on row 1 too, but row 1 does not train it
+    loss, sums, counts = per_head_loss(outs, own, mask, th)
+    assert loss.item() == pytest.approx(1.0, abs=1e-6)
+    assert sums.tolist() == pytest.approx([0.0, 2.0], abs=1e-6) and counts.tolist() == [2.0, 1.0]
+    m = moments_by_head(own.numpy(), np.array([[True, False], [True, True]]), ["p0", "p1"])
+    assert m["p0"][0] == 2 and m["p1"][0] == 1
+    np.testing.assert_allclose(m["p1"][1], [5.0, 5.0])  # head 1's statistics: row 1 only
