@@ -192,17 +192,24 @@ def train_fingerprint(cfg: Config, manifest: dict, with_epochs: bool = True, run
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def student_heads(cfg: Config, run: Path, manifest: dict, rows_dir: Path, keep, fdim: int):
-    """``HeadTransforms`` for ``student.heads`` (None for ``aligned``): each participant's standardisation from its
-    own rows (a participant that owns none, ``share: 0``, from its rows of S). A run merged before per-participant targets existed fails here, saying what to rerun."""
+def check_own_targets(cfg: Config, run: Path, rows_dir: Path) -> None:
+    """With ``student.heads`` other than aligned: RunError unless RUN's merge kept each participant's own targets."""
     import pyarrow.parquet as pq
 
     if cfg.student.heads == "aligned":
-        return None
+        return
     parts = sorted(Path(rows_dir).glob("*.parquet"))
     if not parts or "own_target" not in pq.read_schema(parts[0]).names or not (run / SHARED_ROWS).is_file():
         raise RunError(f"student.heads: {cfg.student.heads} needs each participant's own targets, which {run} "
                        "lacks (merged by an older version): delete RUN/manifest.json and rerun `coopt optimize`")
+
+
+def student_heads(cfg: Config, run: Path, manifest: dict, rows_dir: Path, keep, fdim: int):
+    """``HeadTransforms`` for ``student.heads`` (None for ``aligned``): each participant's standardisation from its
+    own rows (a participant that owns none, ``share: 0``, from its rows of S)."""
+    if cfg.student.heads == "aligned":
+        return None
+    check_own_targets(cfg, run, rows_dir)
     dims = {p["name"]: int(p["embed_dim"]) for p in manifest["participants"]}
     moments = head_moments(rows_dir, dims, keep)
     few = {n: d for n, d in dims.items() if moments[n][0] < 2}  # share 0: its part of the data is S alone
@@ -242,6 +249,7 @@ def run_train(cfg: Config, run: str | os.PathLike, address: Optional[str] = None
             raise RunError(f"student.data is {s.data} but {run / s.data} is not finished; run "
                            f"`coopt distill --config CFG --run {run}` first")
         rows_dir = run / s.data / DISTILLED_PARTS
+    check_own_targets(cfg, run, rows_dir)  # before any Ray work
     prepare_run_dir(cfg, run)
     out = run / STUDENT
     out.mkdir(exist_ok=True)

@@ -217,3 +217,24 @@ def test_rows_that_train_several_heads_sum_their_losses():
     m = moments_by_head(own.numpy(), np.array([[True, False], [True, True]]), ["p0", "p1"])
     assert m["p0"][0] == 2 and m["p1"][0] == 1
     np.testing.assert_allclose(m["p1"][1], [5.0, 5.0])  # head 1's statistics: row 1 only
+
+
+def test_heads_on_a_run_merged_without_own_targets_fail_before_ray(shared_optimized, tiny_models, tmp_path,
+                                                                      monkeypatch):
+    """A RUN merged before student.heads existed has no own_target column: one clear error, no Ray started."""
+    import shutil
+
+    from conftest import forbid_ray_start, write_config
+    from coopt_ray.config import load_config
+    from coopt_ray.rundir import RunError
+    from coopt_ray.train import run_train
+
+    run = tmp_path / "run"
+    (run / "optimized").mkdir(parents=True)
+    shutil.copy(shared_optimized / "manifest.json", run / "manifest.json")
+    t = pq.read_table(shared_optimized / "optimized").drop_columns(["own_target"])
+    pq.write_table(t, run / "optimized" / "part-0.parquet")
+    cfg = load_config(write_config(tmp_path / "c.yaml", tiny_models, student={"heads": "per-participant"}))
+    forbid_ray_start(monkeypatch)
+    with pytest.raises(RunError, match="needs each participant's own targets.*rerun `coopt optimize`"):
+        run_train(cfg, run)
