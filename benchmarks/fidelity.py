@@ -314,9 +314,11 @@ def main(argv=None) -> dict:
                 if seed > 0 and want(m):
                     train(m, a.arch, m, "coopt", seed, *res["chosen"][m], False)
     lr_c, bs_c = res["chosen"].get("coopt") or chosen_setting(res, a, "coopt")
+    best_spec = sets.specs.get("central", {}).get("teachers")
+    solo = [k for k in sets.specs if k.startswith("solo_") and sets.specs[k]["teachers"] != best_spec]
     for seed in range(a.seeds):
         if "ablations" not in a.skip:
-            for k in ABLATION_KEYS:
+            for k in (*ABLATION_KEYS, *solo):  # solo_<teacher>: one teacher labels every image (central: the best)
                 if want(k):
                     train(k, a.arch, "coopt", k, seed, lr_c, bs_c, True)
     for seed in range(a.cross_seeds):

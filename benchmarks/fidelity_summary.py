@@ -74,14 +74,17 @@ def summarise(res: dict, a) -> dict:
             v = diff(k, b)
             if v is not None:
                 g[f"{k}_minus_{b}_points"] = v
+    single = [k for k in res if (k == "central" or k.startswith("solo_")) and isinstance(res[k], dict) and "mean" in res[k]]
+    if single:  # the best student any one teacher gives when it labels every image
+        g["best_single_teacher"] = max(single, key=lambda k: res[k]["mean"])
     collab = [k for k in COLLABORATIVE if res.get(k)]
     if collab:
         best = max(collab, key=lambda k: res[k]["mean"])
         g["best_collaborative"] = best
-        for b in ("central", "simclr", "byol"):
-            v = diff(best, b)
+        for b in ("central", "simclr", "byol", g.get("best_single_teacher")):
+            v = diff(best, b) if b else None
             if v is not None:
-                g[f"best_collaborative_minus_{b}_points"] = v
+                g[f"best_collaborative_minus_{'best_single' if b == g.get('best_single_teacher') else b}_points"] = v
     if all(res.get(k) for k in ("coopt", "shared_1", "noalign")):
         gain1 = res["shared_1"]["mean"] - res["noalign"]["mean"]
         gain005 = res["coopt"]["mean"] - res["noalign"]["mean"]

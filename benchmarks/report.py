@@ -14,6 +14,7 @@ import json
 import sys
 
 from common import RESULTS, ROOT
+from report_heads import heads_goal_rows, heads_table, load_heads
 from report_labeled import labeled_goal_rows, labeled_table
 from report_scale import scale_goal_rows, scale_table
 from report_zoo import zoo_diversity_table
@@ -248,7 +249,7 @@ def rounds_table(r: dict) -> str:
     return "\n".join(lines)
 
 
-def goals_table(fid, ali, cri, thr, mem, dis=None, rnd=None, lab=None, sca=None) -> str:
+def goals_table(fid, ali, cri, thr, mem, dis=None, rnd=None, lab=None, sca=None, hds=None) -> str:
     rows = []
 
     def row(goal, target, measured, ok):
@@ -320,6 +321,8 @@ def goals_table(fid, ali, cri, thr, mem, dis=None, rnd=None, lab=None, sca=None)
         labeled_goal_rows(r, row)
     if sca:
         scale_goal_rows(sca, row)
+    if hds:
+        heads_goal_rows(hds, row)
     return "\n".join(["| goal | target | measured | status |", "| --- | --- | --- | --- |"] + rows)
 
 
@@ -332,6 +335,9 @@ def render() -> str:
         parts += ["## Fidelity", "", fidelity_tables(fid)]
     if zdv:
         parts += ["", "## Do the zoo's teachers differ?", "", zoo_diversity_table(zdv)]
+    hds = load_heads()
+    if hds:
+        parts += ["", "## Student heads", "", heads_table(hds)]
     if ali:
         parts += ["", "## Alignment", "", alignment_table(ali)]
     if cri:
@@ -349,7 +355,7 @@ def render() -> str:
         parts += ["", "## Labeled distillation (M-DATM)", "", "\n\n".join(labeled_table(r) for r in lab)]
     if sca:
         parts += ["", "## Scale: the data path at 50k and 500k images", "", scale_table(sca)]
-    parts += ["", "## Against the goals", "", goals_table(fid, ali, cri, thr, mem, dis, rnd, lab, sca)]
+    parts += ["", "## Against the goals", "", goals_table(fid, ali, cri, thr, mem, dis, rnd, lab, sca, hds)]
     return "\n".join(parts) + "\n"
 
 
