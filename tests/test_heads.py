@@ -238,3 +238,35 @@ def test_heads_on_a_run_merged_without_own_targets_fail_before_ray(shared_optimi
     forbid_ray_start(monkeypatch)
     with pytest.raises(RunError, match="needs each participant's own targets.*rerun `coopt optimize`"):
         run_train(cfg, run)
+
+
+def test_a_participant_that_owns_no_rows_is_standardised_on_its_rows_of_s(tmp_path):
+    """share: 0 (it embeds only S): its head's statistics come from RUN/shared_rows.parquet, the others' from their
+    own rows in RUN/optimized; the transforms give each head's rows mean 0 and std 1."""
+    import pyarrow as pa
+    from ray.data.extensions import ArrowTensorArray
+
+    from conftest import write_config
+    from coopt_ray.config import load_config
+    from coopt_ray.train import student_heads
+
+    rng = np.random.default_rng(1)
+    run = tmp_path / "run"
+    (run / "optimized").mkdir(parents=True)
+    a, b = rng.normal(3.0, 2.0, size=(40, 4)), rng.normal(-1.0, 0.5, size=(12, 4))
+
+    def rows(n, part, own):
+        return pa.table({"id": [f"{part}/{i}" for i in range(n)], "participant": [part] * n,
+                         "own_target": ArrowTensorArray.from_numpy(own.astype(np.float32))})
+    pq.write_table(rows(40, "a", a), run / "optimized" / "part-0.parquet")
+    pq.write_table(rows(12, "b", b), run / "shared_rows.parquet")
+    cfg = load_config(write_config(tmp_path / "c.yaml", ["local-dir:/unused", "local-dir:/unused2"],
+                                   participants=[{"name": "a", "model": "local-dir:/u"},
+                                                 {"name": "b", "model": "local-dir:/v", "share": 0}],
+                                   student={"heads": "per-participant"}))
+    man = {"participants": [{"name": "a", "embed_dim": 4}, {"name": "b", "embed_dim": 4}], "best": "a"}
+    t = student_heads(cfg, run, man, run / "optimized", None, fdim=8)
+    for k, x in enumerate((a, b)):
+        z = (x - t.means[k]) @ t.projs[k]
+        np.testing.assert_allclose(z.mean(0), 0, atol=1e-4)
+        np.testing.assert_allclose(z.std(0), 1, atol=1e-3)
