@@ -1,71 +1,105 @@
-"""docs/results.md's student-heads table (issue 27), from benchmarks/results/heads/fidelity_<zoo>.json: the same
-fidelity protocol on each zoo, the heads settings next to today's aligned head, centralised and SimCLR."""
+"""docs/results.md's student-heads table (issue 27), from benchmarks/results/heads/fidelity_<zoo>[_augment].json (the
+fidelity protocol on each zoo and augmentation setting) and benchmarks/results/fidelity.json (the same protocol: the
+default zoo with RELA's augmentation, and SimCLR, which uses no teacher, so it is the same run on either zoo)."""
 from __future__ import annotations
 
 import json
 
 from common import RESULTS
 
-ZOOS = {"zoo": "default zoo (5 nested CLIP-tiny teachers, K=4)",
-        "zoo-diverse": "diverse zoo (3 teachers that differ, K=3)"}
+ZOOS = {"zoo": "default zoo", "zoo-diverse": "diverse zoo"}  # K=4 of 5 nested CLIP-tiny teachers; K=3 that differ
 ROWS = (("coopt", "aligned head (today's default)", True), ("heads_pp", "per-participant heads", True),
         ("heads_both", "per-participant + aligned heads", True),
-        ("heads_all", "every teacher on every image (not collaborative)", False),
+        ("heads_all", "every teacher on every image, one head each", False),
         ("central", "centralised: the best-probing teacher labels every image", False),
-        ("simclr", "SimCLR at its best lr", False))
+        ("simclr", "SimCLR at its best lr (no teacher)", False))
+COLLAB = tuple(k for k, _, c in ROWS if c)
+SAME = ("images", "epochs", "arch", "batch_size", "probe_images", "test_images", "probe_epochs")
 
 
 def load_heads() -> dict:
-    out = {}
-    for zoo in ZOOS:
-        p = RESULTS / "heads" / f"fidelity_{zoo}.json"
-        if p.exists():
-            out[zoo] = json.loads(p.read_text())
-    return out
+    """``{column label: (zoo, result)}``: every heads JSON, plus fidelity.json as the default zoo with augmentation
+    when its protocol matches theirs."""
+    cols = {}
+    for p in sorted((RESULTS / "heads").glob("fidelity_*.json")):
+        r = json.loads(p.read_text())
+        zoo = p.stem[len("fidelity_"):].replace("_augment", "")
+        cols[f"{ZOOS.get(zoo, zoo)}, augment {r['settings'].get('augment', 'true')}"] = (zoo, r)
+    fid = RESULTS / "fidelity.json"
+    if cols and fid.exists():
+        f = json.loads(fid.read_text())
+        ref = next(iter(cols.values()))[1]["settings"]
+        if all(f["settings"].get(k) == ref.get(k) for k in SAME):
+            cols[f"{ZOOS['zoo']}, augment true (fidelity.json)"] = ("zoo", f)
+            for zoo, r in cols.values():  # SimCLR uses no teacher: fidelity.json's run is every column's
+                r.setdefault("simclr", f.get("simclr"))
+    return cols
 
 
 def _pct(v) -> str:
     return "" if not v else f"{100 * v['mean']:.2f} ± {100 * v['std']:.2f} ({v['n']})"
 
 
-def heads_table(res: dict) -> str:
-    if not res:
+def _best(cols: dict, zoo: str, keys) -> tuple:
+    """The best (mean, key, column) over ``keys`` in the columns of ``zoo``; ``keys`` may be a predicate."""
+    got = [(r[k]["mean"], k, c.split(", ", 1)[1]) for c, (z, r) in cols.items() if z == zoo for k in r
+           if (keys(k) if callable(keys) else k in keys) and isinstance(r.get(k), dict) and "mean" in r[k]]
+    return max(got) if got else None  # (mean, key, the column's setting)
+
+
+def zoo_goals(cols: dict, zoo: str) -> dict:
+    """Best collaborative setting against centralised, the best single teacher and SimCLR, each at its best
+    setting over the measured columns, in points."""
+    col = _best(cols, zoo, COLLAB)
+    if col is None:
+        return {}
+    out = {"best_collaborative": f"{col[1]} ({col[2]})"}
+    for name, keys in (("central", ("central",)), ("best_single", lambda k: k == "central" or k.startswith("solo_")),
+                       ("simclr", ("simclr",)), ("heads_all", ("heads_all",))):
+        b = _best(cols, zoo, keys)
+        if b:
+            out[f"minus_{name}"] = round(100 * (col[0] - b[0]), 2)
+            out[f"{name}_is"] = f"{b[1]} ({b[2]})"
+    return out
+
+
+def heads_table(cols: dict) -> str:
+    if not cols:
         return ""
-    any_r = next(iter(res.values()))
-    s = any_r["settings"]
+    s = next(iter(cols.values()))[1]["settings"]
     lines = [f"Student `{s['arch']}` on {s['images']} images, {s['epochs']} epochs, lr {s['lrs'][0]:g}, batch "
-             f"{s['batch_size']}, loss `{s.get('loss', 'cos')}`{', PHI-S' if s.get('phi_s') else ''}; probe "
-             f"{s['probe_images']} / {s['test_images']} images, {s['probe_epochs']} epochs. Accuracy % as mean ± std "
-             "(seeds); `python benchmarks/fidelity.py ... --methods coopt,central,heads_pp,heads_both,heads_all,...` "
-             "with the command in each JSON's `settings`.", "",
-             "| setting | collaborative | " + " | ".join(ZOOS[z] for z in res) + " |",
-             "| --- | --- |" + " --- |" * len(res)]
-    solos = sorted({k for r in res.values() for k in r if k.startswith("solo_") and r.get(k)})
+             f"{s['batch_size']}, loss `{s.get('loss', 'cos')}`; probe {s['probe_images']} / {s['test_images']} "
+             f"images, {s['probe_epochs']} epochs. The default zoo: K=4 of its 5 nested CLIP-tiny teachers; the "
+             "diverse zoo: its 3 teachers, which differ (above). `augment` is `student.augment` for every student of teacher "
+             "targets (SimCLR keeps its own views). Accuracy % as mean ± std (seeds); each JSON's `settings` holds "
+             "its command line (`benchmarks/fidelity.py`).", "",
+             "| setting | collaborative | " + " | ".join(cols) + " |", "| --- | --- |" + " --- |" * len(cols)]
+    solos = sorted({k for _, r in cols.values() for k in r if k.startswith("solo_") and isinstance(r.get(k), dict)})
     for key, name, collab in ROWS + tuple((k, f"{k[5:]} alone labels every image", False) for k in solos):
-        if any(r.get(key) for r in res.values()):
-            lines.append(f"| {name} | {'yes' if collab else 'no'} | " + " | ".join(_pct(r.get(key)) for r in res.values())
-                         + " |")
-    lines.append("| best collaborative - centralised, points | | " + " | ".join(
-        f"{r['goals'].get('best_collaborative_minus_central_points', 'n/a')} ({r['goals'].get('best_collaborative')})"
-        for r in res.values()) + " |")
+        if any(r.get(key) for _, r in cols.values()):
+            lines.append(f"| {name} | {'yes' if collab else 'no'} | "
+                         + " | ".join(_pct(r.get(key)) for _, r in cols.values()) + " |")
+    lines += ["", "Each zoo's best collaborative setting against the others at their best (over the columns above):", "",
+              "| zoo | best collaborative | vs centralised | vs best single teacher | vs SimCLR | vs every teacher "
+              "on every image |", "| --- | --- | --- | --- | --- | --- |"]
+    for zoo in dict.fromkeys(z for z, _ in cols.values()):
+        g = zoo_goals(cols, zoo)
+        lines.append(f"| {ZOOS.get(zoo, zoo)} | {g.get('best_collaborative')} | "
+                     + " | ".join(f"{g[f'minus_{n}']:+.2f} ({g[f'{n}_is']})" if f"minus_{n}" in g else "n/a"
+                                  for n in ("central", "best_single", "simclr", "heads_all")) + " |")
     return "\n".join(lines)
 
 
-def heads_goal_rows(res: dict, row) -> None:
+def heads_goal_rows(cols: dict, row) -> None:
     """Issue 27's goals: on the diverse zoo vs centralised / the best single teacher / SimCLR; on the default zoo
     within 0.2 points of centralised."""
-    d = res.get("zoo-diverse")
-    if d:
-        g = d["goals"]
-        for key, target, limit in (("best_collaborative_minus_central_points", ">= +0.5 points", 0.5),
-                                   ("best_collaborative_minus_best_single_points", ">= +1 point", 1.0),
-                                   ("best_collaborative_minus_simclr_points", ">= +2 points", 2.0)):
-            v = g.get(key)
-            row(f"diverse zoo: best collaborative ({g.get('best_collaborative')}) "
-                f"{key.split('_minus_')[1].replace('_points', '').replace('_', ' ')}", target, v,
-                None if v is None else v >= limit)
-    z = res.get("zoo")
-    if z:
-        v = z["goals"].get("best_collaborative_minus_central_points")
-        row(f"default zoo: best collaborative ({z['goals'].get('best_collaborative')}) vs centralised",
-            ">= -0.2 points", v, None if v is None else v >= -0.2)
+    g = zoo_goals(cols, "zoo-diverse")
+    for name, target, limit in (("central", ">= +0.5 points", 0.5), ("best_single", ">= +1 point", 1.0),
+                                ("simclr", ">= +2 points", 2.0)):
+        v = g.get(f"minus_{name}")
+        if v is not None:
+            row(f"diverse zoo: best collaborative vs {name.replace('_', ' ')}, each at its best", target, f"{v:+.2f}",
+                v >= limit)
+    v = zoo_goals(cols, "zoo").get("minus_central")
+    if v is not None:
+        row("default zoo: best collaborative vs centralised, each at its best", ">= -0.2 points", f"{v:+.2f}", v >= -0.2)
