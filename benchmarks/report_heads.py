@@ -103,3 +103,24 @@ def heads_goal_rows(cols: dict, row) -> None:
     v = zoo_goals(cols, "zoo").get("minus_central")
     if v is not None:
         row("default zoo: best collaborative vs centralised, each at its best", ">= -0.2 points", f"{v:+.2f}", v >= -0.2)
+
+
+def heads_levers_table() -> str:
+    """Seed 0 on the diverse zoo, one lever per run (benchmarks/results/levers/heads_diverse_1seed_*.json)."""
+    runs = [json.loads(p.read_text()) for p in sorted((RESULTS / "levers").glob("heads_diverse_1seed_*.json"))]
+    if not runs:
+        return ""
+    keys = [k for k, _, _ in ROWS if any(r.get(k) for r in runs)]
+    keys += sorted({k for r in runs for k in r if k.startswith("solo_") and isinstance(r.get(k), dict)})
+    lines = ["Levers on the diverse zoo, seed 0 only (one run per line; `benchmarks/results/levers/heads_diverse_1seed_*"
+             ".json`): probe accuracy %.", "",
+             "| augment | loss | standardisation | " + " | ".join(keys) + " |", "| --- " * (len(keys) + 3) + "|"]
+    merged: dict = {}  # runs with the same lever settings share a line
+    for r in runs:
+        s = r["settings"]
+        lever = (str(s.get("augment", "true")).lower(), s.get("loss", "cos"), bool(s.get("phi_s")))
+        merged.setdefault(lever, {}).update({k: r[k] for k in keys if isinstance(r.get(k), dict)})
+    for (aug, loss, phis), got in sorted(merged.items()):
+        lines.append(f"| {aug} | {loss} | {'PHI-S' if phis else 'per dimension'} | "
+                     + " | ".join(f"{100 * got[k]['mean']:.2f}" if k in got else "" for k in keys) + " |")
+    return "\n".join(lines)

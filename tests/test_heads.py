@@ -148,6 +148,7 @@ def test_merge_keeps_every_rows_own_target_and_s_for_every_participant(shared_op
 
 
 # ---------------------------------------------------------------- the train stage
+@pytest.mark.slow
 def test_train_stage_with_per_participant_heads(shared_optimized, tiny_models, tmp_path):
     """``both``, two Ray Train workers (DDP with a ModuleDict of heads), then ``per-participant`` in the driver: each
     head trains on its own rows and S, metrics.json and report.html say what each head learned, and the student
