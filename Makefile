@@ -27,7 +27,7 @@ data:
 setup: $(VENV)/.installed data
 
 # Every test, the multi-node, job and kill tests and docs/cluster.md's cluster sequence included (what CI runs;
-# 19 min 14 s from a fresh clone on 2 idle cores, setup included).
+# 26 min 42 s from a fresh clone on 2 cores, setup included, 2026-12-02).
 test: setup
 	$(PY) -m pytest -q --durations=15 $(PYTEST_ARGS)
 
