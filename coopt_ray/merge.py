@@ -95,15 +95,17 @@ def write_shared_rows(cfg: Config, run: Path, shared_ids: list, target_dim: int,
     from ray.data.extensions import ArrowTensorArray
 
     want = pa.array(list(shared_ids), pa.string())
-    parts, images = [], {}
-    for p in cfg.participants:  # only an image's owner kept its bytes (preprocess.py)
+    parts, images, others = [], {}, {}
+    for p in cfg.participants:  # one read of S per participant: its owned rows keep the image bytes (preprocess.py)
         t = pads.dataset(str(run / EMBEDDINGS / p.name), format="parquet").to_table(
-            columns=["id", "image"], filter=pads.field("owned") & pads.field("is_shared") & (pads.field("error") == ""))
-        images.update(zip(t.column("id").to_pylist(), t.column("image").to_pylist()))
-    for p in cfg.participants:
-        t = pads.dataset(str(run / EMBEDDINGS / p.name), format="parquet").to_table(
-            columns=["id", "label", "embedding"], filter=~pads.field("owned") & (pads.field("error") == ""))
+            columns=["id", "image", "label", "embedding", "owned"],
+            filter=pads.field("is_shared") & (pads.field("error") == ""))
         t = t.filter(pc.is_in(t.column("id"), value_set=want))
+        mine = t.filter(t.column("owned"))
+        images.update(zip(mine.column("id").to_pylist(), mine.column("image").to_pylist()))
+        others[p.name] = t.filter(pc.invert(t.column("owned")))
+    for p in cfg.participants:
+        t = others[p.name]
         x = column_matrix(t.column("embedding")) if t.num_rows else np.zeros((0, 1), np.float32)
         own = np.zeros((t.num_rows, own_dim), dtype=np.float32)
         own[:, :x.shape[1]] = x

@@ -206,10 +206,10 @@ def check_own_targets(cfg: Config, run: Path, rows_dir: Path) -> None:
 
 def student_heads(cfg: Config, run: Path, manifest: dict, rows_dir: Path, keep, fdim: int):
     """``HeadTransforms`` for ``student.heads`` (None for ``aligned``): each participant's standardisation from its
-    own rows (a participant that owns none, ``share: 0``, from its rows of S)."""
+    own rows (a participant that owns none, ``share: 0``, from its rows of S). ``run_train`` has already checked
+    that RUN has them (:func:`check_own_targets`)."""
     if cfg.student.heads == "aligned":
         return None
-    check_own_targets(cfg, run, rows_dir)
     dims = {p["name"]: int(p["embed_dim"]) for p in manifest["participants"]}
     moments = head_moments(rows_dir, dims, keep)
     few = {n: d for n, d in dims.items() if moments[n][0] < 2}  # share 0: its part of the data is S alone
