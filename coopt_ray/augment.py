@@ -24,6 +24,26 @@ def normalize_pixels(x: torch.Tensor) -> torch.Tensor:
     return TF.normalize(x, list(PIXEL_MEAN), list(PIXEL_STD))
 
 
+def pad_crop_flip(x: torch.Tensor, shifts: torch.Tensor, flips: torch.Tensor, pad: int) -> torch.Tensor:
+    """Each image of float NCHW ``x`` zero-padded by ``pad`` pixels and cropped back to its size at the offset
+    ``shifts[i] = (dy, dx)`` in ``[0, 2 pad]`` (``(pad, pad)`` is the image itself), then flipped left-right where
+    ``flips[i]``: a padded random crop and flip (KRR-ST's real-batch augmentation), one gather for the batch."""
+    n, _, h, w = x.shape
+    xp = F.pad(x, (pad, pad, pad, pad)).permute(0, 2, 3, 1)
+    rows = shifts[:, :1].to(x.device) + torch.arange(h, device=x.device)
+    cols = shifts[:, 1:].to(x.device) + torch.arange(w, device=x.device)
+    cols = torch.where(flips.to(x.device)[:, None], cols.flip(1), cols)
+    out = xp[torch.arange(n, device=x.device)[:, None, None], rows[:, :, None], cols[:, None, :]]
+    return out.permute(0, 3, 1, 2)
+
+
+def random_pad_crop_flip(x: torch.Tensor, gen: torch.Generator, pad: int = 4) -> torch.Tensor:
+    """:func:`pad_crop_flip` with offsets uniform in ``[0, 2 pad]`` and flips with p = 0.5, drawn from ``gen``."""
+    n = x.shape[0]
+    return pad_crop_flip(x, torch.randint(0, 2 * pad + 1, (n, 2), generator=gen),
+                         torch.rand(n, generator=gen) < 0.5, pad)
+
+
 class BatchAugment:
     """RELA's augmentations, sampled per image but applied to a whole batch at once.
 

@@ -198,6 +198,7 @@ def _build(cls, raw: Any, where: str):
 
 
 BOOL_OR = {"student.augment": ("weak",)}  # switches that also take a named middle setting
+INT_OR = {"distill.channels": ("auto",)}   # counts that also take a named setting
 
 
 def _check_type(key: str, value: Any, default: Any) -> Any:
@@ -210,8 +211,11 @@ def _check_type(key: str, value: Any, default: Any) -> Any:
         choices = ["true", "false", *named]
         raise ConfigError(f"'{key}' must be {', '.join(choices[:-1])} or {choices[-1]}, got {value!r}")
     if isinstance(default, int) and not isinstance(default, bool):
+        if value in INT_OR.get(key, ()) and isinstance(value, str):
+            return value
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"'{key}' must be an integer, got {value!r}")
+            named = "".join(f" or {n}" for n in INT_OR.get(key, ()))
+            raise ConfigError(f"'{key}' must be an integer{named}, got {value!r}")
         return value
     if isinstance(default, float):
         if isinstance(value, bool) or not isinstance(value, (int, float)):

@@ -11,6 +11,8 @@ DISTILL_METHODS = ("krr-st", "mdatm")
 COMMON_KEYS = ("method", "workers", "use_gpu", "cpus_per_worker", "checkpoint_every", "log_every")
 AMP_MODES = ("auto", "bf16", "off")   # auto: bf16 autocast on CUDA, none on the CPU (CPU results do not move)
 KRR_KEYS = ("size", "steps", "lr", "lr_final", "real_batch", "pool_size", "pool_width", "pool_steps", "pool_lr")
+KRR_LATER_DEFAULTS = {"real_augment": False, "channels": 3}  # in krr-st's view only when changed (fingerprints stay)
+CHANNELS = (1, 3, "auto")
 
 
 @dataclass(frozen=True)
@@ -27,6 +29,9 @@ class DistillConfig:
     pool_width: int = 128        # ConvNet widths width-2width-4width (the paper's 128-256-512)
     pool_steps: int = 1000       # a pool model is re-initialised after this many SGD steps of its own
     pool_lr: float = 0.1         # the pool models' full-batch SGD on (X_s, Y_s)
+    real_augment: bool = False   # random crop (4 px zero padding) and horizontal flip of each real batch, as released
+    channels: int | str = 3      # X_s channels: 3 | 1 (one grey plane, shown to the pool as RGB) | auto (1 when every
+                                 # starting row is grey)
     workers: int = 1             # Ray Train workers (krr-st); 0 = in-process
     use_gpu: bool = False        # krr-st: per Ray Train worker; mdatm: one GPU per expert / matching task
     cpus_per_worker: Optional[float] = None  # mdatm: CPUs per expert / scorer task (default 1)
@@ -66,8 +71,10 @@ def distill_view(d: DistillConfig) -> dict:
     existing runs keep their fingerprints)."""
     full = dataclasses.asdict(d)
     if d.method == "krr-st":
-        return {k: full[k] for k in COMMON_KEYS + KRR_KEYS}
-    return {k: v for k, v in full.items() if k not in KRR_KEYS + ("gpu_fraction", "amp")}  # amp: krr-st only
+        return {**{k: full[k] for k in COMMON_KEYS + KRR_KEYS},
+                **{k: full[k] for k, v in KRR_LATER_DEFAULTS.items() if full[k] != v}}
+    return {k: v for k, v in full.items()
+            if k not in KRR_KEYS + tuple(KRR_LATER_DEFAULTS) + ("gpu_fraction", "amp")}  # amp: krr-st only
 
 
 def expert_epochs(d: DistillConfig) -> int:
@@ -116,6 +123,10 @@ def _check_krr(d: DistillConfig) -> None:
             raise ConfigError(f"'distill.{k}' must be > 0, got {getattr(d, k)}")
     if not 0 < d.lr_final <= 1:
         raise ConfigError(f"'distill.lr_final' must be in (0, 1], got {d.lr_final}")
+    if not isinstance(d.real_augment, bool):
+        raise ConfigError(f"'distill.real_augment' must be true or false, got {d.real_augment!r}")
+    if isinstance(d.channels, bool) or d.channels not in CHANNELS:
+        raise ConfigError(f"'distill.channels' must be 1, 3 or auto, got {d.channels!r}")
     if d.use_gpu and d.workers == 0:
         raise ConfigError("'distill.use_gpu' needs Ray Train workers (distill.workers >= 1): with workers: 0 the "
                           "loop runs in the driver, which Ray gave no GPU")

@@ -253,7 +253,11 @@ def test_killed_worker_resumes_from_the_checkpoint(tmp_path, ray_session):
     ({"workers": 3, "pool_size": 2}, "must be >= distill.workers (3)"),
     ({"real_batch": "big"}, "'distill.real_batch' must be an integer"),
     ({"sizee": 10}, "unknown key 'distill.sizee'"),
-], ids=["size", "steps", "method", "lr", "lr_final", "pool_steps", "pool<workers", "type", "unknown"])
+    ({"channels": 2}, "'distill.channels' must be 1, 3 or auto, got 2"),
+    ({"channels": "grey"}, "'distill.channels' must be an integer or auto, got 'grey'"),
+    ({"real_augment": "yes"}, "'distill.real_augment' must be true or false, got 'yes'"),
+], ids=["size", "steps", "method", "lr", "lr_final", "pool_steps", "pool<workers", "type", "unknown", "channels",
+        "channels-name", "real_augment"])
 def test_bad_distill_values_exit_2_with_one_line(over, needle, tmp_path, monkeypatch, capsys):
     forbid_ray_start(monkeypatch)
     cfg = write_config(tmp_path / "c.yaml", ["local-dir:/unused"], distill=over)

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from ..convnet import ConvNet
 from ..devices import autocast, cuda_speed_habits, reduce_sums, train_device
-from ..augment import normalize_pixels, to_float_nchw
+from ..augment import normalize_pixels, random_pad_crop_flip, to_float_nchw
 from ..student import report_checkpoint, resume_state
 
 RIDGE = 1e-6                 # lambda = RIDGE * trace(K_ss), as released
@@ -31,16 +31,22 @@ SHUFFLE_BUFFER = 2048
 
 
 # ---------------------------------------------------------------- the math
+def _ones(f: torch.Tensor) -> torch.Tensor:
+    return torch.cat([f, torch.ones(len(f), 1, dtype=f.dtype, device=f.device)], 1)
+
+
+def krr_weights(f_syn: torch.Tensor, y_syn: torch.Tensor, ridge: float = RIDGE) -> torch.Tensor:
+    """``(K_ss + lambda I)^-1 Y_s`` with a ones column appended to the features and ``lambda = ridge * trace(K_ss)``."""
+    fs = _ones(f_syn)
+    k_ss = fs @ fs.T
+    eye = torch.eye(len(fs), dtype=fs.dtype, device=fs.device)
+    return torch.linalg.solve(k_ss + ridge * torch.trace(k_ss) * eye, y_syn)
+
+
 def krr_predict(f_real: torch.Tensor, f_syn: torch.Tensor, y_syn: torch.Tensor, ridge: float = RIDGE) -> torch.Tensor:
     """Kernel ridge regression from the synthetic rows to the real ones: ``K_rs (K_ss + lambda I)^-1 Y_s``, with a
     ones column appended to both feature matrices and ``lambda = ridge * trace(K_ss)``."""
-    ones_r = torch.ones(len(f_real), 1, dtype=f_real.dtype, device=f_real.device)
-    ones_s = torch.ones(len(f_syn), 1, dtype=f_syn.dtype, device=f_syn.device)
-    fr, fs = torch.cat([f_real, ones_r], 1), torch.cat([f_syn, ones_s], 1)
-    k_rs, k_ss = fr @ fs.T, fs @ fs.T
-    lam = ridge * torch.trace(k_ss)
-    eye = torch.eye(len(fs), dtype=fs.dtype, device=fs.device)
-    return k_rs @ torch.linalg.solve(k_ss + lam * eye, y_syn)
+    return (_ones(f_real) @ _ones(f_syn).T) @ krr_weights(f_syn, y_syn, ridge)
 
 
 def krr_loss(f_real: torch.Tensor, f_syn: torch.Tensor, y_real: torch.Tensor, y_syn: torch.Tensor,
@@ -50,22 +56,54 @@ def krr_loss(f_real: torch.Tensor, f_syn: torch.Tensor, y_real: torch.Tensor, y_
 
 
 class SyntheticSet(torch.nn.Module):
-    """The learnable rows: images ``x`` (M, 3, S, S) in [0, 1] pixel space and standardised targets ``y`` (M, d).
-    ``forward()`` returns the normalised images and the targets (so DDP sees every parameter used)."""
+    """The learnable rows: images ``x`` (M, C, S, S) in [0, 1] pixel space, C = 3 or 1 (one grey plane, shown to the
+    pool as RGB), and standardised targets ``y`` (M, d). ``forward()`` returns the normalised RGB images and the
+    targets (so DDP sees every parameter used)."""
 
     def __init__(self, x0: np.ndarray, y0: np.ndarray):
         super().__init__()
         self.x = torch.nn.Parameter(torch.tensor(np.array(x0, dtype=np.float32)))
         self.y = torch.nn.Parameter(torch.tensor(np.array(y0, dtype=np.float32)))
 
+    def rgb(self) -> torch.Tensor:
+        return self.x.expand(-1, 3, -1, -1) if self.x.shape[1] == 1 else self.x
+
     def forward(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return normalize_pixels(self.x), self.y
+        return normalize_pixels(self.rgb()), self.y
 
 
 def linear_lr(lr: float, final: float, step: int, steps: int) -> float:
     """The learning rate of outer step ``step`` (0-based): linear from ``lr`` to ``final * lr`` over ``steps``
     (as LinearLR; computed from the step, so a run resumed with more ``steps`` follows the new schedule)."""
     return lr * (1.0 + (final - 1.0) * min(step, steps) / max(1, steps))
+
+
+def random_walk_floor(lr: float, final: float, steps: int, stop: int) -> float:
+    """``sqrt(sum of lr_t^2)`` over outer steps ``0 .. stop-1`` of the :func:`linear_lr` schedule: how far Adam,
+    which moves every coordinate by about ``lr_t`` a step whatever the gradient, drifts a pixel (or a standardised
+    target) by pure noise. A distillation whose rows move no further than this has learned nothing visible."""
+    return float(np.sqrt(sum(linear_lr(lr, final, t, steps) ** 2 for t in range(stop))))
+
+
+def heldout_krr_loss(x_syn: torch.Tensor, y_syn: torch.Tensor, x_real: torch.Tensor, y_real: torch.Tensor,
+                     models: int = 20, width: int = 16, seed: int = 0, batch: int = 1024) -> list[float]:
+    """The KRR loss of a synthetic set (``x_syn`` normalised RGB, ``y_syn`` standardised) on real rows it never
+    drew, under ``models`` freshly initialised pool ConvNets (seeded: the same networks for every set compared),
+    one loss per network. Fresh networks leave out what a trained pool learned about X_s."""
+    out = []
+    for k in range(models):
+        torch.manual_seed(seed * 1_000_003 + k)
+        net = ConvNet(width, 3, 3, int(x_syn.shape[-1]), num_classes=int(y_syn.shape[1])).eval()
+        with torch.no_grad():
+            fs = net.features(x_syn).float()
+            alpha, fs1 = krr_weights(fs, y_syn.float()), _ones(fs)
+            err, n = 0.0, 0
+            for i in range(0, len(x_real), batch):
+                pred = (_ones(net.features(x_real[i:i + batch]).float()) @ fs1.T) @ alpha
+                err += float(((pred - y_real[i:i + batch].float()) ** 2).sum())
+                n += pred.numel()
+        out.append(err / n)
+    return out
 
 
 # ---------------------------------------------------------------- the model pool
@@ -116,9 +154,11 @@ class ModelPool:
 
 
 # ---------------------------------------------------------------- the Ray Train loop
-def _real_batches(shard, batch: int, seed: int, rank: int, device, mean: torch.Tensor, scale: torch.Tensor):
-    """Endless (normalised image, standardised target) batches from this worker's shard, reshuffled every pass."""
-    n = 0
+def _real_batches(shard, batch: int, seed: int, rank: int, device, mean: torch.Tensor, scale: torch.Tensor,
+                  augment: bool = False):
+    """Endless (normalised image, standardised target) batches from this worker's shard, reshuffled every pass;
+    ``augment``: each image padded-cropped and flipped (its target stays the clean image's)."""
+    n, gen = 0, torch.Generator().manual_seed(seed * 7_001 + rank)
     while True:
         got = 0
         for b in shard.iter_torch_batches(batch_size=batch, drop_last=True,
@@ -126,7 +166,8 @@ def _real_batches(shard, batch: int, seed: int, rank: int, device, mean: torch.T
                                           local_shuffle_buffer_size=SHUFFLE_BUFFER,
                                           local_shuffle_seed=seed * 100_003 + n * 1_009 + rank):
             got += 1
-            yield normalize_pixels(to_float_nchw(b["image"].to(device))), (b["target"].to(device) - mean) * scale
+            x = to_float_nchw(b["image"].to(device))
+            yield normalize_pixels(random_pad_crop_flip(x, gen) if augment else x), (b["target"].to(device) - mean) * scale
         if got == 0:
             raise RuntimeError(f"no full real batch of {batch} rows on worker {rank}; lower distill.real_batch")
         n += 1
@@ -135,10 +176,14 @@ def _real_batches(shard, batch: int, seed: int, rank: int, device, mean: torch.T
 def distill_loop_per_worker(config: dict) -> dict:
     """Learn the synthetic set on this worker; checkpoints every ``checkpoint_every`` steps (rank 0 writes them).
 
-    ``config``: x0 (M,3,S,S) floats in [0,1], y0 (M,d) standardised, target_mean, target_scale (d), steps, lr,
+    ``config``: x0 (M,C,S,S) floats in [0,1] (C = 3, or 1 for a grey X_s), y0 (M,d) standardised, target_mean, target_scale (d), steps, lr,
     lr_final, real_batch (per worker), pool (models on this worker: list by rank), pool_width, pool_steps,
-    pool_lr, seed, fingerprint, checkpoint_every, log_every; optional threads, use_gpu, amp, checkpoint_root,
-    local_checkpoint_dir (in-process runs), log.
+    pool_lr, seed, fingerprint, checkpoint_every, log_every; optional real_augment, threads, use_gpu, amp,
+    checkpoint_root, local_checkpoint_dir (in-process runs), log.
+
+    Every history entry also says how far X_s and Y_s have moved from where they started (``x_drift``: mean
+    absolute pixel change, of 255; ``y_drift``: mean absolute change in target standard deviations) beside the
+    random-walk floor for the steps so far (``floor``, in the same units: :func:`random_walk_floor`).
     """
     import ray.train
 
@@ -175,7 +220,10 @@ def distill_loop_per_worker(config: dict) -> dict:
     mean = torch.as_tensor(np.asarray(config["target_mean"], dtype=np.float32), device=device)
     scale = torch.as_tensor(np.asarray(config["target_scale"], dtype=np.float32), device=device)
     real = _real_batches(ray.train.get_dataset_shard("train"), int(config["real_batch"]), seed + start, rank, device,
-                         mean, scale)
+                         mean, scale, bool(config.get("real_augment")))
+    x0 = torch.as_tensor(np.asarray(config["x0"], dtype=np.float32), device=device)
+    y0 = torch.as_tensor(np.asarray(config["y0"], dtype=np.float32), device=device)
+    lr0, lr_end = float(config["lr"]), float(config["lr_final"])
     every, log_every = int(config["checkpoint_every"]), int(config["log_every"])
     extra = {"fingerprint": config.get("fingerprint"), "target_mean": mean.cpu(), "target_scale": scale.cpu()}
     t0, window, window_n = time.time(), torch.zeros((), dtype=torch.float64, device=device), 0
@@ -197,15 +245,20 @@ def distill_loop_per_worker(config: dict) -> dict:
         opt.step()
         with torch.no_grad():
             params.x.clamp_(0.0, 1.0)  # stays an image: the Parquet stores it as PNG
-        pool.train_step(i, normalize_pixels(params.x.detach()), params.y.detach())
+        pool.train_step(i, normalize_pixels(params.rgb().detach()), params.y.detach())
         window += loss.detach().double()  # summed on the device; reduced once per log line, not per step
         window_n += 1
         last = step + 1 == steps
         if (step + 1) % log_every == 0 or last:
             total = reduce_sums([window], device, world)[0]
             dt = time.time() - t0
+            floor = random_walk_floor(lr0, lr_end, steps, step + 1)
+            with torch.no_grad():  # one host sync per log line, as for the loss
+                drift = torch.stack([(params.x - x0).abs().mean() * 255.0, (params.y - y0).abs().mean()]).tolist()
             history.append({"step": step + 1, "loss": total / (world * window_n), "seconds": round(dt, 3),
-                            "steps_per_s": round(window_n / max(dt, 1e-9), 3), "pool_resets": pool.resets})
+                            "steps_per_s": round(window_n / max(dt, 1e-9), 3), "pool_resets": pool.resets,
+                            "x_drift": round(drift[0], 4), "y_drift": round(drift[1], 5),
+                            "floor": round(floor, 6), "floor_pixels": round(255.0 * floor, 4)})
             if rank == 0 and config.get("log", True):
                 _say(f"[distill] step {step + 1}/{steps}  loss {history[-1]['loss']:.4f}  "
                      f"{history[-1]['steps_per_s']:.2f} steps/s  lr {lr:.2e}")

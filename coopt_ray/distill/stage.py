@@ -48,6 +48,17 @@ def distill_fingerprint(cfg: Config, manifest: dict, resumable: bool = False) ->
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+def drift_summary(history: list[dict]) -> dict:
+    """The last history entry's drift of X_s and Y_s beside the random-walk floor, and their ratios ({} for a run
+    logged before drift was)."""
+    h = history[-1] if history else {}
+    if "x_drift" not in h:
+        return {}
+    return {"x_drift": h["x_drift"], "y_drift": h["y_drift"], "floor": h["floor"], "floor_pixels": h["floor_pixels"],
+            "x_over_floor": round(h["x_drift"] / max(h["floor_pixels"], 1e-12), 3),
+            "y_over_floor": round(h["y_drift"] / max(h["floor"], 1e-12), 3)}
+
+
 def distilled_dir(run: Path, method: str) -> Path:
     return Path(run) / DISTILLED / method
 
@@ -67,12 +78,21 @@ def initial_rows(opt_dir: Path, ids: list[str], size: int, seed: int, image_size
     return want, np.ascontiguousarray(x.transpose(0, 3, 1, 2)), y
 
 
+def synthetic_channels(x0: np.ndarray, setting) -> int:
+    """``distill.channels`` for these starting images (M,3,S,S): 1, 3, or ``auto`` (1 when every image is grey)."""
+    if setting == "auto":
+        return 1 if np.array_equal(x0[:, :1].repeat(3, axis=1), x0) else 3
+    return int(setting)
+
+
 def write_distilled(out: Path, x: np.ndarray, y: np.ndarray, init_ids: list[str], method: str) -> Path:
     """RUN/distilled/<method>/data/part-0.parquet: id, image (PNG), label (null), target, participant, model,
     aligned, init_id; written to a temporary folder and renamed."""
     import pyarrow as pa
     from ray.data.extensions import ArrowTensorArray
 
+    if x.shape[1] == 1:  # a grey X_s (distill.channels: 1) is stored as RGB, as every other image
+        x = np.repeat(x, 3, axis=1)
     pixels = np.clip(np.rint(x.transpose(0, 2, 3, 1) * 255.0), 0, 255).astype(np.uint8)
     n = len(pixels)
     table = pa.table({
@@ -128,6 +148,9 @@ def run_distill(cfg: Config, run: str | os.PathLike, address: Optional[str] = No
     scale = np.diag(proj).astype(np.float32)  # per-dimension 1 / std
     init_ids, x0, y0 = initial_rows(run / OPTIMIZED, ids, d.size, cfg.seed, cfg.data.image_size)
     y0 = standardise(y0, mean, scale)
+    channels = synthetic_channels(x0, d.channels)
+    if channels == 1:
+        x0 = np.ascontiguousarray(x0[:, :1])
 
     name = f"coopt-distill-{run_label(run)}"
     storage = (out / "ray_results").resolve()
@@ -136,7 +159,8 @@ def run_distill(cfg: Config, run: str | os.PathLike, address: Optional[str] = No
     latest = usable_checkpoint(exp, rfp, log, "distill")
     log(f"[distill] {d.method}: {d.size} synthetic rows from {len(ids)} real ones (target dim {y.shape[1]}), "
         f"{d.steps} steps, pool {d.pool_size} ConvNet-{d.pool_width} (reset every {d.pool_steps} steps), "
-        f"real batch {real}/worker, {plan.message}, run name {name}")
+        f"real batch {real}/worker{' (crop and flip)' if d.real_augment else ''}, "
+        f"{channels} image channel{'s' if channels > 1 else ''}, {plan.message}, run name {name}")
     if latest and latest[1]["epoch"] + 1 >= d.steps:
         log(f"[distill] checkpoint {latest[0].name} already covers {d.steps} steps")
     else:
@@ -145,7 +169,8 @@ def run_distill(cfg: Config, run: str | os.PathLike, address: Optional[str] = No
         loop_cfg = {
             "x0": x0, "y0": y0.astype(np.float32), "target_mean": mean, "target_scale": scale, "steps": d.steps,
             "lr": d.lr, "lr_final": d.lr_final, "real_batch": real, "pool": pool, "pool_width": d.pool_width,
-            "pool_steps": d.pool_steps, "pool_lr": d.pool_lr, "seed": cfg.seed, "fingerprint": rfp,
+            "pool_steps": d.pool_steps, "pool_lr": d.pool_lr, "real_augment": d.real_augment, "seed": cfg.seed,
+            "fingerprint": rfp,
             "checkpoint_every": d.checkpoint_every, "log_every": d.log_every, "threads": plan.threads,
             "use_gpu": d.use_gpu, "amp": d.amp, "resume_from": str(latest[0]) if latest else None,
             "local_checkpoint_dir": str(exp) if plan.workers == 0 else None, "checkpoint_root": str(exp),
@@ -167,10 +192,16 @@ def run_distill(cfg: Config, run: str | os.PathLike, address: Optional[str] = No
         "distill_seconds": round(sum(h["seconds"] for h in history), 3),
         "loss": [h["loss"] for h in history], "loss_steps": [h["step"] for h in history],
         "history": history, "config": dataclasses.asdict(d), "fingerprint": fp, "data": str(parts),
+        "channels": channels, "drift": drift_summary(history),
     }
     write_json_atomic(out / DISTILL_JSON, result)
     write_json_atomic(out / DONE, {"fingerprint": fp, "size": d.size, "final_loss": result["loss"][-1]})
     log(f"[distill] done: {d.size} rows, loss {result['loss'][0]:.4f} -> {result['loss'][-1]:.4f} "
         f"in {result['seconds']:.1f}s -> {parts}")
+    if result["drift"]:
+        dr = result["drift"]
+        log(f"[distill] drift: pixels {dr['x_drift']:.2f}/255, targets {dr['y_drift']:.4f} std; a random walk of "
+            f"these steps: {dr['floor_pixels']:.2f}/255, {dr['floor']:.4f} std (x {dr['x_over_floor']:.2f}, "
+            f"y {dr['y_over_floor']:.2f} times the floor)")
     return result
 
