@@ -14,7 +14,7 @@ import json
 import sys
 
 from common import RESULTS, ROOT
-from report_heads import heads_goal_rows, heads_levers_table, heads_table, load_heads
+from report_heads import heads_alignment_table, heads_goal_rows, heads_levers_table, heads_table, load_heads
 from report_labeled import labeled_goal_rows, labeled_table
 from report_scale import scale_goal_rows, scale_table
 from report_zoo import zoo_diversity_table
@@ -338,9 +338,9 @@ def render() -> str:
     hds = load_heads()
     if hds:
         parts += ["", "## Student heads", "", heads_table(hds)]
-        lev = heads_levers_table()
-        if lev:
-            parts += ["", lev]
+        for extra in (heads_alignment_table(hds), heads_levers_table()):
+            if extra:
+                parts += ["", extra]
     if ali:
         parts += ["", "## Alignment", "", alignment_table(ali)]
     if cri:

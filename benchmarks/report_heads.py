@@ -12,27 +12,35 @@ ROWS = (("coopt", "aligned head (today's default)", True), ("heads_pp", "per-par
         ("heads_both", "per-participant + aligned heads", True),
         ("heads_all", "every teacher on every image, one head each", False),
         ("central", "centralised: the best-probing teacher labels every image", False),
-        ("simclr", "SimCLR at its best lr (no teacher)", False))
+        ("simclr", "SimCLR at its best lr (no teacher)", False), ("byol", "BYOL at its best lr (no teacher)", False))
+NO_TEACHER = ("simclr", "byol")  # fidelity.json's runs: they use no teacher, so they are every column's
 COLLAB = tuple(k for k, _, c in ROWS if c)
 SAME = ("images", "epochs", "arch", "batch_size", "probe_images", "test_images", "probe_epochs")
 
 
 def load_heads() -> dict:
-    """``{column label: (zoo, result)}``: every heads JSON, plus fidelity.json as the default zoo with augmentation
-    when its protocol matches theirs."""
+    """``{column label: (zoo, result)}``: every heads JSON, plus fidelity.json (the default zoo with augmentation)
+    when its protocol matches theirs: its keys fill that column where a heads JSON for it exists, else it is a
+    column of its own; its SimCLR and BYOL fill every column."""
     cols = {}
     for p in sorted((RESULTS / "heads").glob("fidelity_*.json")):
         r = json.loads(p.read_text())
         zoo = p.stem[len("fidelity_"):].replace("_augment", "")
-        cols[f"{ZOOS.get(zoo, zoo)}, augment {r['settings'].get('augment', 'true')}"] = (zoo, r)
+        cols[f"{ZOOS.get(zoo, zoo)}, augment {str(r['settings'].get('augment', 'true')).lower()}"] = (zoo, r)
     fid = RESULTS / "fidelity.json"
     if cols and fid.exists():
         f = json.loads(fid.read_text())
         ref = next(iter(cols.values()))[1]["settings"]
         if all(f["settings"].get(k) == ref.get(k) for k in SAME):
-            cols[f"{ZOOS['zoo']}, augment true (fidelity.json)"] = ("zoo", f)
-            for zoo, r in cols.values():  # SimCLR uses no teacher: fidelity.json's run is every column's
-                r.setdefault("simclr", f.get("simclr"))
+            label = f"{ZOOS['zoo']}, augment true"
+            if label in cols:
+                cols[label][1].update({k: v for k, v in f.items() if k not in cols[label][1]})
+                cols[f"{label} (+ fidelity.json)"] = cols.pop(label)
+            else:
+                cols[f"{label} (fidelity.json)"] = ("zoo", f)
+            for zoo, r in cols.values():
+                for k in NO_TEACHER:
+                    r.setdefault(k, f.get(k))
     return cols
 
 
@@ -88,6 +96,29 @@ def heads_table(cols: dict) -> str:
                      + " | ".join(f"{g[f'minus_{n}']:+.2f} ({g[f'{n}_is']})" if f"minus_{n}" in g else "n/a"
                                   for n in ("central", "best_single", "simclr", "heads_all")) + " |")
     return "\n".join(lines)
+
+
+def heads_alignment_table(cols: dict) -> str:
+    """What the aligned head's targets are made of: per zoo, each participant's map into the best one's space (fit
+    on S) with its R² on S and on S's held-out rows (the optimize run the aligned-head students trained on)."""
+    lines = ["The aligned head's targets, per participant: the linear map into the best participant's space, fitted on "
+             "the shared rows S (`optimize` in each JSON). Held-out R² is on S's rows left out of the fit; below 0, the "
+             "map predicts that participant's images worse than the best space's mean does.", "",
+             "| zoo | participant | teacher | uniformity | shared rows | R² on S | held-out R² |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    done = set()
+    for zoo, r in cols.values():
+        opt = r.get("optimize", {}).get("coopt")
+        if zoo in done or not opt:
+            continue
+        done.add(zoo)
+        for p in opt["participants"]:
+            best = p["name"] == opt["best"]
+            r2 = "(best: its own space)" if best else ("n/a" if p["align_r2"] is None else f"{p['align_r2']:.2f}")
+            ho = "" if best or p["align_heldout_r2"] is None else f"{p['align_heldout_r2']:.2f}"
+            lines.append(f"| {ZOOS.get(zoo, zoo)} | {p['name']} | {p['model'].rsplit('/', 1)[-1]} | "
+                         f"{p['uniformity']:.3f} | {p['shared_rows']} | {r2} | {ho} |")
+    return "\n".join(lines) if done else ""
 
 
 def heads_goal_rows(cols: dict, row) -> None:
