@@ -197,8 +197,8 @@ def _build(cls, raw: Any, where: str):
     return cls(**kwargs)
 
 
-BOOL_OR = {"student.augment": ("weak",)}  # switches that also take a named middle setting
-INT_OR = {"distill.channels": ("auto",)}   # counts that also take a named setting
+# switches that also take a named middle setting; counts that also take a named setting
+BOOL_OR, INT_OR = {"student.augment": ("weak",)}, {"distill.channels": ("auto",)}
 
 
 def _check_type(key: str, value: Any, default: Any) -> Any:
@@ -211,11 +211,9 @@ def _check_type(key: str, value: Any, default: Any) -> Any:
         choices = ["true", "false", *named]
         raise ConfigError(f"'{key}' must be {', '.join(choices[:-1])} or {choices[-1]}, got {value!r}")
     if isinstance(default, int) and not isinstance(default, bool):
-        if value in INT_OR.get(key, ()) and isinstance(value, str):
-            return value
-        if isinstance(value, bool) or not isinstance(value, int):
-            named = "".join(f" or {n}" for n in INT_OR.get(key, ()))
-            raise ConfigError(f"'{key}' must be an integer{named}, got {value!r}")
+        if (isinstance(value, bool) or not isinstance(value, int)) and value not in INT_OR.get(key, ()):
+            raise ConfigError(f"'{key}' must be an integer{''.join(' or ' + n for n in INT_OR.get(key, ()))}, "
+                              f"got {value!r}")
         return value
     if isinstance(default, float):
         if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -379,10 +377,7 @@ def load_config(path: str | os.PathLike, overrides: Optional[dict] = None) -> Co
 
 def _deep_update(base: dict, upd: dict) -> dict:
     for k, v in upd.items():
-        if isinstance(v, dict) and isinstance(base.get(k), dict):
-            base[k] = _deep_update(dict(base[k]), v)
-        else:
-            base[k] = v
+        base[k] = _deep_update(dict(base[k]), v) if isinstance(v, dict) and isinstance(base.get(k), dict) else v
     return base
 
 

@@ -167,7 +167,8 @@ def _real_batches(shard, batch: int, seed: int, rank: int, device, mean: torch.T
                                           local_shuffle_seed=seed * 100_003 + n * 1_009 + rank):
             got += 1
             x = to_float_nchw(b["image"].to(device))
-            yield normalize_pixels(random_pad_crop_flip(x, gen) if augment else x), (b["target"].to(device) - mean) * scale
+            x = random_pad_crop_flip(x, gen) if augment else x
+            yield normalize_pixels(x), (b["target"].to(device) - mean) * scale
         if got == 0:
             raise RuntimeError(f"no full real batch of {batch} rows on worker {rank}; lower distill.real_batch")
         n += 1
@@ -176,7 +177,8 @@ def _real_batches(shard, batch: int, seed: int, rank: int, device, mean: torch.T
 def distill_loop_per_worker(config: dict) -> dict:
     """Learn the synthetic set on this worker; checkpoints every ``checkpoint_every`` steps (rank 0 writes them).
 
-    ``config``: x0 (M,C,S,S) floats in [0,1] (C = 3, or 1 for a grey X_s), y0 (M,d) standardised, target_mean, target_scale (d), steps, lr,
+    ``config``: x0 (M,C,S,S) floats in [0,1] (C = 3, or 1 for a grey X_s), y0 (M,d) standardised, target_mean,
+    target_scale (d), steps, lr,
     lr_final, real_batch (per worker), pool (models on this worker: list by rank), pool_width, pool_steps,
     pool_lr, seed, fingerprint, checkpoint_every, log_every; optional real_augment, threads, use_gpu, amp,
     checkpoint_root, local_checkpoint_dir (in-process runs), log.
