@@ -15,6 +15,7 @@ import sys
 
 from common import RESULTS, ROOT
 from report_heads import heads_alignment_table, heads_goal_rows, heads_levers_table, heads_table, load_heads
+from report_krr import distill_levers_table, distill_table, krr_goal_rows, krr_signal_table
 from report_labeled import labeled_goal_rows, labeled_table
 from report_scale import scale_goal_rows, scale_table
 from report_zoo import zoo_diversity_table
@@ -154,69 +155,6 @@ def throughput_table(r: dict, mem: dict) -> str:
     return "\n".join(["| quantity | value |", "| --- | --- |"] + [f"| {a} | {b} |" for a, b in rows])
 
 
-def distill_table(r: dict) -> str:
-    s, sm = r["settings"], r["summary"]
-    by = sm.get("distill_seconds_by_size") or {}
-    secs = ", ".join(f"{v['mean']:.0f} ± {v['std']:.0f} s at M = {m}" for m, v in by.items() if v)
-    lines = [f"KRR-ST on the demo's optimized set ({r['rows']} rows), {s['steps']} outer steps, lr {s['lr']:g}, pool of "
-             f"{s['pool_size']} ConvNet-{s['pool_width']} (reset every {s['pool_steps']} steps), real batch "
-             f"{s['real_batch']}, {s['workers']} Ray Train workers: {secs} per distillation (every cost of the stage). "
-             f"Students: {s['batch_size']} rows per step; (a) and (b) take the same optimizer steps "
-             f"({', '.join(f'{k} {v}' for k, v in s['steps_small'].items())}); (c) "
-             f"{', '.join(f'{k} {v} epoch(s)' for k, v in s['epochs_full'].items())}. Probe: t10k[5000:{5000 + s['probe_images']}] "
-             f"-> t10k[0:{s['test_images']}], {s['probe_epochs']} epochs.", "",
-             "| student | pre-training data | rows | probe accuracy % (mean ± std, seeds) | pre-training seconds |",
-             "| --- | --- | --- | --- | --- |"]
-    names = {"random_init": "(d) random init", "whole_set": "(c) the whole optimized set"}
-    for arch, t in sm["table"].items():
-        order = ["random_init"] + [f"{v}_{m}" for m in s["sizes"] for v in ("distilled", "random_subset")] + ["whole_set"]
-        for k in order:
-            v = t.get(k)
-            if not v or not v["accuracy"]:
-                continue
-            variant, _, size = k.rpartition("_")
-            name = names.get(k) or ("(a) distilled (KRR-ST)" if variant == "distilled" else "(b) random subset, own targets")
-            rows = size if size.isdigit() else ("0" if k == "random_init" else str(r["rows"]))
-            a = v["accuracy"]
-            lines.append(f"| {arch} | {name} | {rows} | {100 * a['mean']:.2f} ± {100 * a['std']:.2f} ({a['n']}) | "
-                         f"{v['train_seconds']['mean']:.0f} |")
-    return "\n".join(lines)
-
-
-def distill_levers_table(main: dict) -> str:
-    """Seed 0 of the main run next to each lever run (benchmarks/results/levers/distill_*.json): one thing changed."""
-    def seed0(r):
-        out = {}
-        for x in r["runs"]:
-            if x["seed"] == 0 and x["variant"] in ("distilled", "random_subset"):
-                out[(x["arch"], x["variant"], x["size"])] = x["probe_accuracy"]
-        return out
-
-    levers = [json.loads(p.read_text()) for p in sorted((RESULTS / "levers").glob("distill_*.json"))]
-    runs = [("main run (above)", main)] + [(r["settings"].get("note") or "?", r) for r in levers]
-    if len(runs) == 1:
-        return ""
-    keys = sorted({(a, m) for _, r in runs for (a, v, m) in seed0(r)})
-    lines = ["Levers, seed 0 (one change each against the main run; the distillations are cached, so a lever that "
-             "changes only the students reuses the main run's distilled sets): (a) distilled / (b) random subset, "
-             "probe accuracy %; the KRR loss, first -> last logged window, and how far the "
-             "synthetic rows moved from the real rows they started from:", "",
-             "| lever | " + " | ".join(f"{a} M={m}" for a, m in keys) + " | KRR loss |",
-             "| --- " * (len(keys) + 2) + "|"]
-    for name, r in runs:
-        acc = seed0(r)
-        cells = []
-        for a, m in keys:
-            da, db = acc.get((a, "distilled", m)), acc.get((a, "random_subset", m))
-            cells.append("" if da is None or db is None else f"{100 * da:.2f} / {100 * db:.2f} ({100 * (da - db):+.2f})")
-        loss = "; ".join(f"{k.split('-')[0]}: {v['loss'][0]:.3f} -> {v['loss'][-1]:.3f}" + (
-            f" (moved {v['drift']['pixel_abs_change']:.1f} / 255 per pixel, "
-            f"{v['drift']['target_change_in_stds']:.3f} std per target)" if v.get("drift") else "")
-            for k, v in r["distill"].items() if k.endswith("-s0"))
-        lines.append(f"| {name} | " + " | ".join(cells) + f" | {loss} |")
-    return "\n".join(lines)
-
-
 def rounds_table(r: dict) -> str:
     """Student probe accuracy per round and arm (benchmarks/rounds.py), mean ± std over seeds, and the gain."""
     s, sm = r["settings"], r["summary"]
@@ -249,7 +187,7 @@ def rounds_table(r: dict) -> str:
     return "\n".join(lines)
 
 
-def goals_table(fid, ali, cri, thr, mem, dis=None, rnd=None, lab=None, sca=None, hds=None) -> str:
+def goals_table(fid, ali, cri, thr, mem, dis=None, rnd=None, lab=None, sca=None, hds=None, krr=None) -> str:
     rows = []
 
     def row(goal, target, measured, ok):
@@ -323,12 +261,14 @@ def goals_table(fid, ali, cri, thr, mem, dis=None, rnd=None, lab=None, sca=None,
         scale_goal_rows(sca, row)
     if hds:
         heads_goal_rows(hds, row)
+    if krr:
+        krr_goal_rows(krr, row)
     return "\n".join(["| goal | target | measured | status |", "| --- | --- | --- | --- |"] + rows)
 
 
 def render() -> str:
     fid, ali, cri, thr, mem = load("fidelity"), load("alignment"), load("criteria"), load("throughput"), load("memory")
-    dis, rnd, sca, zdv = load("distill"), load("rounds"), load("scale"), load("zoo_diversity")
+    dis, rnd, sca, zdv, krr = load("distill"), load("rounds"), load("scale"), load("zoo_diversity"), load("krr_signal")
     lab = [r for r in (load("distill_labeled"), load("distill_labeled_full")) if r]  # the CPU and GPU protocols
     parts = []
     if fid:
@@ -352,13 +292,15 @@ def render() -> str:
         lev = distill_levers_table(dis)
         if lev:
             parts += ["", lev]
+    if krr:
+        parts += ["", "### KRR-ST, step by step: is there a signal, and can a student read it?", "", krr_signal_table(krr)]
     if rnd:
         parts += ["", "## Continual rounds", "", rounds_table(rnd)]
     if lab:
         parts += ["", "## Labeled distillation (M-DATM)", "", "\n\n".join(labeled_table(r) for r in lab)]
     if sca:
         parts += ["", "## Scale: the data path at 50k and 500k images", "", scale_table(sca)]
-    parts += ["", "## Against the goals", "", goals_table(fid, ali, cri, thr, mem, dis, rnd, lab, sca, hds)]
+    parts += ["", "## Against the goals", "", goals_table(fid, ali, cri, thr, mem, dis, rnd, lab, sca, hds, krr)]
     return "\n".join(parts) + "\n"
 
 

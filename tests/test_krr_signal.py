@@ -99,3 +99,41 @@ def test_a_grey_augmented_distillation_logs_its_drift_beside_the_floor(tmp_path,
                      pq.read_table(run / "distilled" / "krr-st" / "data").column("image").to_pylist()])
     assert imgs.shape == (10, 32, 32, 3) and (imgs[..., 0] == imgs[..., 2]).all()  # stored as grey RGB
     assert json.loads((run / "distilled" / "krr-st" / "distill.json").read_text())["drift"] == d
+
+
+def test_the_signal_benchmark_judges_its_goals_from_known_numbers():
+    import sys
+
+    from conftest import REPO
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import krr_signal
+    from report_krr import krr_goal_rows, krr_signal_table
+
+    def seed(fall, over, accs):
+        students = [{"recipe": rc, "variant": v, "probe_accuracy": a, "train_seconds": 1.0}
+                    for (rc, v), a in accs.items()]
+        return {"signal": {"loss_initial": 1.0, "loss_distilled": 1 - fall, "loss_random": 1.1, "heldout_fall": fall,
+                           "x_drift": over, "floor_pixels": 1.0, "x_over_floor": over, "y_drift": 0.1, "floor": 0.1,
+                           "y_over_floor": 1.0},
+                "distill": {"seconds": 60.0}, "students": students}
+
+    res = {"seeds": {"0": seed(0.12, 1.5, {("mse", "distilled"): 0.80, ("mse", "paired"): 0.78, ("mse", "whole"): 0.84,
+                                          ("product", "distilled"): 0.70, ("product", "paired"): 0.70}),
+                     "1": seed(0.10, 2.1, {("mse", "distilled"): 0.82, ("mse", "paired"): 0.78, ("mse", "whole"): 0.84,
+                                          ("product", "distilled"): 0.72, ("product", "paired"): 0.74})}}
+    g = krr_signal.summarise(res)["summary"]["goals"]
+    assert g["heldout_fall_10pct"] is True and g["drift_2x_floor"] is False  # mean fall 11 %, mean drift 1.8x
+    assert g["mse"] == {"distilled_minus_paired_points": 3.0, "spread_points": 1.0, "beats_paired_beyond_spread": True,
+                        "gap_closed": 0.5, "closes_half_the_gap": True}
+    assert g["product"]["distilled_minus_paired_points"] == -1.0 and not g["product"]["beats_paired_beyond_spread"]
+    rows = []
+    krr_goal_rows(res, lambda *r: rows.append(r))
+    assert ("KRR-ST: pixel drift of X_s against the random-walk floor", ">= 2x", "1.80x", False) in rows
+    res["settings"] = {"size": 10, "steps": 5, "lr": 1e-3, "lr_final": 1e-3, "real_batch": 8, "real_augment": "true",
+                       "channels": "auto", "pool_size": 2, "pool_width": 16, "pool_steps": 0, "eval_models": 3,
+                       "student_steps": 4, "batch_size": 2, "probe_images": 10, "test_images": 10, "probe_epochs": 1,
+                       "product_arch": "resnet10t"}
+    res.update(train_rows=90, heldout_rows=10)
+    text = krr_signal_table(res)
+    assert "| 1 | 1.0000 -> 0.9000 | 10.0 % |" in text and "| distilled (X_s, Y_s) | 81.00 ± 1.00 (2) | 71.00 ± 1.00 (2) |" in text
