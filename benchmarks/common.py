@@ -118,3 +118,15 @@ def start_ray(tries: int = 5) -> None:
             log(f"[bench] Ray did not start ({str(e)[:80]}...); retry {i + 2}/{tries}")
             ray.shutdown()
             time.sleep(5)
+
+
+class FinalProbe:
+    """Probes only after the last epoch (the ablations report final accuracy; a probe costs about as much
+    as an epoch of a small student on 2 CPU cores). ``fit`` calls it before training and after each epoch."""
+
+    def __init__(self, prober, epochs: int):
+        self.prober, self.epochs, self.calls = prober, epochs, 0
+
+    def __call__(self, backbone):
+        self.calls += 1
+        return self.prober(backbone) if self.calls == self.epochs + 1 else None

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common import RESULTS, ROOT, log, machine, start_ray, write_json
+from common import RESULTS, ROOT, FinalProbe, log, machine, start_ray, write_json
 
 from coopt_ray import baselines as B  # noqa: E402
 from coopt_ray.config import load_config  # noqa: E402
@@ -178,7 +178,7 @@ def main(argv=None) -> dict:
             if steps is not None:  # (a) and (b): a fixed number of optimizer steps over the M rows
                 epochs = max(1, round(steps * a.batch_size / len(imgs)))
             _, hist = B.train_coopt(arch, imgs, tgts, epochs, batch_size=min(a.batch_size, len(imgs)),
-                                    lr=a.student_lr, seed=seed, probe=FinalOnly(prober, epochs), log=lambda m: None,
+                                    lr=a.student_lr, seed=seed, probe=FinalProbe(prober, epochs), log=lambda m: None,
                                     augment=not a.no_augment, device=B.pick_device(a.use_gpu))
             acc, secs = hist[-1]["probe_accuracy"], hist[-1]["train_seconds"]
         res["runs"].append({"arch": arch, "variant": variant, "size": size, "seed": seed, "rows": len(imgs),
@@ -208,17 +208,6 @@ def main(argv=None) -> dict:
     plot(summarise(res, a), a)
     log(f"[distill-bench] wrote {a.out} in {res['seconds_total']:.0f}s")
     return res
-
-
-class FinalOnly:
-    """Probe only after the last epoch (``fit`` calls the probe before training and after every epoch)."""
-
-    def __init__(self, prober, epochs):
-        self.prober, self.epochs, self.calls = prober, epochs, 0
-
-    def __call__(self, backbone):
-        self.calls += 1
-        return self.prober(backbone) if self.calls == self.epochs + 1 else None
 
 
 def _ms(v):

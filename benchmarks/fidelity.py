@@ -25,7 +25,7 @@ import shutil
 import time
 from pathlib import Path
 
-from common import RESULTS, ROOT, log, machine, optimize_config, start_ray, write_json, zoo_teachers
+from common import RESULTS, ROOT, FinalProbe, log, machine, optimize_config, start_ray, write_json, zoo_teachers
 
 import fidelity_targets as FT
 from fidelity_summary import ABLATION_KEYS, MAIN, plot, summarise, uniformity_vs_accuracy
@@ -37,18 +37,6 @@ from coopt_ray.images import arrays_to_rgb  # noqa: E402
 
 SHARED_FRACTIONS = {"shared_0.2": 0.002, "shared_1": 0.01}
 LABEL_FREE_ZOO = "zoo-label-free"
-
-
-class FinalProbe:
-    """Probes only after the last epoch (the ablations report final accuracy; a probe costs about as much
-    as an epoch of a small student on 2 CPU cores). ``fit`` calls it before training and after each epoch."""
-
-    def __init__(self, prober, epochs: int):
-        self.prober, self.epochs, self.calls = prober, epochs, 0
-
-    def __call__(self, backbone):
-        self.calls += 1
-        return self.prober(backbone) if self.calls == self.epochs + 1 else None
 
 
 def parse_args(argv=None):

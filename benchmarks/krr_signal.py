@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common import RESULTS, ROOT, log, machine, start_ray, write_json
+from common import RESULTS, ROOT, FinalProbe, log, machine, start_ray, write_json
 
 from coopt_ray import baselines as B  # noqa: E402
 from coopt_ray.config import load_config  # noqa: E402
@@ -154,17 +154,6 @@ def heldout_losses(a, sets: dict, held: dict, y_all: np.ndarray, seed: int) -> d
     return out
 
 
-class FinalOnly:
-    """Probe only after the last epoch (``fit`` probes before training and after every epoch)."""
-
-    def __init__(self, prober, epochs):
-        self.prober, self.epochs, self.calls = prober, epochs, 0
-
-    def __call__(self, backbone):
-        self.calls += 1
-        return self.prober(backbone) if self.calls == self.epochs + 1 else None
-
-
 def student(a, recipe: str, imgs: np.ndarray, tg, seed: int, prober, labels=None) -> tuple[float, float]:
     """Probe accuracy and train seconds of one student: ``--student-steps`` steps of ``--batch-size`` on ``imgs``
     (fewer rows than steps x batch: epochs over them; more: one pass over the first steps x batch)."""
@@ -173,7 +162,7 @@ def student(a, recipe: str, imgs: np.ndarray, tg, seed: int, prober, labels=None
     epochs = max(1, round(a.student_steps * batch / len(imgs)))
     imgs, tg = imgs[:a.student_steps * batch], None if tg is None else tg[:a.student_steps * batch]
     dev = B.pick_device(a.use_gpu)
-    probe = FinalOnly(prober, epochs)
+    probe = FinalProbe(prober, epochs)
     if labels is not None:
         _, hist = B.train_supervised(arch, imgs, labels[:len(imgs)], epochs, batch_size=batch, lr=a.student_lr,
                                      seed=seed, probe=probe, log=lambda m: None, device=dev)
