@@ -27,7 +27,7 @@ GROUPS = [
     ("shared session artefacts (optimized RUN, Ray start)", r" setup$"),
     ("pipeline runs on the session Ray (optimize/train/evaluate)", r"test_(run|optimize|distill|mdatm_stage|evaluate|"
                                                                   r"bad_images|split|webdataset|safety|rounds|families|"
-                                                                  r"embed_stage|devices)\.py"),
+                                                                  r"embed_stage|devices|heads)\.py"),
     ("in-process model training (students, zoo, baselines)", r"test_(train|zoo|student_learns|benchmarks_smoke|mdatm|"
                                                               r"export)\.py"),
     ("unit tests (math, configs, files)", r"."),
