@@ -17,12 +17,14 @@ Per seed, side by side in one run:
 CPU protocol (2 cores; settings in the JSON):
     python benchmarks/krr_signal.py --run runs/demo-s7 --seeds 3
 GPU protocol (a device machine): ``--use-gpu --pool-width 128 --steps 20000 --eval-models 20``.
-Smoke check: ``--quick`` (1 seed, M=20, 30 steps, ~2 min). Writes benchmarks/results/krr_signal[_quick].json.
+Smoke check: ``--quick`` (1 seed, M=20, 30 steps, ~2 min). Writes benchmarks/results/krr_signal[_quick].json
+and .png. The committed run: seeds 0-2 with ``--recipes mse`` after seed 0 with both (``--first-seed 1 --merge``).
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 import time
 from pathlib import Path
@@ -44,6 +46,8 @@ def parse_args(argv=None):
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--run", default=str(ROOT / "runs" / "demo"), help="an optimized run (make demo's runs/demo)")
     ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--first-seed", type=int, default=0, help="run seeds first-seed .. seeds-1")
+    ap.add_argument("--merge", action="store_true", help="keep the seeds already in --out (another run's) and add these")
     ap.add_argument("--size", type=int, default=100, help="M synthetic rows")
     ap.add_argument("--steps", type=int, default=3000, help="distillation outer steps")
     ap.add_argument("--lr", type=float, default=1e-3, help="AdamW lr on X_s and Y_s")
@@ -69,6 +73,7 @@ def parse_args(argv=None):
     ap.add_argument("--use-gpu", action="store_true")
     ap.add_argument("--work", default=str(ROOT / "runs" / "bench-krr-signal"))
     ap.add_argument("--out", default=None)
+    ap.add_argument("--replot", action="store_true", help="only re-summarise and re-plot --out")
     a = ap.parse_args(argv)
     if a.quick:
         a.seeds, a.size, a.steps, a.real_batch, a.heldout, a.eval_models = 1, 20, 30, 128, 300, 3
@@ -197,7 +202,8 @@ def summarise(res: dict) -> dict:
             continue
         gain = d["mean"] - p["mean"]
         g = {"distilled_minus_paired_points": round(100 * gain, 2),
-             "spread_points": round(100 * max(d["std"], p["std"]), 2),
+             "seeds": min(d["n"], p["n"]),
+             "spread_points": round(100 * max(d["std"], p["std"]), 2) if min(d["n"], p["n"]) >= 2 else None,
              "beats_paired_beyond_spread": bool(d["n"] >= 2 and gain > max(d["std"], p["std"]))}
         if w:
             span = w["mean"] - p["mean"]
@@ -208,10 +214,41 @@ def summarise(res: dict) -> dict:
     return res
 
 
+def plot(res: dict, out: Path) -> None:
+    """Left: the held-out KRR loss of each seed's starting, distilled and random rows. Right: the students."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(1, 2, figsize=(11, 4))
+    seeds = sorted(res["seeds"])
+    for j, (k, name) in enumerate((("loss_initial", "starting rows"), ("loss_distilled", "distilled"),
+                                   ("loss_random", "M random rows"))):
+        ax[0].bar([int(s) + 0.27 * (j - 1) for s in seeds], [res["seeds"][s]["signal"][k] for s in seeds], 0.27,
+                  label=name)
+    ax[0].set(xlabel="seed", ylabel="KRR loss on held-out rows (fresh ConvNets)", title="signal before students")
+    ax[0].legend(fontsize=8)
+    labels, means, stds = [], [], []
+    for rc, t in res["summary"]["table"].items():
+        for v, m in t.items():
+            labels.append(f"{rc}/{v}"), means.append(100 * m["mean"]), stds.append(100 * m["std"])
+    ax[1].barh(range(len(labels)), means, xerr=stds)
+    ax[1].set_yticks(range(len(labels)), labels, fontsize=7)
+    ax[1].set(xlabel="linear-probe accuracy %", xlim=(min(means + [100]) - 2, max(means + [0]) + 1))
+    fig.tight_layout()
+    fig.savefig(out.with_suffix(".png"), dpi=110)
+
+
 def main(argv=None) -> dict:
     import torch
 
     a = parse_args(argv)
+    if a.replot:
+        res = summarise(json.loads(a.out.read_text()))
+        write_json(a.out, res)
+        plot(res, a.out)
+        return res
     t0 = time.time()
     run, work = Path(a.run), Path(a.work)
     if not (run / "manifest.json").exists():
@@ -226,12 +263,16 @@ def main(argv=None) -> dict:
                    arrays_to_rgb(x_te[:a.test_images], 32), y_te[:a.test_images])
     res = {"settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items()},
            "machine": machine(), "train_rows": len(train["id"]), "heldout_rows": len(held_ids), "seeds": {}}
+    if a.merge and a.out.exists():  # earlier seeds of the same protocol (their settings stay in "runs_settings")
+        old = json.loads(a.out.read_text())
+        res["seeds"], res["runs_settings"] = old["seeds"], old.get("runs_settings", [old["settings"]])
+        res["runs_settings"].append(res["settings"])
 
     def save():
         write_json(a.out, summarise(res))
 
     pos = {v: j for j, v in enumerate(train["id"])}
-    for seed in range(a.seeds):
+    for seed in range(a.first_seed, a.seeds):
         torch.manual_seed(seed)
         sw = work / f"s{seed}"
         sw.mkdir(exist_ok=True)
@@ -254,9 +295,10 @@ def main(argv=None) -> dict:
         sig = {"loss_initial": hl["initial"]["mean"], "loss_distilled": hl["distilled"]["mean"],
                "loss_random": hl["random"]["mean"],
                "heldout_fall": 1 - hl["distilled"]["mean"] / hl["initial"]["mean"], **dr}
+        kept = res["seeds"].get(str(seed), {}).get("students", [])  # --merge: students already trained
         res["seeds"][str(seed)] = {"distill": {k: dres[k] for k in ("seconds", "distill_seconds", "loss", "loss_steps",
                                                                      "channels", "plan")},
-                                   "heldout": hl, "signal": sig, "students": []}
+                                   "heldout": hl, "signal": sig, "students": kept}
         log(f"[krr-signal] seed {seed}: held-out KRR loss {sig['loss_initial']:.4f} -> {sig['loss_distilled']:.4f} "
             f"({100 * sig['heldout_fall']:+.1f} % fall; random rows {sig['loss_random']:.4f}); drift "
             f"{dr.get('x_drift', float('nan')):.2f}/255 = {dr.get('x_over_floor', float('nan')):.2f}x the floor")
@@ -267,7 +309,8 @@ def main(argv=None) -> dict:
         data = {"distilled": (dist["image"], dist["target"]), "paired": sets["initial"], "random": sets["random"],
                 "whole": (train["image"][whole], train["target"][whole])}
         jobs = [(rc, v) for rc in a.recipes.split(",") for v in VARIANTS + ("random_init",)]
-        for rc, v in jobs + [("labels", "labeled_random")]:
+        done = {(r["recipe"], r["variant"]) for r in kept}
+        for rc, v in [j for j in jobs + [("labels", "labeled_random")] if j not in done]:
             if v == "random_init":
                 arch = f"convnet3_w{a.pool_width}" if rc == "mse" else a.product_arch
                 acc, secs = B.random_init_accuracy(arch, 32, seed, prober), 0.0
@@ -281,6 +324,7 @@ def main(argv=None) -> dict:
             save()
     res["seconds_total"] = round(time.time() - t0, 1)
     save()
+    plot(summarise(res), a.out)
     log(f"[krr-signal] wrote {a.out} in {res['seconds_total']:.0f}s")
     return res
 

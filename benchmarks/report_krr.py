@@ -131,7 +131,9 @@ def krr_goal_rows(r: dict, row) -> None:
         if not v:
             continue
         row(f"KRR-ST ({rc} students): distilled vs paired control", "> the seed spread",
-            f"{v['distilled_minus_paired_points']:+.2f} (spread {v['spread_points']:.2f})", v["beats_paired_beyond_spread"])
+            f"{v['distilled_minus_paired_points']:+.2f} " + (f"(spread {v['spread_points']:.2f}, {v['seeds']} seeds)"
+                                                              if v["spread_points"] is not None else "(1 seed)"),
+            v["beats_paired_beyond_spread"])
         if "gap_closed" in v:
             gc = v["gap_closed"]
             row(f"KRR-ST ({rc} students): share of the paired -> whole-set gap closed", ">= 50 %",

@@ -124,8 +124,8 @@ def test_the_signal_benchmark_judges_its_goals_from_known_numbers():
                                           ("product", "distilled"): 0.72, ("product", "paired"): 0.74})}}
     g = krr_signal.summarise(res)["summary"]["goals"]
     assert g["heldout_fall_10pct"] is True and g["drift_2x_floor"] is False  # mean fall 11 %, mean drift 1.8x
-    assert g["mse"] == {"distilled_minus_paired_points": 3.0, "spread_points": 1.0, "beats_paired_beyond_spread": True,
-                        "gap_closed": 0.5, "closes_half_the_gap": True}
+    assert g["mse"] == {"distilled_minus_paired_points": 3.0, "seeds": 2, "spread_points": 1.0,
+                        "beats_paired_beyond_spread": True, "gap_closed": 0.5, "closes_half_the_gap": True}
     assert g["product"]["distilled_minus_paired_points"] == -1.0 and not g["product"]["beats_paired_beyond_spread"]
     rows = []
     krr_goal_rows(res, lambda *r: rows.append(r))
