@@ -178,10 +178,9 @@ def distill_loop_per_worker(config: dict) -> dict:
     """Learn the synthetic set on this worker; checkpoints every ``checkpoint_every`` steps (rank 0 writes them).
 
     ``config``: x0 (M,C,S,S) floats in [0,1] (C = 3, or 1 for a grey X_s), y0 (M,d) standardised, target_mean,
-    target_scale (d), steps, lr,
-    lr_final, real_batch (per worker), pool (models on this worker: list by rank), pool_width, pool_steps,
-    pool_lr, seed, fingerprint, checkpoint_every, log_every; optional real_augment, threads, use_gpu, amp,
-    checkpoint_root, local_checkpoint_dir (in-process runs), log.
+    target_scale (d), steps, lr, lr_final, real_batch (per worker), pool (models on this worker: list by rank),
+    pool_width, pool_steps, pool_lr, seed, fingerprint, checkpoint_every, log_every; optional real_augment,
+    threads, use_gpu, amp, checkpoint_root, local_checkpoint_dir (in-process runs), log.
 
     Every history entry also says how far X_s and Y_s have moved from where they started (``x_drift``: mean
     absolute pixel change, of 255; ``y_drift``: mean absolute change in target standard deviations) beside the
