@@ -119,6 +119,8 @@ def rows(path: Path, ids=None, columns=("id", "image", "target", "label")) -> di
            "target": column_matrix(t.column("target"))[order]}
     if "label" in columns:
         out["label"] = np.asarray([t.column("label")[j].as_py() for j in order])
+    if "init_id" in columns:
+        out["init_id"] = [t.column("init_id")[j].as_py() for j in order]
     return out
 
 
@@ -281,9 +283,7 @@ def main(argv=None) -> dict:
                 os.symlink((work / name).resolve(), sw / name)
         dres = distill_once(a, sw, seed)
         dist = rows(Path(dres["data"]), columns=("id", "image", "target", "init_id"))
-        import pyarrow.parquet as pq
-
-        init = [pos[i] for i in pq.read_table(dres["data"], columns=["init_id"]).column("init_id").to_pylist()]
+        init = [pos[i] for i in dist["init_id"]]
         rng = np.random.default_rng(50_000 + seed)
         others = np.setdiff1d(np.arange(len(train["id"])), init)
         rand = np.sort(rng.choice(others, a.size, replace=False))

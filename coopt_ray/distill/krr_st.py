@@ -82,7 +82,10 @@ def random_walk_floor(lr: float, final: float, steps: int, stop: int) -> float:
     """``sqrt(sum of lr_t^2)`` over outer steps ``0 .. stop-1`` of the :func:`linear_lr` schedule: how far Adam,
     which moves every coordinate by about ``lr_t`` a step whatever the gradient, drifts a pixel (or a standardised
     target) by pure noise. A distillation whose rows move no further than this has learned nothing visible."""
-    return float(np.sqrt(sum(linear_lr(lr, final, t, steps) ** 2 for t in range(stop))))
+    n = min(stop, steps + 1)  # steps 0 .. n-1 decay linearly, lr_t = a + b t; later ones stay at lr * final
+    a, b = lr, lr * (final - 1.0) / max(1, steps)
+    ramp = n * a * a + a * b * n * (n - 1) + b * b * (n - 1) * n * (2 * n - 1) / 6  # closed form: O(1) per log line
+    return float(np.sqrt(max(ramp, 0.0) + max(stop - n, 0) * (lr * final) ** 2))
 
 
 def heldout_krr_loss(x_syn: torch.Tensor, y_syn: torch.Tensor, x_real: torch.Tensor, y_real: torch.Tensor,
