@@ -11,7 +11,9 @@ PYTEST_ARGS ?=
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q --no-compile -e '.[test]'
+	@# bytecode on both cores (pip compiles one file at a time); a few packages ship files that are not meant to compile
+	$(PY) -m compileall -qq -j 0 $(VENV)/lib > /dev/null || true
 	touch $@
 
 data:

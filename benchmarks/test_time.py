@@ -3,6 +3,9 @@
     make test PYTEST_ARGS="--durations=0" > test.log 2>&1     # a fresh clone (see the README's test section)
     python benchmarks/test_time.py test.log [--readme-log PATH] --out benchmarks/results/test_time_after.json
 
+With ``COOPT_TEST_CPU_LOG=FILE`` set for the run (tests/conftest.py writes one JSON line per test: its wall seconds and
+the machine's busy CPU-seconds over them), ``--cpu-log FILE`` adds each group's busy CPU-seconds and cores in use.
+
 Each test's setup/call/teardown seconds go to the first group whose pattern matches its node id. The README cluster
 sequence is split further from its own log (tmp_path/readme.log): the zoo build, the two Ray jobs and the rest.
 Prints a Markdown table (seconds, share of pytest's total) and writes it with the raw rows as JSON.
@@ -68,11 +71,27 @@ def readme_parts(log: str) -> dict[str, float]:
     return parts
 
 
-def table(groups: dict[str, float], total: float) -> str:
-    lines = ["| where the time goes | seconds | share |", "| --- | --- | --- |"]
+def cpu_groups(cpu_rows: list[dict]) -> dict[str, list[float]]:
+    """Per group: [wall seconds, busy CPU-seconds of the machine] from the conftest's per-test CPU log."""
+    out = {g: [0.0, 0.0] for g, _ in GROUPS}
+    for r in cpu_rows:
+        name = next(g for g, pat in GROUPS if re.search(pat, f"{r['test']} call"))
+        out[name][0] += r["wall_s"]
+        out[name][1] += r["cpu_s"]
+    return out
+
+
+def table(groups: dict[str, float], total: float, cpu: dict | None = None) -> str:
+    cols = " busy CPU-s | cores |" if cpu else ""
+    lines = ["| where the time goes | seconds | share |" + cols, "| --- | --- | --- |" + (" --- | --- |" if cpu else "")]
     for g, s in sorted(groups.items(), key=lambda kv: -kv[1]):
-        lines.append(f"| {g} | {s:.0f} | {100 * s / total:.0f} % |")
-    lines.append(f"| **pytest total** | **{total:.0f}** | |")
+        extra = f" {cpu[g][1]:.0f} | {cpu[g][1] / max(cpu[g][0], 1e-9):.2f} |" if cpu else ""
+        lines.append(f"| {g} | {s:.0f} | {100 * s / total:.0f} % |" + extra)
+    if cpu:
+        wall, busy = (sum(v[i] for v in cpu.values()) for i in (0, 1))
+        lines.append(f"| **pytest total** | **{total:.0f}** | | **{busy:.0f}** | **{busy / max(wall, 1e-9):.2f}** |")
+    else:
+        lines.append(f"| **pytest total** | **{total:.0f}** | |")
     return "\n".join(lines)
 
 
@@ -80,18 +99,21 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("log")
     ap.add_argument("--readme-log", default=None, help="the README cluster test's readme.log (its per-step split)")
+    ap.add_argument("--cpu-log", default=None, help="COOPT_TEST_CPU_LOG's file: busy CPU-seconds per group")
     ap.add_argument("--out", default=None, help="JSON to write (groups, README split, rows)")
     a = ap.parse_args(argv)
     text = Path(a.log).read_text(errors="replace")
     rows, total = parse(text), total_seconds(text)
     groups = group(rows)
-    print(table(groups, total))
+    cpu_rows = [json.loads(x) for x in Path(a.cpu_log).read_text().splitlines() if x.strip()] if a.cpu_log else []
+    cpu = cpu_groups(cpu_rows) if cpu_rows else None
+    print(table(groups, total, cpu))
     readme = readme_parts(Path(a.readme_log).read_text(errors="replace")) if a.readme_log else {}
     for k, v in readme.items():
         print(f"  README sequence: {k}: {v:.0f} s")
     if a.out:
         Path(a.out).write_text(json.dumps({"total_seconds": total, "groups": groups, "readme_sequence": readme,
-                                           "rows": rows}, indent=1))
+                                           "cpu_groups": cpu, "rows": rows, "cpu_rows": cpu_rows}, indent=1))
     return 0
 
 

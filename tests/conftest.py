@@ -131,3 +131,70 @@ def copy_run(src: Path, dst: Path) -> Path:
 
     shutil.copytree(src, dst)
     return dst
+
+
+# ---------------------------------------------------------------- the README's zoo, built in the machine's idle time
+README_SEQUENCE = "tests/test_readme_cluster.py::test_readme_cluster_sequence_runs_as_documented"
+_zoo_build: dict = {}
+
+
+def pytest_collection_finish(session):
+    """When the README's cluster sequence is selected, start its first step's `make zoo` now, at the lowest CPU
+    priority (nice 19), so the teachers train in the time the other tests leave the two cores idle (about a third of
+    it: they wait on process start-ups). The sequence waits for this build, then runs `make setup && make zoo` itself,
+    as the page says, which finds the teachers built (:func:`readme_zoo_build`)."""
+    import subprocess
+    import tempfile
+
+    if not any(item.nodeid == README_SEQUENCE for item in session.items) or os.environ.get("PYTEST_XDIST_WORKER"):
+        return
+    log = Path(tempfile.mkdtemp(prefix="coopt-readme-zoo-")) / "make-zoo.log"
+    _zoo_build["log"] = log
+    _zoo_build["proc"] = subprocess.Popen(["make", "zoo"], cwd=REPO, stdout=log.open("w"), stderr=subprocess.STDOUT,
+                                          stdin=subprocess.DEVNULL, start_new_session=True,
+                                          preexec_fn=lambda: os.nice(19))
+
+
+def readme_zoo_build(timeout: float = 1500) -> tuple[int, str]:
+    """Wait for the session's early `make zoo` (if one was started); its exit status and output."""
+    proc = _zoo_build.get("proc")
+    if proc is None:
+        return 0, ""
+    rc = proc.wait(timeout=timeout)
+    return rc, _zoo_build["log"].read_text()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    import signal
+
+    proc = _zoo_build.get("proc")
+    if proc is not None and proc.poll() is None:  # the session ended early (-x, Ctrl-C): stop the build with it
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+# ---------------------------------------------------------------- where the suite's time goes (issue 25)
+def _busy_cpu_s() -> float:
+    """Busy CPU-seconds of the whole machine so far (/proc/stat: every state but idle and iowait), so a test's
+    cost includes the Ray processes it used, which are not its children."""
+    f = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    return (sum(f) - f[3] - f[4]) / os.sysconf("SC_CLK_TCK")
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    """With COOPT_TEST_CPU_LOG=FILE: one JSON line per test (wall seconds and the machine's busy CPU-seconds over
+    setup, call and teardown); benchmarks/test_time.py reads it."""
+    log = os.environ.get("COOPT_TEST_CPU_LOG")
+    if not log:
+        return (yield)
+    import json
+    import time
+
+    t0, c0 = time.time(), _busy_cpu_s()
+    try:
+        return (yield)
+    finally:
+        with open(log, "a") as f:
+            f.write(json.dumps({"test": item.nodeid, "wall_s": round(time.time() - t0, 2),
+                                "cpu_s": round(_busy_cpu_s() - c0, 2)}) + "\n")
