@@ -201,7 +201,7 @@ def test_killed_worker_resumes_from_the_checkpoint(tmp_path, ray_session):
 
     run = tmp_path / "run"
     make_optimized(run)
-    steps = 200
+    steps = 100  # the kill lands after the first checkpoints; every step runs once, bar those since the checkpoint
     cfg = distill_config(tmp_path, steps=steps, checkpoint_every=10, log_every=10)
     exp = run / "distilled" / "krr-st" / "ray_results" / "coopt-distill-run"
     before = set(_my_train_workers())
