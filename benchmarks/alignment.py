@@ -106,7 +106,6 @@ def main(argv=None) -> int:
     rng = np.random.default_rng(0)
     pool = np.setdiff1d(rng.permutation(min(len(x_unl), cfg.data.limit or len(x_unl))), s_idx)
     pool = pool[: a.eval + max(a.ceiling_fit, max(SIZES.values()))]
-    ev, fit = pool[: a.eval], pool[a.eval:]
     emb, emb_s = {}, {}
     for p in cfg.participants:
         model, pre, _ = load_model(resolve_model(cfg, p.model), p.pretrained, "cpu")

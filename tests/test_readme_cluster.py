@@ -3,7 +3,9 @@ from the page's code block (so the two cannot drift apart), executed in order by
 output lines the page shows under a command (``#   [optimize] ...``; "..." stands for text left out) must appear
 in that command's output.
 
-Both jobs must succeed, the pipeline job must write the manifest, eval.json and the report, its Ray Train
+Both jobs must succeed (they are the Ray Jobs path's end-to-end check: jobs/optimize.py and jobs/pipeline.py submitted
+with `ray job submit` to a cluster with token auth on), the optimize job's manifest must account for every image, the
+pipeline job must write the manifest, eval.json and the report, its Ray Train
 workers must have run on worker nodes, not on the head (the job's driver node), and `local.sh stop` must
 leave none of the nodes' processes behind.
 """
@@ -104,6 +106,10 @@ def test_readme_cluster_sequence_runs_as_documented(tmp_path):
                     assert piece in out.stdout + out.stderr, f"the page says `{cmd[:60]}` prints {w!r}; see {log}"
             if "ray job submit" in cmd:
                 assert re.search(r"Job '\S+' succeeded", out.stdout + out.stderr), (out.stdout + out.stderr)[-3000:]
+        # the optimize job (jobs/optimize.py under `ray job submit`, token auth on) accounted for every image
+        man = json.loads((outs[0] / "manifest.json").read_text())
+        assert man["total_rows"] == 500 and man["optimized_rows"] + man["error_rows"] == 500, man
+        assert [q["name"] for q in man["participants"]] == ["p0", "p1", "p2", "p3"]
         run = outs[1]
         for f in ("manifest.json", "eval.json", "report/report.html", "student/student.pt"):
             assert (run / f).exists(), f
