@@ -48,12 +48,15 @@ def total_seconds(text: str) -> float:
     return float(m[1]) if m else float("nan")
 
 
+def group_of(test: str, phase: str) -> str:
+    """The first group whose pattern matches ``"path::test[param] phase"``."""
+    return next(g for g, pat in GROUPS if re.search(pat, f"{test} {phase}"))
+
+
 def group(rows: list[dict]) -> dict[str, float]:
     out = {g: 0.0 for g, _ in GROUPS}
     for r in rows:
-        key = f"{r['test']} {r['phase']}"
-        name = next(g for g, pat in GROUPS if re.search(pat, key))
-        out[name] += r["seconds"]
+        out[group_of(r["test"], r["phase"])] += r["seconds"]
     return out
 
 
@@ -72,10 +75,11 @@ def readme_parts(log: str) -> dict[str, float]:
 
 
 def cpu_groups(cpu_rows: list[dict]) -> dict[str, list[float]]:
-    """Per group: [wall seconds, busy CPU-seconds of the machine] from the conftest's per-test CPU log."""
+    """Per group: [wall seconds, busy CPU-seconds of the machine] from the conftest's per-test CPU log (a test's whole
+    protocol, its fixtures' set-up included, so the set-up group has no rows of its own here)."""
     out = {g: [0.0, 0.0] for g, _ in GROUPS}
     for r in cpu_rows:
-        name = next(g for g, pat in GROUPS if re.search(pat, f"{r['test']} call"))
+        name = group_of(r["test"], "call")
         out[name][0] += r["wall_s"]
         out[name][1] += r["cpu_s"]
     return out
@@ -85,7 +89,7 @@ def table(groups: dict[str, float], total: float, cpu: dict | None = None) -> st
     cols = " busy CPU-s | cores |" if cpu else ""
     lines = ["| where the time goes | seconds | share |" + cols, "| --- | --- | --- |" + (" --- | --- |" if cpu else "")]
     for g, s in sorted(groups.items(), key=lambda kv: -kv[1]):
-        extra = f" {cpu[g][1]:.0f} | {cpu[g][1] / max(cpu[g][0], 1e-9):.2f} |" if cpu else ""
+        extra = "" if not cpu else (f" {cpu[g][1]:.0f} | {cpu[g][1] / cpu[g][0]:.2f} |" if cpu[g][0] else " – | – |")
         lines.append(f"| {g} | {s:.0f} | {100 * s / total:.0f} % |" + extra)
     if cpu:
         wall, busy = (sum(v[i] for v in cpu.values()) for i in (0, 1))

@@ -169,8 +169,11 @@ def test_driver_killed_mid_optimize_resumes_without_loss(tmp_path, tiny_models, 
     # neither register nor run anything) take about 25 s more to give up, so the rerun below starts once only they are
     # left, and they are checked after it.
     doomed, killed = ray_pids | session_pids(p.pid), time.time()
-    while (time.time() - killed < 60 and
-           any("default_worker.py" not in _cmdline(q) for q in wait_gone(doomed, timeout=0))):
+
+    def could_act() -> list[int]:  # alive, and not a worker still starting
+        return [q for q in wait_gone(doomed, timeout=0) if "default_worker.py" not in _cmdline(q)]
+
+    while could_act() and time.time() - killed < 60:
         time.sleep(0.2)
 
     def check_all_gone() -> None:
@@ -183,8 +186,7 @@ def test_driver_killed_mid_optimize_resumes_without_loss(tmp_path, tiny_models, 
         assert not left, f"Ray processes of the killed driver still alive 60 s after the kill: " \
                          f"{[(q, _cmdline(q)[:80]) for q in sorted(left)]}"
 
-    writers = [q for q in wait_gone(doomed, timeout=0) if "default_worker.py" not in _cmdline(q)]
-    if writers:
+    if could_act():
         check_all_gone()  # fails, naming them
     finished = done_marks(run)
     assert 1 <= len(finished) < len(PARTS), f"kill should land mid-run, finished: {sorted(finished)}"
