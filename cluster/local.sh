@@ -48,22 +48,20 @@ pids_alive() {
   echo "$n"
 }
 
-node_count() {  # alive nodes as the cluster sees them
-  python - "$RAY_PORT" <<'EOF' 2>/dev/null || echo 0
-import sys, ray
-ray.init(address=f"127.0.0.1:{sys.argv[1]}", logging_level="ERROR", log_to_driver=False)
-print(sum(1 for n in ray.nodes() if n["Alive"]))
-EOF
+# ray start --block <args...> in its own session, in the background; log to $STATE/<name>.log; remember the pid.
+spawn() {
+  local name="$1"; shift
+  setsid ray start --block --disable-usage-stats "$@" >"$STATE/$name.log" 2>&1 < /dev/null &
+  echo "$!" >> "$STATE/pids"
+  echo "$!"
 }
 
-# ray start --block <args...> in its own session; log to $STATE/<name>.log; remember the pid.
-# Ray gives a raylet a fixed 30 s to register; on a busy machine that can fail, so retry a few times.
+# Ray gives a raylet a fixed 30 s to register; on a busy machine that can fail, so a node that did not start is
+# killed and started again, up to 3 tries in all. $2 is the pid of the first try, already spawned.
 launch() {
-  local name="$1" try pid; shift
+  local name="$1" pid="$2" try; shift 2
   for try in 1 2 3; do
-    setsid ray start --block --disable-usage-stats "$@" >"$STATE/$name.log" 2>&1 < /dev/null &
-    pid=$!
-    echo "$pid" >> "$STATE/pids"
+    [ "$try" = 1 ] || pid=$(spawn "$name" "$@")
     if wait_started "$pid" "$STATE/$name.log"; then return 0; fi
     echo "local.sh: $name did not start (try $try of 3): $(grep -m1 -E 'Exception|Error' "$STATE/$name.log" || tail -n 1 "$STATE/$name.log")" >&2
     kill -KILL -- "-$pid" 2>/dev/null || true
@@ -77,7 +75,7 @@ wait_started() {  # until `ray start` says the node is up; false if it exits or 
   until grep -q "Ray runtime started" "$log" 2>/dev/null; do
     kill -0 "$pid" 2>/dev/null || return 1
     [ $((SECONDS - t0)) -lt "$WAIT_S" ] || return 1
-    sleep 1
+    sleep 0.5
   done
 }
 
@@ -87,28 +85,27 @@ agent_ports() {  # distinct agent/metrics ports per node on one machine
        "--runtime-env-agent-port=$((base + 2)) --metrics-export-port=$((base + 3))"
 }
 
-wait_nodes() {  # wait until the cluster lists $1 alive nodes
-  local want="$1" t0=$SECONDS
-  until [ "$(node_count)" -ge "$want" ]; do
-    if [ $((SECONDS - t0)) -gt "$WAIT_S" ]; then
-      echo "local.sh: only $(node_count) of $want nodes came up in ${WAIT_S}s; logs in $STATE/*.log" >&2
-      return 1
-    fi
-    sleep 2
-  done
+worker_args() {  # `ray start` arguments of worker node $1
+  # Each node its own temp dir, as on separate machines: nodes sharing one would each unpack a job's working_dir
+  # into the same folder, replacing the one the job's driver runs in (its cwd vanishes mid-job).
+  echo "--address=127.0.0.1:$RAY_PORT --num-gpus=1 --num-cpus=$WORKER_CPUS --temp-dir=$STATE/t$1" \
+       "--labels=coopt-local-node=worker-$1 $(agent_ports "$1")"
 }
 
+# Start M more worker nodes at once (each then retried on its own if it did not start), then print the cluster's
+# nodes once it lists them all.
 add_workers() {
-  local m="$1" have i
+  local m="$1" have i pids=()
   have=$(find "$STATE" -maxdepth 1 -name 'worker-*.log' | wc -l)
   for i in $(seq $((have + 1)) $((have + m))); do
-    # Each node its own temp dir, as on separate machines: nodes sharing one would each unpack a job's working_dir
-    # into the same folder, replacing the one the job's driver runs in (its cwd vanishes mid-job).
     # shellcheck disable=SC2046
-    launch "worker-$i" --address="127.0.0.1:$RAY_PORT" --num-gpus=1 --num-cpus="$WORKER_CPUS" \
-      --temp-dir="$STATE/t$i" --labels="coopt-local-node=worker-$i" $(agent_ports "$i") || return 1
+    pids+=("$(spawn "worker-$i" $(worker_args "$i"))")
   done
-  wait_nodes $((1 + have + m))
+  for i in $(seq $((have + 1)) $((have + m))); do
+    # shellcheck disable=SC2046
+    launch "worker-$i" "${pids[$((i - have - 1))]}" $(worker_args "$i") || return 1
+  done
+  cmd_status $((1 + have + m))
 }
 
 cmd_start() {
@@ -119,11 +116,11 @@ cmd_start() {
   fi
   rm -rf "$STATE"; mkdir -p "$STATE"
   # shellcheck disable=SC2046
-  launch head --head --port="$RAY_PORT" --num-cpus="$HEAD_CPUS" --num-gpus=0 --temp-dir="$STATE/t" \
+  set -- --head --port="$RAY_PORT" --num-cpus="$HEAD_CPUS" --num-gpus=0 --temp-dir="$STATE/t" \
     --include-dashboard=true --dashboard-host=127.0.0.1 --dashboard-port="$DASHBOARD_PORT" \
-    --ray-client-server-port=$((RAY_PORT + 1)) $(agent_ports 0) || { cmd_stop >/dev/null; exit 1; }
-  add_workers "$n"
-  cmd_status
+    --ray-client-server-port=$((RAY_PORT + 1)) $(agent_ports 0)
+  launch head "$(spawn head "$@")" "$@" || { cmd_stop >/dev/null; exit 1; }
+  add_workers "$n" || exit 1
   cat <<EOF
 
 Local cluster up: 1 head (CPU) + $n worker node(s), each declaring 1 GPU.
@@ -138,13 +135,18 @@ EOF
 cmd_add() {
   [ "$(pids_alive)" -gt 0 ] || { echo "local.sh: no local cluster running ('cluster/local.sh start' first)" >&2; exit 1; }
   add_workers "${1:-1}"
-  cmd_status
 }
 
-cmd_status() {
-  python - "$RAY_PORT" <<'EOF'
-import sys, ray
-ray.init(address=f"127.0.0.1:{sys.argv[1]}", logging_level="ERROR", log_to_driver=False)
+cmd_status() {  # the nodes and resources, once the cluster lists ${1:-1} alive nodes (or WAIT_S passed: exit 1)
+  python - "$RAY_PORT" "${1:-1}" "$WAIT_S" "$STATE" <<'EOF'
+import sys, time, ray
+port, want, wait_s, state = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), sys.argv[4]
+ray.init(address=f"127.0.0.1:{port}", logging_level="ERROR", log_to_driver=False)
+deadline = time.time() + wait_s
+while (alive := sum(1 for n in ray.nodes() if n["Alive"])) < want:
+    if time.time() > deadline:
+        sys.exit(f"local.sh: only {alive} of {want} nodes came up in {wait_s:g}s; logs in {state}/*.log")
+    time.sleep(0.5)
 for n in sorted(ray.nodes(), key=lambda n: n["Resources"].get("GPU", 0)):
     if n["Alive"]:
         r = n["Resources"]

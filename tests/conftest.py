@@ -9,6 +9,10 @@ import yaml
 
 os.environ.setdefault("COOPT_PROGRESS", "0")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+# Ray Train's controller looks at its workers every 2 s by default, so each run waits up to 2 s to see its workers
+# start, finish or die; every test run pays that several times. Ray passes this on to the controller (and the
+# nodes and job drivers the tests start inherit it).
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -102,8 +102,12 @@ def test_a_killed_expert_stage_keeps_its_finished_experts_and_the_job_finishes_i
 
     cfg = _cfg(tmp_path, experts=3, expert_epochs=2, labeled_limit=3000, width=16, cpus_per_worker=2)
     run, log = tmp_path / "run", tmp_path / "first.log"
-    env = {**os.environ}
-    env.pop("RAY_ADDRESS", None)
+    from conftest import session_address
+
+    # Both drivers join the session's Ray (no start-up of their own), the second as a job's driver joins its cluster
+    # under `ray job submit`. Killing the first ends its job, and Ray removes that job's tasks; what is checked here
+    # is what RUN keeps across the kill.
+    env = {**os.environ, "RAY_ADDRESS": session_address()}
     proc = subprocess.Popen([sys.executable, "-m", "coopt_ray", "distill", "--config", str(cfg), "--run", str(run)],
                             cwd=REPO, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
     exp = run / "distilled" / "mdatm" / "experts"
@@ -114,9 +118,6 @@ def test_a_killed_expert_stage_keeps_its_finished_experts_and_the_job_finishes_i
     kill_group(proc)
     assert not (exp / "expert_002.json").exists(), "the experts finished before the kill; make them slower"
     kept = (exp / "expert_000.safetensors").stat().st_mtime_ns
-    from conftest import session_address
-
-    env["RAY_ADDRESS"] = session_address()  # the job's driver joins a running cluster, as under `ray job submit`
     done = subprocess.run([sys.executable, "jobs/distill.py", "--config", str(cfg), "--out", str(run)], cwd=REPO,
                           env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
