@@ -118,19 +118,21 @@ def test_matching_iterations_pull_the_student_towards_the_expert_and_checkpoint_
     x = torch.randn(80, 1, 8, 8) * 0.3 + (y.view(-1, 1, 1, 1) * 2 - 1) * 0.8
     trajs = [train_expert(x, y, classes=2, epochs=4, seed=s, lr=0.05, batch=16, width=4) for s in range(2)]
     idx = correctly_classified(trajs[0][-1], x, y, classes=2, ipc=3, seed=0, width=4)
-    m = Matcher(x[idx], y[idx], classes=2, lr_img=1.0, lr_lr=1e-5, lr_init=0.05, width=4)
-    kw = dict(syn_steps=6, expert_steps=2, t_lo=0, t=1, t_hi=2, expand_until=10, batch_syn=6, aug=None)
+    # One expert and one start epoch, the whole synthetic set in every unrolled batch: each iteration descends the
+    # same matching loss, so it must fall (on any CPU; a mix of draws at a large lr is too noisy to show it: the
+    # loss of 30 such steps ended 7 % below and 14 % above where it started on two machines).
+    m = Matcher(x[idx], y[idx], classes=2, lr_img=0.1, lr_lr=1e-5, lr_init=0.05, width=4)
+    kw = dict(syn_steps=6, expert_steps=2, t_lo=0, t=0, t_hi=0, expand_until=10, batch_syn=6, aug=None)
 
-    def fixed_draws():  # the matching loss on every (expert, start epoch) pair, the same batches each time
-        return sum(float(matching_loss(unroll(m.model, tr[s], m.x, m.labels, m.syn_lr, 6, 6,
-                                              torch.Generator().manual_seed(0)), tr[s], tr[s + 2]).detach())
-                   for tr in trajs for s in range(3)) / 6
+    def fixed_draw():  # the matching loss from the one start the steps draw, the same batches each time
+        return float(matching_loss(unroll(m.model, trajs[0][0], m.x, m.labels, m.syn_lr, 6, 6,
+                                          torch.Generator().manual_seed(0)), trajs[0][0], trajs[0][2]).detach())
 
-    before = fixed_draws()
+    before = fixed_draw()
     gen = torch.Generator().manual_seed(0)
-    losses = [m.step(trajs, it, gen, **kw)["loss"] for it in range(30)]
-    assert all(0 < v < 10 for v in losses)
-    assert fixed_draws() < 0.97 * before  # the images learn to reproduce the experts' progress (0.877 -> 0.832)
+    steps = [m.step(trajs[:1], it, gen, **kw) for it in range(20)]
+    assert all(r["expert"] == 0 and r["start_epoch"] == 0 and 0 < r["loss"] < 10 for r in steps)
+    assert fixed_draw() < 0.8 * before  # the images learn to reproduce the expert's progress (0.509 -> 0.26)
     assert not torch.equal(m.x.detach(), x[idx]) and torch.equal(m.labels, y[idx])
     state = m.state_dict()
     m2 = Matcher(x[idx], y[idx], classes=2, lr_img=1.0, lr_lr=1e-5, lr_init=0.05, width=4)
