@@ -118,6 +118,26 @@ def krr_signal_table(r: dict) -> str:
     return "\n".join(lines)
 
 
+def krr_signal_levers_table(main: dict) -> str:
+    """Seed 0's signal in the main run beside each lever run (benchmarks/results/levers/krr_signal_*.json): what
+    moves the drift against the random-walk floor and the held-out fall."""
+    levers = [json.loads(p.read_text()) for p in sorted((RESULTS / "levers").glob("krr_signal_*.json"))]
+    if not levers:
+        return ""
+    lines = ["Seed 0 of the signal check under other settings (one run each, `benchmarks/results/levers/krr_signal_*.json`):",
+             "", "| run | steps | lr | pool_steps | held-out fall | pixel drift / floor | distill seconds |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for name, r in [("main run (above)", main)] + [("lever", r) for r in levers]:
+        s, v = r["settings"], r["seeds"].get("0")
+        if not v:
+            continue
+        g = v["signal"]
+        lines.append(f"| {name} | {s['steps']} | {s['lr']:g} | {s['pool_steps']} | {100 * g['heldout_fall']:.1f} % | "
+                     f"{g.get('x_drift', 0):.2f} / {g.get('floor_pixels', 0):.2f} ({g.get('x_over_floor', 0):.2f}x) | "
+                     f"{v['distill']['seconds']:.0f} |")
+    return "\n".join(lines)
+
+
 def krr_goal_rows(r: dict, row) -> None:
     g = r["summary"]["goals"]
     sig = r["summary"]["signal"]
