@@ -67,6 +67,8 @@ def parse_args(argv=None):
     ap.add_argument("--eval-models", type=int, default=20, help="fresh pool ConvNets for the held-out KRR loss")
     ap.add_argument("--recipes", default="mse,product")
     ap.add_argument("--signal-only", action="store_true", help="step 1 only: the distillation and its signal")
+    ap.add_argument("--variants", default=",".join(VARIANTS + ("random_init", "labeled_random")),
+                    help="the student variants to train (a lever on the students alone: skip the 5-min labelled one)")
     ap.add_argument("--student-steps", type=int, default=400, help="optimizer steps per student (every variant)")
     ap.add_argument("--batch-size", type=int, default=100)
     ap.add_argument("--student-lr", type=float, default=1e-3)
@@ -312,9 +314,10 @@ def main(argv=None) -> dict:
         prober = B.Prober(*prober_args, epochs=a.probe_epochs, seed=seed)
         data = {"distilled": (dist["image"], dist["target"]), "paired": sets["initial"], "random": sets["random"],
                 "whole": (train["image"][whole], train["target"][whole])}
-        jobs = [(rc, v) for rc in a.recipes.split(",") for v in VARIANTS + ("random_init",)]
+        jobs = [(rc, v) for rc in a.recipes.split(",") for v in VARIANTS + ("random_init",)] + [("labels", "labeled_random")]
         done = {(r["recipe"], r["variant"]) for r in kept}
-        for rc, v in [j for j in jobs + [("labels", "labeled_random")] if j not in done]:
+        wanted = set(a.variants.split(","))
+        for rc, v in [j for j in jobs if j not in done and j[1] in wanted]:
             if v == "random_init":
                 arch = f"convnet3_w{a.pool_width}" if rc == "mse" else a.product_arch
                 acc, secs = B.random_init_accuracy(arch, 32, seed, prober), 0.0

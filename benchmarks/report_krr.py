@@ -138,6 +138,25 @@ def krr_signal_levers_table(main: dict) -> str:
     return "\n".join(lines)
 
 
+def krr_student_levers_table(main: dict) -> str:
+    """The MSE students on the main run's distilled and paired sets at other student lengths
+    (benchmarks/results/levers/krr_students_*.json: the same distillations, only the students retrained)."""
+    levers = [json.loads(p.read_text()) for p in sorted((RESULTS / "levers").glob("krr_students_*.json"))]
+    if not levers:
+        return ""
+    lines = ["The same distilled and paired sets under MSE students of other lengths "
+             "(`benchmarks/results/levers/krr_students_*.json`; probe accuracy %, mean ± std over seeds):", "",
+             "| student steps | distilled | paired | whole set | distilled - paired |", "| --- | --- | --- | --- | --- |"]
+    for r in sorted([main] + levers, key=lambda r: r["settings"]["student_steps"]):
+        t, g = r["summary"]["table"].get("mse", {}), r["summary"]["goals"].get("mse", {})
+        if not t:
+            continue
+        lines.append(f"| {r['settings']['student_steps']} | {_pm(t.get('distilled'))} | {_pm(t.get('paired'))} | "
+                     f"{_pm(t.get('whole'))} | {g.get('distilled_minus_paired_points', 0):+.2f} "
+                     f"(spread {g.get('spread_points') or 0:.2f}) |")
+    return "\n".join(lines)
+
+
 def krr_goal_rows(r: dict, row) -> None:
     g = r["summary"]["goals"]
     sig = r["summary"]["signal"]
