@@ -14,7 +14,7 @@ Per seed, side by side in one run:
    ``whole`` (every step a fresh batch of the whole training set: the headroom); ``labeled_random`` (the paper's
    "Random": cross-entropy on M random labelled images, once per seed); ``random_init``.
 
-CPU protocol (2 cores, about 17 min a seed: 10 for the distillation, 5 for the labelled "Random"; settings in the JSON):
+CPU protocol (2 cores, about 15 min a seed: 8-9 for the distillation, 5 for the labelled "Random"; settings in the JSON):
     python benchmarks/krr_signal.py --run runs/demo-s7 --seeds 3 --recipes mse
 GPU protocol (a device machine): ``--use-gpu --pool-width 128 --steps 20000 --eval-models 20``.
 Smoke check: ``--quick`` (1 seed, M=20, 30 steps, ~2 min). Writes benchmarks/results/krr_signal[_quick].json
