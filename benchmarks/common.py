@@ -93,6 +93,11 @@ def write_json(path: Path, obj) -> None:
     os.replace(tmp, path)
 
 
+def load_levers(pattern: str) -> list[dict]:
+    """The lever runs ``benchmarks/results/levers/<pattern>`` (one thing changed each), in file-name order."""
+    return [json.loads(p.read_text()) for p in sorted((RESULTS / "levers").glob(pattern))]
+
+
 def _default(o):
     if isinstance(o, (np.floating, np.integer)):
         return o.item()

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 
-from common import RESULTS
+from common import RESULTS, load_levers
 
 ZOOS = {"zoo": "default zoo", "zoo-diverse": "diverse zoo"}  # K=4 of 5 nested CLIP-tiny teachers; K=3 that differ
 ROWS = (("coopt", "aligned head (today's default)", True), ("heads_pp", "per-participant heads", True),
@@ -138,7 +138,7 @@ def heads_goal_rows(cols: dict, row) -> None:
 
 def heads_levers_table() -> str:
     """Seed 0 on the diverse zoo, one lever per run (benchmarks/results/levers/heads_diverse_1seed_*.json)."""
-    runs = [json.loads(p.read_text()) for p in sorted((RESULTS / "levers").glob("heads_diverse_1seed_*.json"))]
+    runs = load_levers("heads_diverse_1seed_*.json")
     if not runs:
         return ""
     keys = [k for k, _, _ in ROWS if any(r.get(k) for r in runs)]

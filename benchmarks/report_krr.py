@@ -2,9 +2,7 @@
 signal check (krr_signal.json, issue 29)."""
 from __future__ import annotations
 
-import json
-
-from common import RESULTS
+from common import load_levers
 
 
 def distill_table(r: dict) -> str:
@@ -45,7 +43,7 @@ def distill_levers_table(main: dict) -> str:
                 out[(x["arch"], x["variant"], x["size"])] = x["probe_accuracy"]
         return out
 
-    levers = [json.loads(p.read_text()) for p in sorted((RESULTS / "levers").glob("distill_*.json"))]
+    levers = load_levers("distill_*.json")
     runs = [("main run (above)", main)] + [(r["settings"].get("note") or "?", r) for r in levers]
     if len(runs) == 1:
         return ""
@@ -121,7 +119,7 @@ def krr_signal_table(r: dict) -> str:
 def krr_signal_levers_table(main: dict) -> str:
     """Seed 0's signal in the main run beside each lever run (benchmarks/results/levers/krr_signal_*.json): what
     moves the drift against the random-walk floor and the held-out fall."""
-    levers = [json.loads(p.read_text()) for p in sorted((RESULTS / "levers").glob("krr_signal_*.json"))]
+    levers = load_levers("krr_signal_*.json")
     if not levers:
         return ""
     lines = ["Seed 0 of the signal check under other settings (one run each, `benchmarks/results/levers/krr_signal_*.json`):",
@@ -141,7 +139,7 @@ def krr_signal_levers_table(main: dict) -> str:
 def krr_student_levers_table(main: dict) -> str:
     """The MSE students on the main run's distilled and paired sets at other student lengths
     (benchmarks/results/levers/krr_students_*.json: the same distillations, only the students retrained)."""
-    levers = [json.loads(p.read_text()) for p in sorted((RESULTS / "levers").glob("krr_students_*.json"))]
+    levers = load_levers("krr_students_*.json")
     if not levers:
         return ""
     lines = ["The same distilled and paired sets under MSE students of other lengths "
