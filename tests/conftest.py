@@ -13,6 +13,9 @@ os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 # start, finish or die; every test run pays that several times. Ray passes this on to the controller (and the
 # nodes and job drivers the tests start inherit it).
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+# Each worker group start also starts a PreemptionWatcher actor (one more Ray worker process, polling the GCS every
+# 5 s for spot-instance drain notices); a local test cluster is never preempted. Product runs keep Ray's default.
+os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -76,7 +76,7 @@ class LocalHead:
                     return True
                 except Exception:
                     pass
-            time.sleep(2)
+            time.sleep(0.5)
         return False
 
     def client(self):
@@ -124,7 +124,7 @@ def _wait(client, job_id, timeout=900):
         if time.time() > deadline:
             client.stop_job(job_id)
             pytest.fail(f"job {job_id} still {st} after {timeout}s:\n{client.get_job_logs(job_id)[-3000:]}")
-        time.sleep(2)
+        time.sleep(0.5)
 
 
 @pytest.mark.slow
