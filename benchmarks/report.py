@@ -16,7 +16,7 @@ import sys
 from common import RESULTS, ROOT
 from report_heads import heads_alignment_table, heads_goal_rows, heads_levers_table, heads_table, load_heads
 from report_krr import (distill_levers_table, distill_table, krr_goal_rows, krr_signal_levers_table, krr_signal_table,
-                        krr_student_levers_table)
+                        krr_setting_levers_table, krr_student_levers_table)
 from report_labeled import labeled_goal_rows, labeled_table
 from report_scale import scale_goal_rows, scale_table
 from report_zoo import zoo_diversity_table
@@ -295,7 +295,7 @@ def render() -> str:
             parts += ["", lev]
     if krr:
         parts += ["", "### KRR-ST, step by step: is there a signal, and can a student read it?", "", krr_signal_table(krr)]
-        for klev in (krr_signal_levers_table(krr), krr_student_levers_table(krr)):
+        for klev in (krr_signal_levers_table(krr), krr_student_levers_table(krr), krr_setting_levers_table(krr)):
             if klev:
                 parts += ["", klev]
     if rnd:

@@ -123,14 +123,15 @@ def krr_signal_levers_table(main: dict) -> str:
     if not levers:
         return ""
     lines = ["Seed 0 of the signal check under other settings (one run each, `benchmarks/results/levers/krr_signal_*.json`):",
-             "", "| run | steps | lr | pool_steps | held-out fall | pixel drift / floor | distill seconds |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
+             "", "| run | M | steps | lr | pool_steps | held-out fall | pixel drift / floor | distill seconds |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for name, r in [("main run (above)", main)] + [("lever", r) for r in levers]:
         s, v = r["settings"], r["seeds"].get("0")
         if not v:
             continue
         g = v["signal"]
-        lines.append(f"| {name} | {s['steps']} | {s['lr']:g} | {s['pool_steps']} | {100 * g['heldout_fall']:.1f} % | "
+        lines.append(f"| {name} | {s['size']} | {s['steps']} | {s['lr']:g} | {s['pool_steps']} | "
+                     f"{100 * g['heldout_fall']:.1f} % | "
                      f"{g.get('x_drift', 0):.2f} / {g.get('floor_pixels', 0):.2f} ({g.get('x_over_floor', 0):.2f}x) | "
                      f"{v['distill']['seconds']:.0f} |")
     return "\n".join(lines)
@@ -152,6 +153,31 @@ def krr_student_levers_table(main: dict) -> str:
         lines.append(f"| {r['settings']['student_steps']} | {_pm(t.get('distilled'))} | {_pm(t.get('paired'))} | "
                      f"{_pm(t.get('whole'))} | {g.get('distilled_minus_paired_points', 0):+.2f} "
                      f"(spread {g.get('spread_points') or 0:.2f}) |")
+    return "\n".join(lines)
+
+
+def krr_setting_levers_table(main: dict) -> str:
+    """Whole protocols at other M and pool settings, students included (the lever runs of
+    benchmarks/results/levers/krr_signal_*.json with MSE students on every seed): does any setting let the student
+    read the signal?"""
+    runs = [r for r in [main] + load_levers("krr_signal_*.json")
+            if r["summary"]["table"].get("mse") and r["summary"]["goals"].get("mse", {}).get("seeds", 0) >= 2]
+    if len(runs) < 2:
+        return ""
+    lines = ["Whole protocols at other sizes and pools, the same MSE students (probe accuracy %, mean ± std over "
+             "seeds; gap closed: (distilled - paired) / (whole - paired)):", "",
+             "| M | pool_steps | seeds | held-out fall | drift / floor | distilled | paired | M random rows | whole set | "
+             "distilled - paired | gap closed |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in sorted(runs, key=lambda r: (r["settings"]["size"], r["settings"]["pool_steps"])):
+        s, sig = r["settings"], r["summary"]["signal"]
+        t, g = r["summary"]["table"]["mse"], r["summary"]["goals"]["mse"]
+        fall, drift = sig.get("heldout_fall") or {}, sig.get("x_over_floor") or {}
+        gap = g.get("gap_closed")
+        lines.append(f"| {s['size']} | {s['pool_steps']} | {g['seeds']} | {100 * fall.get('mean', 0):.1f} % | "
+                     f"{drift.get('mean', 0):.2f}x | {_pm(t.get('distilled'))} | {_pm(t.get('paired'))} | "
+                     f"{_pm(t.get('random'))} | {_pm(t.get('whole'))} | "
+                     f"{g.get('distilled_minus_paired_points', 0):+.2f} (spread {g.get('spread_points') or 0:.2f}) | "
+                     f"{'–' if gap is None else f'{100 * gap:+.0f} %'} |")
     return "\n".join(lines)
 
 
