@@ -12,7 +12,9 @@ Per seed, side by side in one run:
    ``student.loss: cos`` with RELA's augmentations, as ``coopt train``. Variants: ``distilled``; ``paired`` (the
    distillation's own starting rows with their own targets); ``random`` (M other random rows with targets);
    ``whole`` (every step a fresh batch of the whole training set: the headroom); ``labeled_random`` (the paper's
-   "Random": cross-entropy on M random labelled images, once per seed); ``random_init``.
+   "Random": cross-entropy on M random labelled images, once per seed); ``random_init``; and, when ``--variants``
+   names them, ``images_only`` (the learned images with the starting rows' targets) and ``targets_only`` (the
+   starting images with the learned targets).
 
 CPU protocol (2 cores, about 15 min a seed: 8-9 for the distillation, 5 for the labelled "Random"; settings in the JSON):
     python benchmarks/krr_signal.py --run runs/demo-s7 --seeds 3 --recipes mse
@@ -43,6 +45,9 @@ from coopt_ray.data import fashion_mnist_split  # noqa: E402
 from coopt_ray.images import arrays_to_rgb  # noqa: E402
 
 VARIANTS = ("distilled", "paired", "random", "whole")
+# Only when --variants names them: which half of the distilled set a student reads (the learned images with the
+# starting rows' own targets; the starting images with the learned targets).
+SWAPS = ("images_only", "targets_only")
 
 
 def parse_args(argv=None):
@@ -68,7 +73,8 @@ def parse_args(argv=None):
     ap.add_argument("--recipes", default="mse,product")
     ap.add_argument("--signal-only", action="store_true", help="step 1 only: the distillation and its signal")
     ap.add_argument("--variants", default=",".join(VARIANTS + ("random_init", "labeled_random")),
-                    help="the student variants to train (a lever on the students alone: skip the 5-min labelled one)")
+                    help="the student variants to train (a lever on the students alone: skip the 5-min labelled one; "
+                         f"add {' and '.join(SWAPS)} to see which half of the distilled set a student reads)")
     ap.add_argument("--student-steps", type=int, default=400, help="optimizer steps per student (every variant)")
     ap.add_argument("--batch-size", type=int, default=100)
     ap.add_argument("--student-lr", type=float, default=1e-3)
@@ -313,8 +319,10 @@ def main(argv=None) -> dict:
             continue
         prober = B.Prober(*prober_args, epochs=a.probe_epochs, seed=seed)
         data = {"distilled": (dist["image"], dist["target"]), "paired": sets["initial"], "random": sets["random"],
-                "whole": (train["image"][whole], train["target"][whole])}
-        jobs = [(rc, v) for rc in a.recipes.split(",") for v in VARIANTS + ("random_init",)] + [("labels", "labeled_random")]
+                "whole": (train["image"][whole], train["target"][whole]),
+                "images_only": (dist["image"], sets["initial"][1]), "targets_only": (sets["initial"][0], dist["target"])}
+        jobs = [(rc, v) for rc in a.recipes.split(",") for v in VARIANTS + SWAPS + ("random_init",)] + [
+            ("labels", "labeled_random")]
         done = {(r["recipe"], r["variant"]) for r in kept}
         wanted = set(a.variants.split(","))
         for rc, v in [j for j in jobs if j not in done and j[1] in wanted]:

@@ -166,14 +166,15 @@ def krr_setting_levers_table(main: dict) -> str:
         return ""
     lines = ["Whole protocols at other sizes and pools, the same MSE students (probe accuracy %, mean ± std over "
              "seeds; gap closed: (distilled - paired) / (whole - paired)):", "",
-             "| M | pool_steps | seeds | held-out fall | drift / floor | distilled | paired | M random rows | whole set | "
-             "distilled - paired | gap closed |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-    for r in sorted(runs, key=lambda r: (r["settings"]["size"], r["settings"]["pool_steps"])):
+             "| M | steps | lr | pool_steps | seeds | held-out fall | drift / floor | distilled | paired | M random rows | "
+             "whole set | distilled - paired | gap closed |", "|" + " --- |" * 13]
+    for r in sorted(runs, key=lambda r: (r["settings"]["size"], r["settings"]["pool_steps"], r["settings"]["steps"])):
         s, sig = r["settings"], r["summary"]["signal"]
         t, g = r["summary"]["table"]["mse"], r["summary"]["goals"]["mse"]
         fall, drift = sig.get("heldout_fall") or {}, sig.get("x_over_floor") or {}
         gap = g.get("gap_closed")
-        lines.append(f"| {s['size']} | {s['pool_steps']} | {g['seeds']} | {100 * fall.get('mean', 0):.1f} % | "
+        lines.append(f"| {s['size']} | {s['steps']} | {s['lr']:g} | {s['pool_steps']} | {g['seeds']} | "
+                     f"{100 * fall.get('mean', 0):.1f} % | "
                      f"{drift.get('mean', 0):.2f}x | {_pm(t.get('distilled'))} | {_pm(t.get('paired'))} | "
                      f"{_pm(t.get('random'))} | {_pm(t.get('whole'))} | "
                      f"{g.get('distilled_minus_paired_points', 0):+.2f} (spread {g.get('spread_points') or 0:.2f}) | "
