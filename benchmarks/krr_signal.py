@@ -18,6 +18,15 @@ Per seed, side by side in one run:
 
 CPU protocol (2 cores, about 15 min a seed: 8-9 for the distillation, 5 for the labelled "Random"; settings in the JSON):
     python benchmarks/krr_signal.py --run runs/demo-s7 --seeds 3 --recipes mse
+The M = 10 levers (results/levers/krr_signal_m10*.json, 3 seeds, about 23 min each; then the product recipe and the
+halves of the distilled set on the trained-pool run, about 25 min more):
+    python benchmarks/krr_signal.py --run runs/demo-s7 --size 10 --recipes mse --work runs/bench-krr-m10 \
+        --out benchmarks/results/levers/krr_signal_m10.json
+    python benchmarks/krr_signal.py --run runs/demo-s7 --size 10 --pool-steps 300 --recipes mse \
+        --work runs/bench-krr-m10-pool300 --out benchmarks/results/levers/krr_signal_m10_pool300.json
+    python benchmarks/krr_signal.py --run runs/demo-s7 --size 10 --pool-steps 300 --recipes mse,product --merge \
+        --variants distilled,paired,random,whole,random_init,images_only,targets_only \
+        --work runs/bench-krr-m10-pool300 --out benchmarks/results/levers/krr_signal_m10_pool300.json
 GPU protocol (a device machine): ``--use-gpu --pool-width 128 --steps 20000 --eval-models 20``.
 Smoke check: ``--quick`` (1 seed, M=20, 30 steps, ~2 min). Writes benchmarks/results/krr_signal[_quick].json
 and .png. The committed run is the CPU protocol; its seed 0 distillation came from a ``--signal-only`` run in the
