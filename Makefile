@@ -32,7 +32,7 @@ data:
 setup: $(VENV)/.installed data
 
 # Every test, the multi-node, job and kill tests and docs/cluster.md's cluster sequence included (what CI runs;
-# 14 min 3 s from a fresh clone on 2 cores, setup included, 2026-12-02; 15-18 min earlier that day, by host load).
+# 14 min 3 s to 17 min 25 s from a fresh clone on 2 cores, setup included, by the host's speed, 2026-12-02).
 test: setup
 	$(PY) -m pytest -q --durations=15 $(PYTEST_ARGS)
 
