@@ -182,10 +182,15 @@ def heldout_losses(a, sets: dict, held: dict, y_all: np.ndarray, seed: int) -> d
     return out
 
 
+def student_arch(a, recipe: str) -> str:
+    """The ``mse`` recipe pre-trains the pool's own ConvNet; the others ``--product-arch``."""
+    return f"convnet3_w{a.pool_width}" if recipe == "mse" else a.product_arch
+
+
 def student(a, recipe: str, imgs: np.ndarray, tg, seed: int, prober, labels=None) -> tuple[float, float]:
     """Probe accuracy and train seconds of one student: ``--student-steps`` steps of ``--batch-size`` on ``imgs``
     (fewer rows than steps x batch: epochs over them; more: one pass over the first steps x batch)."""
-    arch = f"convnet3_w{a.pool_width}" if recipe == "mse" else a.product_arch
+    arch = student_arch(a, recipe)
     batch = min(a.batch_size, len(imgs))
     epochs = max(1, round(a.student_steps * batch / len(imgs)))
     imgs, tg = imgs[:a.student_steps * batch], None if tg is None else tg[:a.student_steps * batch]
@@ -336,8 +341,7 @@ def main(argv=None) -> dict:
         wanted = set(a.variants.split(","))
         for rc, v in [j for j in jobs if j not in done and j[1] in wanted]:
             if v == "random_init":
-                arch = f"convnet3_w{a.pool_width}" if rc == "mse" else a.product_arch
-                acc, secs = B.random_init_accuracy(arch, 32, seed, prober), 0.0
+                acc, secs = B.random_init_accuracy(student_arch(a, rc), 32, seed, prober), 0.0
             elif v == "labeled_random":
                 acc, secs = student(a, "product", train["image"][rand], None, seed, prober, labels=train["label"][rand])
             else:

@@ -78,6 +78,11 @@ def _pm(v) -> str:
     return "" if not v else f"{100 * v['mean']:.2f} ± {100 * v['std']:.2f} ({v['n']})"
 
 
+def _gain(g: dict) -> str:
+    """A recipe's distilled - paired points with the seed spread, from krr_signal's goals."""
+    return f"{g.get('distilled_minus_paired_points', 0):+.2f} (spread {g.get('spread_points') or 0:.2f})"
+
+
 def krr_signal_table(r: dict) -> str:
     """Issue 29's check: the signal before students (per seed), then the students per recipe."""
     s, sm = r["settings"], r["summary"]
@@ -151,8 +156,7 @@ def krr_student_levers_table(main: dict) -> str:
         if not t:
             continue
         lines.append(f"| {r['settings']['student_steps']} | {_pm(t.get('distilled'))} | {_pm(t.get('paired'))} | "
-                     f"{_pm(t.get('whole'))} | {g.get('distilled_minus_paired_points', 0):+.2f} "
-                     f"(spread {g.get('spread_points') or 0:.2f}) |")
+                     f"{_pm(t.get('whole'))} | {_gain(g)} |")
     return "\n".join(lines)
 
 
@@ -160,9 +164,11 @@ def krr_setting_levers_table(main: dict) -> str:
     """Whole protocols at other M and pool settings, students included (the lever runs of
     benchmarks/results/levers/krr_signal_*.json with students on every seed): does any setting let a student read
     the signal, and which half of the distilled set (images, targets) does it read?"""
-    runs = [r for r in [main] + load_levers("krr_signal_*.json")
-            if any(g.get("seeds", 0) >= 2 for k, g in r["summary"]["goals"].items() if isinstance(g, dict))]
-    if len(runs) < 2:
+    runs = sorted([main] + load_levers("krr_signal_*.json"),
+                  key=lambda r: (r["settings"]["size"], r["settings"]["pool_steps"], r["settings"]["steps"]))
+    rows = [(r, rc) for r in runs for rc in ("mse", "product")
+            if r["summary"]["table"].get(rc) and r["summary"]["goals"].get(rc, {}).get("seeds", 0) >= 2]
+    if len({id(r) for r, _ in rows}) < 2:
         return ""
     lines = ["Whole protocols at other sizes and pools, 3 seeds each (probe accuracy %, mean ± std over seeds; "
              "mse: the pool ConvNet-16 with MSE, no augmentation; product: `coopt train`'s resnet10t with 1 - cos and "
@@ -171,20 +177,15 @@ def krr_setting_levers_table(main: dict) -> str:
              "| M | steps | lr | pool_steps | recipe | held-out fall | drift / floor | distilled | paired | "
              "M random rows | whole set | images only | targets only | distilled - paired | gap closed |",
              "|" + " --- |" * 15]
-    for r in sorted(runs, key=lambda r: (r["settings"]["size"], r["settings"]["pool_steps"], r["settings"]["steps"])):
+    for r, rc in rows:
         s, sig = r["settings"], r["summary"]["signal"]
-        fall, drift = sig.get("heldout_fall") or {}, sig.get("x_over_floor") or {}
-        for rc in ("mse", "product"):
-            t, g = r["summary"]["table"].get(rc), r["summary"]["goals"].get(rc)
-            if not (t and g and g.get("seeds", 0) >= 2):
-                continue
-            gap = g.get("gap_closed")
-            lines.append(f"| {s['size']} | {s['steps']} | {s['lr']:g} | {s['pool_steps']} | {rc} | "
-                         f"{100 * fall.get('mean', 0):.1f} % | {drift.get('mean', 0):.2f}x | {_pm(t.get('distilled'))} | "
-                         f"{_pm(t.get('paired'))} | {_pm(t.get('random'))} | {_pm(t.get('whole'))} | "
-                         f"{_pm(t.get('images_only')) or '–'} | {_pm(t.get('targets_only')) or '–'} | "
-                         f"{g.get('distilled_minus_paired_points', 0):+.2f} (spread {g.get('spread_points') or 0:.2f}) | "
-                         f"{'–' if gap is None else f'{100 * gap:+.0f} %'} |")
+        t, g = r["summary"]["table"][rc], r["summary"]["goals"][rc]
+        fall, drift, gap = sig.get("heldout_fall") or {}, sig.get("x_over_floor") or {}, g.get("gap_closed")
+        lines.append(f"| {s['size']} | {s['steps']} | {s['lr']:g} | {s['pool_steps']} | {rc} | "
+                     f"{100 * fall.get('mean', 0):.1f} % | {drift.get('mean', 0):.2f}x | {_pm(t.get('distilled'))} | "
+                     f"{_pm(t.get('paired'))} | {_pm(t.get('random'))} | {_pm(t.get('whole'))} | "
+                     f"{_pm(t.get('images_only')) or '–'} | {_pm(t.get('targets_only')) or '–'} | "
+                     f"{_gain(g)} | {'–' if gap is None else f'{100 * gap:+.0f} %'} |")
     return "\n".join(lines)
 
 
