@@ -129,6 +129,7 @@ class EvalConfig:
     probe_path: Optional[str] = None   # labeled probe-train images (class folders or Parquet with label); other sources
     test_path: Optional[str] = None    # labeled test images, the same form; without both the probe is skipped
     gpu_fraction: float = 0.25   # the GPU share of each probe task whose model asked for a GPU (4 probes per GPU)
+    num_cpus: float = 1.0        # CPUs per probe task; probes left waiting reuse a finished one's worker (torch imported once)
 
 
 @dataclass(frozen=True)
@@ -167,6 +168,7 @@ class Config:
                 p.pop("pool")
         d["student"] = student_view(d["student"])
         d["eval"].pop("gpu_fraction")  # where a probe runs, not what it measures
+        d["eval"].pop("num_cpus")
         d["distill"] = distill_view(self.distill)
         return d
 
@@ -343,6 +345,7 @@ def _check_values(cfg: Config) -> None:
     if cfg.eval.probe_epochs < 1:
         raise ConfigError(f"'eval.probe_epochs' must be >= 1, got {cfg.eval.probe_epochs}")
     check_gpu_fraction("eval.gpu_fraction", cfg.eval.gpu_fraction)
+    _check_cpus("eval.num_cpus", cfg.eval.num_cpus)
 
 
 POOLS = ("auto", "cls", "pooled", "mean")

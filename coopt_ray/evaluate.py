@@ -70,7 +70,7 @@ def _score_task(kind: str, args: dict, data: dict, state: Optional[dict] = None)
 
 
 def eval_fingerprint(cfg, train_done: dict) -> str:
-    ev = {k: v for k, v in dataclasses.asdict(cfg.eval).items() if k != "gpu_fraction"}  # where, not what
+    ev = {k: v for k, v in dataclasses.asdict(cfg.eval).items() if k not in ("gpu_fraction", "num_cpus")}  # where
     blob = json.dumps({"student": train_done.get("fingerprint"), "eval": ev,
                        "participants": cfg.fingerprint_view()["participants"],
                        "image_size": cfg.data.image_size, "data": cfg.data.path, "seed": cfg.seed},
@@ -83,12 +83,15 @@ def _demand(opts: dict) -> dict:
 
 
 def probe_options(cfg) -> dict:
-    """Ray options of each probe task: ``{"student": ..., <participant name>: ...}``; one CPU, plus
-    ``eval.gpu_fraction`` of a GPU where the student or the participant asked for a GPU."""
-    frac = cfg.eval.gpu_fraction
-    out = {"student": {"num_cpus": 1, "num_gpus": frac if cfg.student.use_gpu else 0}}
+    """Ray options of each probe task: ``{"student": ..., <participant name>: ...}``; ``eval.num_cpus`` CPUs, plus
+    ``eval.gpu_fraction`` of a GPU where the student or the participant asked for a GPU.
+
+    Probes the cluster cannot run at once wait for a worker: Ray hands a finished probe's worker (torch and the
+    model libraries already imported) to the next probe of the same shape, so fewer processes start."""
+    frac, cpus = cfg.eval.gpu_fraction, cfg.eval.num_cpus
+    out = {"student": {"num_cpus": cpus, "num_gpus": frac if cfg.student.use_gpu else 0}}
     for p in cfg.participants:
-        out[p.name] = {"num_cpus": 1, "num_gpus": frac if p.num_gpus > 0 else 0}
+        out[p.name] = {"num_cpus": cpus, "num_gpus": frac if p.num_gpus > 0 else 0}
     return out
 
 

@@ -58,7 +58,8 @@ def write_config(path: Path, models: list[str], **over) -> Path:
         "shared": {"fraction": 0.05, "min": 16},
         "align": {"ridge": 1.0e-3},
         "student": {"arch": "resnet18", "epochs": 1, "batch_size": 64, "workers": 2},
-        "eval": {"probe_epochs": 20, "probe_limit": 500, "test_limit": 500},
+        # num_cpus 2: two probes at a time on the 4-CPU session Ray; the rest reuse their workers (one torch import each)
+        "eval": {"probe_epochs": 20, "probe_limit": 500, "test_limit": 500, "num_cpus": 2},
     }
     for k, v in over.items():
         if isinstance(v, dict) and isinstance(cfg.get(k), dict):

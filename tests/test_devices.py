@@ -253,7 +253,9 @@ def test_planner_refuses_use_gpu_with_workers_0_and_gpus_the_cluster_lacks():
     ({"eval": {"gpu_fraction": 2}}, "'eval.gpu_fraction' must be a number in (0, 1]"),
     ({"distill": {"method": "mdatm", "gpu_fraction": -0.5}}, "'distill.gpu_fraction' must be a number in (0, 1]"),
     ({"distill": {"workers": 0, "use_gpu": True}}, "'distill.use_gpu' needs Ray Train workers"),
-], ids=["student-gpu-workers-0", "amp", "fraction-0", "fraction-2", "distill-fraction", "distill-gpu-workers-0"])
+    ({"eval": {"num_cpus": 0}}, "'eval.num_cpus' must be a number > 0, got 0"),
+], ids=["student-gpu-workers-0", "amp", "fraction-0", "fraction-2", "distill-fraction", "distill-gpu-workers-0",
+        "eval-cpus-0"])
 def test_device_keys_are_validated(over, needle, tmp_path):
     with pytest.raises(ConfigError) as e:
         load_config(write_config(tmp_path / "c.yaml", ["local-dir:/unused"], **over))
@@ -265,11 +267,16 @@ def test_probe_tasks_take_the_configured_gpu_share(tmp_path):
 
     parts = [{"name": "g", "model": "local-dir:/a", "num_gpus": 1}, {"name": "c", "model": "local-dir:/b"}]
     cfg = load_config(write_config(tmp_path / "c.yaml", [], participants=parts,
-                                   student={"use_gpu": True}, eval={"gpu_fraction": 0.5}))
-    assert probe_demands(cfg) == [("student.use_gpu", {"CPU": 1.0, "GPU": 0.5}),
-                                  ("participants[0].num_gpus", {"CPU": 1.0, "GPU": 0.5}),
-                                  ("participants[1].num_gpus", {"CPU": 1.0})]
-    assert load_config(write_config(tmp_path / "d.yaml", ["local-dir:/a"])).eval.gpu_fraction == 0.25
+                                   student={"use_gpu": True}, eval={"gpu_fraction": 0.5, "num_cpus": 3}))
+    assert probe_demands(cfg) == [("student.use_gpu", {"CPU": 3.0, "GPU": 0.5}),
+                                  ("participants[0].num_gpus", {"CPU": 3.0, "GPU": 0.5}),
+                                  ("participants[1].num_gpus", {"CPU": 3.0})]
+    d = tmp_path / "d.yaml"
+    d.write_text("participants: [{name: a, model: 'local-dir:/a'}]\n")
+    assert (load_config(d).eval.gpu_fraction, load_config(d).eval.num_cpus) == (0.25, 1.0)  # the defaults
+    # where a probe runs is not what it measures: a run's eval result stays valid when only these change
+    assert cfg.fingerprint("eval") == load_config(write_config(tmp_path / "e.yaml", [], participants=parts,
+                                                               student={"use_gpu": True})).fingerprint("eval")
 
 
 def test_coopt_run_refuses_a_gpu_student_before_optimize(ray_session, tmp_path, tiny_models, monkeypatch, capsys):
