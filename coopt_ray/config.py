@@ -167,8 +167,7 @@ class Config:
             if p.get("pool") == "auto":
                 p.pop("pool")
         d["student"] = student_view(d["student"])
-        d["eval"].pop("gpu_fraction")  # where a probe runs, not what it measures
-        d["eval"].pop("num_cpus")
+        d["eval"] = {k: v for k, v in d["eval"].items() if k not in ("gpu_fraction", "num_cpus")}  # where, not what
         d["distill"] = distill_view(self.distill)
         return d
 
@@ -344,8 +343,7 @@ def _check_values(cfg: Config) -> None:
         raise ConfigError(f"'rounds.join' must be one of {', '.join(ROUND_JOINS)}, got {r.join!r}")
     if cfg.eval.probe_epochs < 1:
         raise ConfigError(f"'eval.probe_epochs' must be >= 1, got {cfg.eval.probe_epochs}")
-    check_gpu_fraction("eval.gpu_fraction", cfg.eval.gpu_fraction)
-    _check_cpus("eval.num_cpus", cfg.eval.num_cpus)
+    check_gpu_fraction("eval.gpu_fraction", cfg.eval.gpu_fraction), _check_cpus("eval.num_cpus", cfg.eval.num_cpus)
 
 
 POOLS = ("auto", "cls", "pooled", "mean")
