@@ -76,3 +76,17 @@ def test_labeled_distillation_benchmark_quick_protocol_writes_its_json(tmp_path,
     rows = []
     labeled_goal_rows(r, lambda *a: rows.append(a))
     assert len(rows) == 2 and "IPC 1" in labeled_table(r)
+
+
+def test_proc_cpu_names_ray_titles_and_counts_a_busy_child(tmp_path):
+    import proc_cpu
+
+    assert proc_cpu.kind("ray::RayTrainWorker.__init__") == "ray::RayTrainWorker.init"  # ids and underscores go
+    assert proc_cpu.kind("ray::_fetch_parquet_file_info") == proc_cpu.kind("ray::_fetch_parquet_file_info_2")
+    assert proc_cpu.kind("/x/bin/raylet --node_id=ab12") == "raylet"
+    out = tmp_path / "procs.md"
+    # a child that burns about 1 s of CPU shows up as its own kind, with at least most of that second
+    busy = "import time; t = time.process_time()\nwhile time.process_time() - t < 1.0: pass"
+    assert proc_cpu.main(["--out", str(out), "--", sys.executable, "-c", busy]) == 0
+    row = next(ln for ln in out.read_text().splitlines() if ln.startswith("|") and "import time" in ln)
+    assert float(row.split("|")[1]) >= 0.7, row
