@@ -52,8 +52,9 @@ def table(seen: dict, top: int = 40) -> str:
     agg: dict = collections.defaultdict(lambda: [0, 0.0])
     for cpu, cmd in seen.values():
         if cpu >= 0.05:
-            agg[kind(cmd)][0] += 1
-            agg[kind(cmd)][1] += cpu
+            row = agg[kind(cmd)]
+            row[0] += 1
+            row[1] += cpu
     rows = sorted(agg.items(), key=lambda kv: -kv[1][1])
     lines = ["| CPU-s | processes | kind |", "| --- | --- | --- |"]
     lines += [f"| {c:.1f} | {n} | `{k}` |" for k, (n, c) in rows[:top]]

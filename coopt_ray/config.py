@@ -11,8 +11,8 @@ from typing import Any, Optional
 
 import yaml
 
-from .config_distill import (AMP_MODES, DistillConfig, check_amp, check_distill, check_gpu_fraction,  # noqa: F401
-                             distill_view)
+from .config_distill import (AMP_MODES, DistillConfig, check_amp, check_cpus, check_distill,  # noqa: F401
+                             check_gpu_fraction, distill_view)
 from .errors import ConfigError
 
 DEFAULT_FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
@@ -129,7 +129,7 @@ class EvalConfig:
     probe_path: Optional[str] = None   # labeled probe-train images (class folders or Parquet with label); other sources
     test_path: Optional[str] = None    # labeled test images, the same form; without both the probe is skipped
     gpu_fraction: float = 0.25   # the GPU share of each probe task whose model asked for a GPU (4 probes per GPU)
-    num_cpus: float = 1.0        # CPUs per probe task; probes left waiting reuse a finished one's worker (torch imported once)
+    num_cpus: float = 1.0        # CPUs per probe task; a waiting probe reuses a finished one's worker (imports once)
 
 
 @dataclass(frozen=True)
@@ -305,7 +305,7 @@ def _check_values(cfg: Config) -> None:
         if p.share < 0:
             raise ConfigError(f"'{key}.share' must be >= 0, got {p.share}")
         check_amp(f"{key}.amp", p.amp)
-        _check_cpus(f"{key}.decode_cpus", p.decode_cpus)
+        check_cpus(f"{key}.decode_cpus", p.decode_cpus)
         _check_pool(key, p)
     if not any(p.share > 0 for p in cfg.participants):
         raise ConfigError("'participants[*].share': at least one participant must own images (share > 0)")
@@ -317,7 +317,7 @@ def _check_values(cfg: Config) -> None:
         raise ConfigError(f"'student.workers' must be >= 0, got {s.workers}")
     if s.lr <= 0:
         raise ConfigError(f"'student.lr' must be > 0, got {s.lr}")
-    _check_cpus("student.cpus_per_worker", s.cpus_per_worker)
+    check_cpus("student.cpus_per_worker", s.cpus_per_worker)
     if s.limit is not None and (isinstance(s.limit, bool) or not isinstance(s.limit, int) or s.limit < 2):
         raise ConfigError(f"'student.limit' must be an integer >= 2, got {s.limit!r}")
     check_amp("student.amp", s.amp)
@@ -343,7 +343,8 @@ def _check_values(cfg: Config) -> None:
         raise ConfigError(f"'rounds.join' must be one of {', '.join(ROUND_JOINS)}, got {r.join!r}")
     if cfg.eval.probe_epochs < 1:
         raise ConfigError(f"'eval.probe_epochs' must be >= 1, got {cfg.eval.probe_epochs}")
-    check_gpu_fraction("eval.gpu_fraction", cfg.eval.gpu_fraction), _check_cpus("eval.num_cpus", cfg.eval.num_cpus)
+    check_gpu_fraction("eval.gpu_fraction", cfg.eval.gpu_fraction)
+    check_cpus("eval.num_cpus", cfg.eval.num_cpus)
 
 
 POOLS = ("auto", "cls", "pooled", "mean")
@@ -355,11 +356,6 @@ def _check_pool(key: str, p: ParticipantConfig) -> None:
     if p.pool not in ("auto", "pooled") and not p.model.startswith(("timm:", "hf:")):
         raise ConfigError(f"'{key}.pool': {p.pool} needs a timm: or hf: model; {p.model} embeds with its own "
                           "encode_image (pool: auto)")
-
-
-def _check_cpus(key: str, v) -> None:
-    if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0):
-        raise ConfigError(f"'{key}' must be a number > 0, got {v!r}")
 
 
 def load_config(path: str | os.PathLike, overrides: Optional[dict] = None) -> Config:

@@ -105,6 +105,12 @@ def check_gpu_fraction(key: str, v) -> None:
         raise ConfigError(f"'{key}' must be a number in (0, 1] (a share of one GPU), got {v!r}")
 
 
+def check_cpus(key: str, v) -> None:
+    """A task's or worker's CPUs: a number > 0 (null: the stage's default)."""
+    if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0):
+        raise ConfigError(f"'{key}' must be a number > 0, got {v!r}")
+
+
 def check_amp(key: str, v) -> None:
     if v not in AMP_MODES:
         raise ConfigError(f"'{key}' must be one of {', '.join(AMP_MODES)}, got {v!r}")

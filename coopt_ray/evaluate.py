@@ -3,7 +3,6 @@ teacher and a random-init student on a labeled split (one Ray task per teacher, 
 RUN/eval.json."""
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import os
@@ -70,9 +69,9 @@ def _score_task(kind: str, args: dict, data: dict, state: Optional[dict] = None)
 
 
 def eval_fingerprint(cfg, train_done: dict) -> str:
-    ev = {k: v for k, v in dataclasses.asdict(cfg.eval).items() if k not in ("gpu_fraction", "num_cpus")}  # where
-    blob = json.dumps({"student": train_done.get("fingerprint"), "eval": ev,
-                       "participants": cfg.fingerprint_view()["participants"],
+    view = cfg.fingerprint_view()  # its eval section leaves out where a probe runs (gpu_fraction, num_cpus)
+    blob = json.dumps({"student": train_done.get("fingerprint"), "eval": view["eval"],
+                       "participants": view["participants"],
                        "image_size": cfg.data.image_size, "data": cfg.data.path, "seed": cfg.seed},
                       sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
