@@ -13,8 +13,14 @@ from .preflight import check_paths
 from .rundir import RunError
 
 
-def _log(msg: str) -> None:
-    print(msg, flush=True)
+def log_line(msg: str) -> None:
+    """Print one progress line. One write per line: the optimize stage's pool threads log at the same moment, and
+    ``print`` writes the text and its newline apart, so two lines could run together."""
+    sys.stdout.write(f"{msg}\n")
+    sys.stdout.flush()
+
+
+_log = log_line
 
 
 def _load(args, check_models: bool = True) -> Config:

@@ -19,7 +19,9 @@ if str(REPO) not in sys.path:
 
 
 def log(msg: str) -> None:
-    print(msg, flush=True)
+    from coopt_ray.cli import log_line
+
+    log_line(msg)
 
 
 def parse_args(description: str, argv=None, rounds: bool = False) -> argparse.Namespace:

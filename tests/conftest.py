@@ -133,6 +133,15 @@ def shared_optimized(tmp_path_factory, tiny_models, ray_session) -> Path:
     return root / "run"
 
 
+def train_worker_actors() -> dict[str, tuple[str, int]]:
+    """{actor id: (state, pid)} of the connected Ray cluster's Ray Train worker actors, dead or alive (the kill tests
+    pick their victim among the new ones, so other people's Ray processes are never touched)."""
+    import ray._private.state as state
+
+    return {aid: (a.get("State"), int(a.get("Pid") or 0)) for aid, a in state.actors().items()
+            if "RayTrainWorker" in a.get("ActorClassName", "")}
+
+
 def copy_run(src: Path, dst: Path) -> Path:
     """A private copy of a shared RUN (its stages already done, so they are skipped where the config matches)."""
     import shutil

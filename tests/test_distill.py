@@ -28,8 +28,7 @@ from coopt_ray.augment import normalize_pixels
 from coopt_ray.images import arrays_to_rgb, decode_image, encode_png
 from coopt_ray.rundir import DONE
 
-from conftest import forbid_ray_start, write_config
-from test_reliability import _my_train_workers
+from conftest import forbid_ray_start, train_worker_actors as _my_train_workers, write_config
 
 ROWS, DIM = 240, 8
 
@@ -175,41 +174,24 @@ def test_coopt_train_on_the_distilled_set(distilled):
 
 
 @pytest.mark.slow
-def test_more_steps_resume_from_the_newest_checkpoint(distilled):
-    run, cfg, res, _, _ = distilled
-    more = dataclasses.replace(cfg, distill=dataclasses.replace(cfg.distill, steps=16))
-    lines: list[str] = []
-    res2 = run_distill(more, run, log=lines.append)
-    assert any("resuming after step 12" in ln for ln in lines), lines
-    assert res2["loss_steps"] == [2, 4, 6, 8, 10, 12, 14, 16]
-    assert res2["history"][:6] == res["history"], "steps before the checkpoint were distilled again"
-
-
-def test_train_on_a_distilled_set_that_does_not_exist_says_what_to_run(tmp_path):
-    from coopt_ray.rundir import RunError
-    from coopt_ray.train import run_train
-
-    run = tmp_path / "run"
-    make_optimized(run, n=40)
-    with pytest.raises(RunError, match="coopt distill --config CFG --run"):
-        run_train(distill_config(tmp_path), run, log=lambda s: None)
-
-
-@pytest.mark.slow
-def test_killed_worker_resumes_from_the_checkpoint(tmp_path, ray_session):
+def test_more_steps_resume_from_the_newest_checkpoint_and_a_killed_worker_from_its_last(distilled):
+    """Asked for more steps, distillation resumes after the 12 it did (a new run finds the checkpoint); and when one
+    of its two workers is SIGKILLed after a later checkpoint, FailureConfig restarts the worker group from that
+    checkpoint. Every step runs once, bar those since the last checkpoint. (One Ray Train run checks both ways of
+    resuming.)"""
     from coopt_ray.student import latest_checkpoint, load_state
 
-    run = tmp_path / "run"
-    make_optimized(run)
-    steps = 60  # the kill lands after the first checkpoints; every step runs once, bar those since the checkpoint
-    cfg = distill_config(tmp_path, steps=steps, checkpoint_every=10, log_every=10)
+    run, cfg, res, _, _ = distilled
+    steps = 48  # checkpoints every 4 steps: the kill lands after step 16, 20 or 24's
+    more = dataclasses.replace(cfg, distill=dataclasses.replace(cfg.distill, steps=steps))
     exp = run / "distilled" / "krr-st" / "ray_results" / "coopt-distill-run"
     before = set(_my_train_workers())
+    lines: list[str] = []
     result: dict = {}
 
     def work():
         try:
-            result["res"] = run_distill(cfg, run, log=lambda s: None)
+            result["res"] = run_distill(more, run, log=lines.append)
         except BaseException as e:  # noqa: BLE001 - re-raised in the test thread
             result["error"] = e
 
@@ -218,7 +200,7 @@ def test_killed_worker_resumes_from_the_checkpoint(tmp_path, ray_session):
     t0, victim, ckpt_history = time.time(), None, None
     while victim is None and th.is_alive() and time.time() - t0 < 300:
         latest = latest_checkpoint(exp)
-        if latest is not None and latest[1]["epoch"] + 1 < steps - 30:  # at step 10 or 20
+        if latest is not None and 16 <= latest[1]["epoch"] + 1 <= 24:  # a checkpoint of this run, early in it
             alive = {a: pid for a, (st, pid) in _my_train_workers().items() if a not in before and st == "ALIVE" and pid}
             if len(alive) == 2:
                 try:
@@ -235,11 +217,23 @@ def test_killed_worker_resumes_from_the_checkpoint(tmp_path, ray_session):
     if "error" in result:
         raise result["error"]
     assert victim is not None, "distillation finished before a worker could be killed"
-    res = result["res"]
-    assert res["loss_steps"] == list(range(10, steps + 1, 10))
-    assert res["history"][:len(ckpt_history)] == ckpt_history, "steps before the checkpoint were distilled again"
+    res2 = result["res"]
+    assert any("resuming after step 12" in ln for ln in lines), lines
+    assert res2["loss_steps"] == list(range(2, steps + 1, 2))
+    assert res2["history"][:6] == res["history"], "steps before the first run's checkpoint were distilled again"
+    assert res2["history"][:len(ckpt_history)] == ckpt_history, "steps before the checkpoint were distilled again"
     assert len({a for a in _my_train_workers() if a not in before}) >= 4, "no second worker group after the kill"
     assert pq.read_table(run / "distilled" / "krr-st" / "data").num_rows == 20
+
+
+def test_train_on_a_distilled_set_that_does_not_exist_says_what_to_run(tmp_path):
+    from coopt_ray.rundir import RunError
+    from coopt_ray.train import run_train
+
+    run = tmp_path / "run"
+    make_optimized(run, n=40)
+    with pytest.raises(RunError, match="coopt distill --config CFG --run"):
+        run_train(distill_config(tmp_path), run, log=lambda s: None)
 
 
 # ---------------------------------------------------------------- bad values

@@ -8,7 +8,8 @@
 * Participant actor killed: one pool actor's process is SIGKILLed while it embeds; Ray Data's actor
   restarts and task retries (its defaults for actor pools: max_restarts=-1, max_task_retries=-1) finish the
   run with every row accounted for exactly once.
-* Train worker killed: see ``test_train_worker_killed_resumes_from_checkpoint``.
+* Train worker killed: ``tests/test_run.py::test_train_stage_on_two_workers_resumes_from_its_checkpoint``
+  (FailureConfig restarts the worker group from the last checkpoint).
 """
 from __future__ import annotations
 
@@ -325,73 +326,3 @@ def test_participant_actor_killed_mid_stream(tmp_path, tiny_models, ray_session,
     assert len(got) == len(set(got)) and set(got) == want
     print(f"\nactor kill: killed pid {victim[1]} at {t_kill:.0f}s after {victim[2]:.1f} CPU-s of embedding; "
           f"actor restarts recorded: {restarts}; run finished in {time.time() - t0:.0f}s")
-
-
-# ---------------------------------------------------------------- 3. train worker killed mid-epoch
-def _my_train_workers() -> dict[str, tuple[str, int]]:
-    """{actor id: (state, pid)} of this Ray cluster's Ray Train worker actors, dead or alive."""
-    import ray._private.state as state
-
-    return {aid: (a.get("State"), int(a.get("Pid") or 0)) for aid, a in state.actors().items()
-            if "RayTrainWorker" in a.get("ActorClassName", "")}
-
-
-@pytest.mark.slow
-def test_train_worker_killed_resumes_from_checkpoint(tmp_path, tiny_models, shared_optimized):
-    """A Ray Train worker is SIGKILLed after an epoch's checkpoint, while the next epoch runs: FailureConfig
-    restarts the worker group from that checkpoint and training ends with the configured number of epochs,
-    the finished epochs not trained again. (It trains on a copy of the session's optimized RUN: 300 rows.)"""
-    from conftest import copy_run
-
-    from coopt_ray.student import latest_checkpoint, load_state
-    from coopt_ray.train import run_train
-
-    epochs = 3
-    cfg = load_config(write_config(tmp_path / "c.yaml", tiny_models,
-                                   student={"arch": "resnet10t", "epochs": epochs, "batch_size": 32, "workers": 2}))
-    run = copy_run(shared_optimized, tmp_path / "run")
-    exp = run / "student" / "ray_results" / f"coopt-train-{run.resolve().name}"
-    before_ids = set(_my_train_workers())
-    result: dict = {}
-
-    def work():
-        try:
-            result["metrics"] = run_train(cfg, run, log=lambda s: None)
-        except BaseException as e:  # noqa: BLE001 - re-raised in the test thread
-            result["error"] = e
-
-    t0 = time.time()
-    th = threading.Thread(target=work, daemon=True)
-    th.start()
-    victim = ckpt_history = None
-    while victim is None and th.is_alive() and time.time() - t0 < 900:
-        latest = latest_checkpoint(exp)
-        if latest is not None and latest[1]["epoch"] + 1 < epochs:
-            alive = {aid: pid for aid, (st, pid) in _my_train_workers().items()
-                     if aid not in before_ids and st == "ALIVE" and pid}
-            if len(alive) == 2:
-                try:
-                    ckpt_history = load_state(latest[0])["history"]
-                except (OSError, RuntimeError, EOFError):
-                    time.sleep(0.05)  # the checkpoint is still being written or pruned: look again, without spinning
-                    continue
-                aid, pid = sorted(alive.items())[-1]
-                os.kill(pid, signal.SIGKILL)  # mid-epoch: the next epoch started after this checkpoint
-                victim = (aid, pid, latest[1]["epoch"] + 1)
-                break
-        time.sleep(0.05)
-    th.join(timeout=900)
-    assert not th.is_alive(), "training did not finish after a worker was killed"
-    if "error" in result:
-        raise result["error"]
-    assert victim is not None, "training finished before a worker could be killed"
-    assert wait_gone({victim[1]}, 10) == set()
-
-    m = result["metrics"]
-    assert [h["epoch"] for h in m["history"]] == list(range(1, epochs + 1))
-    assert m["history"][:len(ckpt_history)] == ckpt_history, "epochs before the checkpoint were trained again"
-    assert (run / "student" / "student.pt").is_file() and (run / "student" / DONE).is_file()
-    workers = {aid for aid in _my_train_workers() if aid not in before_ids}
-    assert len(workers) >= 4, f"expected a second worker group after the kill, saw {len(workers)} workers"
-    print(f"\ntrain worker kill: killed pid {victim[1]} after epoch {victim[2]}'s checkpoint; "
-          f"{len(workers)} worker actors in all; finished {epochs} epochs in {time.time() - t0:.0f}s")

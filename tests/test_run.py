@@ -1,5 +1,5 @@
 """`coopt run` end to end on a local Ray (tiny open_clip teachers, 300 images: a copy of the session's optimized
-RUN, a 2-worker student), rerun skipping, `coopt report`, resuming training on 2 workers, stage commands in the wrong order,
+RUN, a 2-worker student), rerun skipping, `coopt report`, resuming training on 2 workers (a new run, and a killed worker), stage commands in the wrong order,
 and the zoo hook."""
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import io
 import json
 import sys
 import types
+from pathlib import Path
 
 import pytest
 
@@ -83,13 +84,25 @@ def test_report_command_rebuilds_the_page(full_run):
 
 @pytest.mark.slow
 def test_train_stage_on_two_workers_resumes_from_its_checkpoint(full_run):
+    """The run's 2-worker training (1 epoch) left Ray Train's checkpoint. A new ``run_train`` for 4 epochs resumes
+    after epoch 1, not from scratch; and when one of its workers is SIGKILLed after a later epoch's checkpoint, while
+    the next epoch runs, FailureConfig restarts the worker group from that checkpoint: training ends with 4 epochs,
+    none trained again. (One Ray Train run checks both ways of resuming; the worker kill was a test of its own in
+    test_reliability.py.)"""
     import dataclasses
+    import os
+    import signal
+    import threading
+    import time
 
     import numpy as np
     import torch
 
     from coopt_ray.config import load_config
+    from coopt_ray.student import latest_checkpoint, load_state
     from coopt_ray.train import run_train
+    from conftest import train_worker_actors as _my_train_workers
+    from test_reliability import wait_gone
 
     cfg_path, run, _ = full_run
     m = json.loads((run / "student" / "metrics.json").read_text())
@@ -102,14 +115,56 @@ def test_train_stage_on_two_workers_resumes_from_its_checkpoint(full_run):
     sd = torch.load(run / "student" / "student.pt", weights_only=True)
     assert sd["head.weight"].shape[0] == json.loads((run / "manifest.json").read_text())["target_dim"]
 
+    epochs = 4
     cfg = load_config(cfg_path)
-    cfg2 = dataclasses.replace(cfg, student=dataclasses.replace(cfg.student, epochs=2))
-    logs = []
-    m2 = run_train(cfg2, run, log=logs.append)
-    assert any("resuming after epoch 1" in line for line in logs)
-    assert [h["epoch"] for h in m2["history"]] == [1, 2]
-    assert m2["history"][0] == m["history"][0]  # epoch 1 came from the checkpoint, not a retrain
-    assert (exp / "checkpoint_epoch_0001" / "state.pt").is_file()
+    cfg2 = dataclasses.replace(cfg, student=dataclasses.replace(cfg.student, epochs=epochs))
+    logs: list = []
+    result: dict = {}
+
+    def work():
+        try:
+            result["metrics"] = run_train(cfg2, run, log=logs.append)
+        except BaseException as e:  # noqa: BLE001 - re-raised in the test thread
+            result["error"] = e
+
+    before_ids = set(_my_train_workers())
+    t0 = time.time()
+    th = threading.Thread(target=work, daemon=True)
+    th.start()
+    victim = ckpt_history = None
+    while victim is None and th.is_alive() and time.time() - t0 < 900:
+        latest = latest_checkpoint(exp)
+        if latest is not None and 1 <= latest[1]["epoch"] < epochs - 1:  # this run's checkpoint, not the last one
+            alive = {aid: pid for aid, (st, pid) in _my_train_workers().items()
+                     if aid not in before_ids and st == "ALIVE" and pid}
+            if len(alive) == 2:
+                try:
+                    ckpt_history = load_state(latest[0])["history"]
+                except (OSError, RuntimeError, EOFError):
+                    time.sleep(0.05)  # the checkpoint is still being written or pruned: look again, without spinning
+                    continue
+                aid, pid = sorted(alive.items())[-1]
+                os.kill(pid, signal.SIGKILL)  # mid-epoch: the next epoch started after this checkpoint
+                victim = (aid, pid, latest[1]["epoch"] + 1)
+                break
+        time.sleep(0.05)
+    th.join(timeout=900)
+    assert not th.is_alive(), "training did not finish after a worker was killed"
+    if "error" in result:
+        raise result["error"]
+    assert victim is not None, "training finished before a worker could be killed"
+    assert wait_gone({victim[1]}, 10) == set()
+
+    m2 = result["metrics"]
+    assert any("resuming after epoch 1" in line for line in logs), logs
+    assert [h["epoch"] for h in m2["history"]] == list(range(1, epochs + 1))
+    assert m2["history"][0] == m["history"][0]  # epoch 1 came from the first run's checkpoint, not a retrain
+    assert m2["history"][:len(ckpt_history)] == ckpt_history, "epochs before the checkpoint were trained again"
+    assert (exp / f"checkpoint_epoch_{epochs - 1:04d}" / "state.pt").is_file()
+    workers = {aid for aid in _my_train_workers() if aid not in before_ids}
+    assert len(workers) >= 4, f"expected a second worker group after the kill, saw {len(workers)} workers"
+    print(f"\ntrain worker kill: killed pid {victim[1]} after epoch {victim[2]}'s checkpoint; "
+          f"{len(workers)} worker actors in all; finished {epochs} epochs in {time.time() - t0:.0f}s")
 
 
 def test_stages_in_the_wrong_order_fail_with_a_hint(tmp_path, tiny_models):
@@ -147,3 +202,22 @@ def test_run_builds_the_default_zoo_only_when_a_teacher_is_missing(tmp_path, tin
     calls.clear()
     rc, _, err = _main(["run", "--config", cfg, "--out", tmp_path / "run", "--zoo", tmp_path / "elsewhere"])
     assert rc == 2 and "model folder not found" in err and calls == []  # a non-default zoo is never built
+
+
+def test_progress_lines_are_written_whole(monkeypatch):
+    """The optimize stage's pool threads log at the same moment: each line must go out in one write (text and newline
+    together), or two lines can run together in a job's log. Both the CLI and the job entrypoints log this way."""
+    import importlib
+
+    from coopt_ray.cli import log_line
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "jobs"))
+    try:
+        common = importlib.import_module("_common")
+    finally:
+        sys.path.pop(0)
+    writes: list[str] = []
+    monkeypatch.setattr(sys, "stdout", types.SimpleNamespace(write=writes.append, flush=lambda: None))
+    log_line("[optimize] p0: embedding")
+    common.log("[job] manifest: m.json")
+    assert writes == ["[optimize] p0: embedding\n", "[job] manifest: m.json\n"]
