@@ -4,6 +4,9 @@ The multi-node tests start their own ``ray.cluster_utils.Cluster`` (a head witho
 and worker nodes that each declare one GPU; ``COOPT_SIMULATED_GPUS=1`` tells the embedder those GPUs are only
 declared, so it runs on the CPU instead of refusing). They shut down any Ray the session started first, and start
 it again afterwards.
+
+Pools running in waves on 2 GPU nodes and all at once on 4 (one per node) are checked on the README's own cluster
+sequence, through Ray Jobs (tests/test_readme_cluster.py: ``check_placement``), rather than on a second cluster here.
 """
 from __future__ import annotations
 
@@ -183,24 +186,6 @@ def _run(tmp_path, models, names, limit=200):
     return man, logs, time.time() - t0
 
 
-def _embed(tmp_path, models, names, limit=200):
-    """Only the embedding stage (the part placement is about): plan, run the pools, write Parquet."""
-    import ray
-
-    from coopt_ray.optimize import embed_all
-    from coopt_ray.split import run_split
-
-    parts = [{"name": n, "model": m, "batch_size": 64, "num_gpus": 1} for n, m in zip(names, models)]
-    cfg = load_config(write_config(tmp_path / "c.yaml", models, participants=parts, data={"limit": limit}))
-    run = tmp_path / "run"
-    run.mkdir()
-    split = run_split(cfg, run, log=lambda s: None)
-    logs: list[str] = []
-    t0 = time.time()
-    stats = embed_all(cfg, run, split, ray.cluster_resources(), log=logs.append)
-    return stats, logs, time.time() - t0
-
-
 def _actor_nodes(names) -> dict:
     """Participant name -> node ids of its pool's actors (from the dashboard's state API)."""
     from ray.util.state import list_actors
@@ -213,13 +198,6 @@ def _actor_nodes(names) -> dict:
     return out
 
 
-def _order(logs, names):
-    """Index of each participant's 'embedding' (start) and 'rows' (finished) log line."""
-    start = {n: next(i for i, x in enumerate(logs) if x.startswith(f"[optimize] {n}: embedding")) for n in names}
-    done = {n: next(i for i, x in enumerate(logs) if re.match(rf"\[optimize\] {n}: \d+ rows", x)) for n in names}
-    return start, done
-
-
 @pytest.mark.slow
 def test_cluster_without_gpus_fails_within_seconds(gpu_cluster, tmp_path, tiny_models, short_actor_wait):
     gpu_cluster.gpu_nodes(0)
@@ -227,23 +205,6 @@ def test_cluster_without_gpus_fails_within_seconds(gpu_cluster, tmp_path, tiny_m
         t0 = time.time()
         _run(tmp_path, tiny_models[:1], ["z0"])
     assert time.time() - t0 < 30, e.value
-
-
-@pytest.mark.slow
-def test_two_gpu_nodes_three_participants_finish_in_waves(gpu_cluster, tmp_path, tiny_models, short_actor_wait):
-    gpu_ids = gpu_cluster.gpu_nodes(2)
-    names = ["c0", "c1", "c2"]
-    stats, logs, secs = _embed(tmp_path, tiny_models, names)
-    assert sum(s["rows"] for s in stats) == 200
-    assert any("fits 2 of 3 participant pools at once; running them in 2 waves: c0,c1 | c2" in x
-               for x in logs), logs
-    assert any("identical pools: running 2 at a time, the next starting as one finishes" in x for x in logs), logs
-    start, done = _order(logs, names)
-    assert max(start["c0"], start["c1"]) < min(done["c0"], done["c1"])  # the first two together
-    assert start["c2"] > min(done["c0"], done["c1"])  # the third when a GPU frees, not behind the slower one
-    where = _actor_nodes(names)
-    print(f"2 GPU nodes, {secs:.1f}s: " + ", ".join(f"{n}->{sorted(v)}" for n, v in where.items()))
-    assert where["c0"] != where["c1"] and set().union(*where.values()) <= set(gpu_ids)
 
 
 @pytest.mark.slow
@@ -275,25 +236,6 @@ def test_node_labels_of_the_live_cluster_select_the_node(gpu_cluster):
              for i in range(2)]
     plan = plan_waves(parts, ray.cluster_resources(), nodes=nodes)
     assert plan.waves == [[0], [1]] and plan.placement == [{0: [want]}, {1: [want]}]
-
-
-@pytest.mark.slow
-def test_four_gpu_nodes_run_four_participants_at_once_on_four_nodes(gpu_cluster, tmp_path, tiny_models,
-                                                                    short_actor_wait):
-    """One pool per GPU node, all at the same time, through the whole optimize stage (merge included). (This one
-    test covers what the 3-node and the 4-node tests checked apart: adding a node adds a pool that runs alongside.)"""
-    gpu_ids = gpu_cluster.gpu_nodes(4)
-    names = ["b0", "b1", "b2", "b3"]
-    man, logs, secs = _run(tmp_path, tiny_models + tiny_models[:1], names)
-    assert man["optimized_rows"] + man["error_rows"] == man["total_rows"] == 200
-    assert sum(p["rows"] for p in man["participants"]) == 200
-    assert any("all 4 participant pools fit the cluster (5 nodes) at once" in x for x in logs), logs
-    start, done = _order(logs, names)
-    assert max(start.values()) < min(done.values())  # all four pools ran at the same time
-    where = _actor_nodes(names)
-    print(f"4 GPU nodes, {secs:.1f}s: " + ", ".join(f"{n}->{sorted(v)}" for n, v in where.items()))
-    nodes = [next(iter(v)) for v in where.values()]
-    assert all(len(v) == 1 for v in where.values()) and len(set(nodes)) == 4 and set(nodes) <= set(gpu_ids)
 
 
 @pytest.mark.slow

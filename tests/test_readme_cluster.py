@@ -8,6 +8,12 @@ with `ray job submit` to a cluster with token auth on), the optimize job's manif
 pipeline job must write the manifest, eval.json and the report, its Ray Train
 workers must have run on worker nodes, not on the head (the job's driver node), and `local.sh stop` must
 leave none of the nodes' processes behind.
+
+The two jobs are also the suite's check of placement on a live multi-node cluster (the planning itself is tested
+without Ray in tests/test_placement.py). From the cluster's actor table (`ray list actors`, asked through the
+dashboard with the token) and each job's log: with 2 GPU nodes the first two pools run at once on different GPU
+nodes and the third starts when one of them finishes; with 4 GPU nodes all four pools run at once, one per GPU node,
+none on the head.
 """
 from __future__ import annotations
 
@@ -64,6 +70,56 @@ def leftover(pattern: str, wait_s: float = 60) -> str:
     return subprocess.run(["ps", "-o", "pid,stat,args", "-p", ",".join(pids)], capture_output=True, text=True).stdout
 
 
+def cluster_state(env: dict, what: str, *flags: str) -> list[dict]:
+    """``ray list <what>`` of the page's cluster, through its dashboard with the token, as JSON."""
+    out = subprocess.run([str(REPO / ".venv" / "bin" / "ray"), "list", what, "--address", "http://127.0.0.1:8265",
+                          "--format", "json", "--limit", "10000", *flags], cwd=REPO, text=True, capture_output=True,
+                         env=dict(env, RAY_AUTH_MODE="token"), timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout)
+
+
+def pool_nodes(env: dict) -> dict[str, dict[str, set]]:
+    """``{job id: {participant: node ids of its pool's actors}}``; Ray Data names a pool's actors after the class,
+    ``MapWorker(MapBatches(Participant_<name>))``."""
+    out: dict = {}
+    for a in cluster_state(env, "actors", "--detail"):
+        m = re.search(r"Participant_(\w+)\)", a.get("class_name") or "")
+        if m and a.get("node_id"):
+            out.setdefault(a["job_id"], {}).setdefault(m.group(1), set()).add(a["node_id"])
+    return out
+
+
+def pool_order(log: str, names) -> tuple[dict, dict]:
+    """Where in the job's log each participant's "embedding" (its pool starts) and "N rows" (it finished) line
+    begins (character offsets: lines the driver's pool threads print at the same moment can share a line)."""
+    start = {n: log.index(f"[optimize] {n}: embedding") for n in names}
+    done = {n: re.search(rf"\[optimize\] {n}: \d+ rows", log).start() for n in names}
+    return start, done
+
+
+def check_placement(env: dict, log: str, seen: dict, gpu_nodes: int) -> dict:
+    """The job that just ran (its pools are the actors not in ``seen``) placed its pools as the page says, on a
+    cluster with ``gpu_nodes`` GPU nodes; returns the actor table's pools for the next call."""
+    names = ["p0", "p1", "p2", "p3"]
+    pools = pool_nodes(env)
+    new = {j: v for j, v in pools.items() if j not in seen}
+    assert len(new) == 1, f"expected one new job's pools, got {new}"
+    where = next(iter(new.values()))
+    gpu = {n["node_id"] for n in cluster_state(env, "nodes") if not n["is_head_node"] and n["state"] == "ALIVE"}
+    assert len(gpu) == gpu_nodes and set(where) == set(names), (where, gpu)
+    assert all(len(v) == 1 for v in where.values()) and set().union(*where.values()) <= gpu, (where, gpu)
+    start, done = pool_order(log, names)
+    if gpu_nodes == 2:  # two waves: p0 and p1 together on different nodes, p2 as soon as one of them finished
+        assert where["p0"] != where["p1"], where
+        assert "identical pools: running 2 at a time, the next starting as one finishes" in log
+        assert max(start["p0"], start["p1"]) < min(done["p0"], done["p1"]) < start["p2"], (start, done)
+    else:  # all four pools at once, one per GPU node
+        assert len(set().union(*where.values())) == 4, where
+        assert max(start.values()) < min(done.values()), (start, done)
+    return pools
+
+
 def test_readme_steps_are_parsed():
     steps = readme_steps(PAGE.read_text())
     cmds = [re.sub(r"\s+#.*$", "", c) for c, _ in steps]
@@ -92,6 +148,7 @@ def test_readme_cluster_sequence_runs_as_documented(tmp_path):
     log.write_text(f"$ make zoo (started when the session began, at nice 19)\n{zoo_out}\n")
     assert rc == 0, zoo_out[-4000:]
     seconds, ok = {"0. waited for the early make zoo": round(time.time() - t0, 1)}, False
+    jobs: dict = {}  # job id -> its pools' nodes, from the actor table after each job
     try:
         for k, (cmd, want) in enumerate(steps):
             t0 = time.time()
@@ -106,6 +163,7 @@ def test_readme_cluster_sequence_runs_as_documented(tmp_path):
                     assert piece in out.stdout + out.stderr, f"the page says `{cmd[:60]}` prints {w!r}; see {log}"
             if "ray job submit" in cmd:
                 assert re.search(r"Job '\S+' succeeded", out.stdout + out.stderr), (out.stdout + out.stderr)[-3000:]
+                jobs = check_placement(env, out.stdout + out.stderr, jobs, gpu_nodes=2 if not jobs else 4)
         # the optimize job (jobs/optimize.py under `ray job submit`, token auth on) accounted for every image
         man = json.loads((outs[0] / "manifest.json").read_text())
         assert man["total_rows"] == 500 and man["optimized_rows"] + man["error_rows"] == 500, man
