@@ -16,6 +16,12 @@ os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 # Each worker group start also starts a PreemptionWatcher actor (one more Ray worker process, polling the GCS every
 # 5 s for spot-instance drain notices); a local test cluster is never preempted. Product runs keep Ray's default.
 os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+# A raylet keeps at most num_cpus idle workers (4 on the session Ray) and kills the rest after 1 s idle; the suite's
+# actors count against that, so the task workers of one stage (probes with torch and open_clip imported, Ray Data's
+# read and write tasks) were killed before the next stage could reuse them, and every stage paid the imports again.
+# 12 keeps them. tests/test_run.py + test_evaluate.py, alternating (2026-12-03): 224/225 s, 372/371 busy CPU-s and
+# 68/67 processes at Ray's default; 202/187 s, 336/315 CPU-s and 58/59 processes at 12.
+os.environ.setdefault("RAY_num_workers_soft_limit", "12")
 
 REPO = Path(__file__).resolve().parents[1]
 
