@@ -36,7 +36,8 @@ setup: $(VENV)/.installed data
 test: setup
 	$(PY) -m pytest -q --durations=15 $(PYTEST_ARGS)
 
-# Without the tests marked slow (the cluster sequence, multi-node, job and kill tests, the longer pipeline runs): ~4-5 min.
+# Without the tests marked slow (the cluster sequence, multi-node, job and kill tests, the longer pipeline runs, the
+# zoo's parallel build, the student-learns and labeled-distillation benchmark checks): 5 min 4 s on a slow 2-core host.
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
 

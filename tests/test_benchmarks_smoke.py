@@ -3,6 +3,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
@@ -62,6 +63,7 @@ def test_make_synthetic_writes_sources_the_pipeline_reads(tmp_path, ray_session)
     assert decode_image(a).size == (28, 28)
 
 
+@pytest.mark.slow
 def test_labeled_distillation_benchmark_quick_protocol_writes_its_json(tmp_path, ray_session):
     import distill_labeled as DL
     from report_labeled import labeled_goal_rows, labeled_table

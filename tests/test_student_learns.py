@@ -1,12 +1,14 @@
 """The student objective learns (issue 15): trained on targets that carry the labels' information, the
 student's linear probe beats the same network at random init on a fixed test split (seconds on 2 CPUs)."""
 import numpy as np
+import pytest
 
 from coopt_ray import baselines as B
 from coopt_ray.data import fashion_mnist_split
 from coopt_ray.images import arrays_to_rgb
 
 
+@pytest.mark.slow
 def test_trained_student_beats_random_init_on_a_fixed_split():
     x, y = fashion_mnist_split("unlabeled")
     xt, yt = fashion_mnist_split("test")

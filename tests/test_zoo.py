@@ -103,6 +103,7 @@ def test_changed_specs_rebuild(tmp_path):
     assert second[0]["spec"]["seed"] == 99 and first[0]["spec"]["seed"] != 99
 
 
+@pytest.mark.slow
 def test_parallel_build_trains_the_same_teachers_as_one_at_a_time(tmp_path):
     """`jobs=2` trains each teacher in its own process; every teacher depends only on its spec and seed, so the
     weights and records equal a one-at-a-time build's, and the children's progress reaches the caller."""
