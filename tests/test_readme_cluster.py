@@ -171,6 +171,9 @@ def test_readme_cluster_sequence_runs_as_documented(tmp_path):
         run = outs[1]
         for f in ("manifest.json", "eval.json", "report/report.html", "student/student.pt"):
             assert (run / f).exists(), f
+        man = json.loads((run / "manifest.json").read_text())  # the 4 pools at once also accounted for every image
+        assert man["optimized_rows"] + man["error_rows"] == man["total_rows"] == 500, man
+        assert sum(q["rows"] for q in man["participants"]) == 500, man["participants"]
         metrics = json.loads((run / "student" / "metrics.json").read_text())
         assert metrics["workers"] == 2 and len(metrics["worker_nodes"]) == 2
         assert metrics["driver_node"] and metrics["driver_node"] not in metrics["worker_nodes"], metrics
