@@ -20,9 +20,6 @@ def log_line(msg: str) -> None:
     sys.stdout.flush()
 
 
-_log = log_line
-
-
 def _load(args, check_models: bool = True) -> Config:
     cfg = load_config(args.config)
     if getattr(args, "max_error_fraction", None) is not None:
@@ -39,7 +36,7 @@ def cmd_optimize(args) -> int:
     from .pipeline import run_optimize
 
     cfg = _load(args)
-    run_optimize(cfg, args.out, address=args.address, log=_log)
+    run_optimize(cfg, args.out, address=args.address, log=log_line)
     return 0
 
 
@@ -48,10 +45,10 @@ def cmd_zoo_build(args) -> int:
 
     from .zoo_specs import ZOO_SETS
 
-    teachers = build_zoo(args.out, specs=ZOO_SETS[args.specs], force=args.force, progress=_log, device=args.device)
-    _log(f"[zoo] {len(teachers)} teachers in {os.path.abspath(args.out)}:")
+    teachers = build_zoo(args.out, specs=ZOO_SETS[args.specs], force=args.force, progress=log_line, device=args.device)
+    log_line(f"[zoo] {len(teachers)} teachers in {os.path.abspath(args.out)}:")
     for t in teachers:
-        _log(f"  {t['name']:<14} dim {t['embed_dim']:>3}  probe {t['probe_accuracy']:.4f}  "
+        log_line(f"  {t['name']:<14} dim {t['embed_dim']:>3}  probe {t['probe_accuracy']:.4f}  "
              f"uniformity {t.get('uniformity', float('nan')):.4f}")
     return 0
 
@@ -101,7 +98,7 @@ def cmd_train(args) -> int:
     from .train import run_train
 
     cfg = _load(args, check_models=False)  # the student reads RUN/optimized; no teacher runs here
-    run_train(cfg, args.out, address=args.address, log=_log)
+    run_train(cfg, args.out, address=args.address, log=log_line)
     return 0
 
 
@@ -109,7 +106,7 @@ def cmd_distill(args) -> int:
     from .distill.stage import run_distill
 
     cfg = _load(args, check_models=False)  # distillation reads RUN/optimized; no teacher runs here
-    run_distill(cfg, args.out, address=args.address, log=_log)
+    run_distill(cfg, args.out, address=args.address, log=log_line)
     return 0
 
 
@@ -117,7 +114,7 @@ def cmd_evaluate(args) -> int:
     from .evaluate import run_evaluate
 
     cfg = _load(args)
-    run_evaluate(cfg, args.out, address=args.address, log=_log)
+    run_evaluate(cfg, args.out, address=args.address, log=log_line)
     return 0
 
 
@@ -129,15 +126,15 @@ def cmd_report(args) -> int:
     if summary is not None and not (Path(args.run) / MANIFEST).exists():  # a continual-rounds RUN
         from .rounds import write_rounds_report
 
-        _log(f"[report] {write_rounds_report(Path(args.run), summary)} (each round's own: RUN/rounds/<r>/report/)")
+        log_line(f"[report] {write_rounds_report(Path(args.run), summary)} (each round's own: RUN/rounds/<r>/report/)")
         return 0
     mdatm = Path(args.run) / "distilled" / "mdatm"
     if not (Path(args.run) / MANIFEST).exists() and (mdatm / "distill.json").exists():  # an M-DATM-only RUN
         from .distill.mdatm_stage import rebuild_report
 
-        _log(f"[report] {rebuild_report(mdatm)}")
+        log_line(f"[report] {rebuild_report(mdatm)}")
         return 0
-    build_report(args.run, log=_log)
+    build_report(args.run, log=log_line)
     return 0
 
 
@@ -149,7 +146,7 @@ def cmd_run(args) -> int:
         from .rounds import check_rounds_run
 
         check_rounds_run(Path(args.out), args.rounds)
-    run_all(cfg, args.out, address=args.address, log=_log, rounds=args.rounds)
+    run_all(cfg, args.out, address=args.address, log=log_line, rounds=args.rounds)
     return 0
 
 
@@ -161,7 +158,7 @@ def cmd_export(args) -> int:
     except ExportError as e:
         print(f"coopt: export error: {e}", file=sys.stderr, flush=True)
         return 2
-    _log(f"[export] {args.format}: " + ", ".join(str(f) for f in files))
+    log_line(f"[export] {args.format}: " + ", ".join(str(f) for f in files))
     return 0
 
 

@@ -148,6 +148,52 @@ def train_worker_actors() -> dict[str, tuple[str, int]]:
             if "RayTrainWorker" in a.get("ActorClassName", "")}
 
 
+def run_and_kill_a_train_worker(fn, exp: Path, after: tuple[int, int], timeout: float = 900) -> dict:
+    """Run ``fn()`` (a Ray Train run with 2 workers, checkpointing under ``exp``) in a thread. Once its newest readable
+    checkpoint follows epoch/step ``after[0]..after[1]`` (1-based) and both of its workers are alive, SIGKILL one of
+    them, mid-run. Returns ``{"result": fn(), "pid": the victim's pid, "after": the checkpoint it followed,
+    "ckpt_history": that checkpoint's history, "workers": the run's worker actor ids, both groups}``."""
+    import signal
+    import threading
+    import time
+
+    from coopt_ray.student import latest_checkpoint, load_state
+
+    before = set(train_worker_actors())
+    out: dict = {}
+
+    def work():
+        try:
+            out["result"] = fn()
+        except BaseException as e:  # noqa: BLE001 - re-raised in the test's thread
+            out["error"] = e
+
+    th = threading.Thread(target=work, daemon=True)
+    t0 = time.time()
+    th.start()
+    while "pid" not in out and th.is_alive() and time.time() - t0 < timeout:
+        latest = latest_checkpoint(exp)
+        if latest is not None and after[0] <= latest[1]["epoch"] + 1 <= after[1]:
+            alive = {a: pid for a, (st, pid) in train_worker_actors().items() if a not in before and st == "ALIVE" and pid}
+            if len(alive) == 2:
+                try:
+                    history = load_state(latest[0])["history"]
+                except (OSError, RuntimeError, EOFError):
+                    time.sleep(0.05)  # still being written or pruned: look again shortly, without spinning
+                    continue
+                pid = sorted(alive.items())[-1][1]
+                os.kill(pid, signal.SIGKILL)
+                out.update(pid=pid, after=latest[1]["epoch"] + 1, ckpt_history=history)
+        time.sleep(0.05)
+    th.join(timeout=timeout)
+    assert not th.is_alive(), "the run did not finish after a worker was killed"
+    if "error" in out:
+        raise out["error"]
+    assert "pid" in out, "the run finished before a worker could be killed"
+    out["workers"] = {a for a in train_worker_actors() if a not in before}
+    return out
+
+
 def copy_run(src: Path, dst: Path) -> Path:
     """A private copy of a shared RUN (its stages already done, so they are skipped where the config matches)."""
     import shutil

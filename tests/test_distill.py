@@ -5,10 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import signal
-import threading
-import time
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +24,7 @@ from coopt_ray.augment import normalize_pixels
 from coopt_ray.images import arrays_to_rgb, decode_image, encode_png
 from coopt_ray.rundir import DONE
 
-from conftest import forbid_ray_start, train_worker_actors as _my_train_workers, write_config
+from conftest import forbid_ray_start, run_and_kill_a_train_worker, write_config
 
 ROWS, DIM = 240, 8
 
@@ -179,50 +175,18 @@ def test_more_steps_resume_from_the_newest_checkpoint_and_a_killed_worker_from_i
     of its two workers is SIGKILLed after a later checkpoint, FailureConfig restarts the worker group from that
     checkpoint. Every step runs once, bar those since the last checkpoint. (One Ray Train run checks both ways of
     resuming.)"""
-    from coopt_ray.student import latest_checkpoint, load_state
-
     run, cfg, res, _, _ = distilled
     steps = 48  # checkpoints every 4 steps: the kill lands after step 16, 20 or 24's
     more = dataclasses.replace(cfg, distill=dataclasses.replace(cfg.distill, steps=steps))
     exp = run / "distilled" / "krr-st" / "ray_results" / "coopt-distill-run"
-    before = set(_my_train_workers())
     lines: list[str] = []
-    result: dict = {}
-
-    def work():
-        try:
-            result["res"] = run_distill(more, run, log=lines.append)
-        except BaseException as e:  # noqa: BLE001 - re-raised in the test thread
-            result["error"] = e
-
-    th = threading.Thread(target=work, daemon=True)
-    th.start()
-    t0, victim, ckpt_history = time.time(), None, None
-    while victim is None and th.is_alive() and time.time() - t0 < 300:
-        latest = latest_checkpoint(exp)
-        if latest is not None and 16 <= latest[1]["epoch"] + 1 <= 24:  # a checkpoint of this run, early in it
-            alive = {a: pid for a, (st, pid) in _my_train_workers().items() if a not in before and st == "ALIVE" and pid}
-            if len(alive) == 2:
-                try:
-                    ckpt_history = load_state(latest[0])["history"]
-                except (OSError, RuntimeError, EOFError):
-                    time.sleep(0.05)  # still being written or pruned: look again shortly, without spinning
-                    continue
-                os.kill(sorted(alive.values())[-1], signal.SIGKILL)
-                victim = latest[1]["epoch"] + 1
-                break
-        time.sleep(0.05)
-    th.join(timeout=300)
-    assert not th.is_alive(), "distillation did not finish after a worker was killed"
-    if "error" in result:
-        raise result["error"]
-    assert victim is not None, "distillation finished before a worker could be killed"
-    res2 = result["res"]
+    k = run_and_kill_a_train_worker(lambda: run_distill(more, run, log=lines.append), exp, after=(16, 24), timeout=300)
+    res2 = k["result"]
     assert any("resuming after step 12" in ln for ln in lines), lines
     assert res2["loss_steps"] == list(range(2, steps + 1, 2))
     assert res2["history"][:6] == res["history"], "steps before the first run's checkpoint were distilled again"
-    assert res2["history"][:len(ckpt_history)] == ckpt_history, "steps before the checkpoint were distilled again"
-    assert len({a for a in _my_train_workers() if a not in before}) >= 4, "no second worker group after the kill"
+    assert res2["history"][:len(k["ckpt_history"])] == k["ckpt_history"], "steps before the checkpoint were distilled again"
+    assert len(k["workers"]) >= 4, "no second worker group after the kill"
     assert pq.read_table(run / "distilled" / "krr-st" / "data").num_rows == 20
 
 

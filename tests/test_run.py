@@ -90,18 +90,14 @@ def test_train_stage_on_two_workers_resumes_from_its_checkpoint(full_run):
     none trained again. (One Ray Train run checks both ways of resuming; the worker kill was a test of its own in
     test_reliability.py.)"""
     import dataclasses
-    import os
-    import signal
-    import threading
     import time
 
     import numpy as np
     import torch
 
     from coopt_ray.config import load_config
-    from coopt_ray.student import latest_checkpoint, load_state
     from coopt_ray.train import run_train
-    from conftest import train_worker_actors as _my_train_workers
+    from conftest import run_and_kill_a_train_worker
     from test_reliability import wait_gone
 
     cfg_path, run, _ = full_run
@@ -119,51 +115,20 @@ def test_train_stage_on_two_workers_resumes_from_its_checkpoint(full_run):
     cfg = load_config(cfg_path)
     cfg2 = dataclasses.replace(cfg, student=dataclasses.replace(cfg.student, epochs=epochs))
     logs: list = []
-    result: dict = {}
-
-    def work():
-        try:
-            result["metrics"] = run_train(cfg2, run, log=logs.append)
-        except BaseException as e:  # noqa: BLE001 - re-raised in the test thread
-            result["error"] = e
-
-    before_ids = set(_my_train_workers())
     t0 = time.time()
-    th = threading.Thread(target=work, daemon=True)
-    th.start()
-    victim = ckpt_history = None
-    while victim is None and th.is_alive() and time.time() - t0 < 900:
-        latest = latest_checkpoint(exp)
-        if latest is not None and 1 <= latest[1]["epoch"] < epochs - 1:  # this run's checkpoint, not the last one
-            alive = {aid: pid for aid, (st, pid) in _my_train_workers().items()
-                     if aid not in before_ids and st == "ALIVE" and pid}
-            if len(alive) == 2:
-                try:
-                    ckpt_history = load_state(latest[0])["history"]
-                except (OSError, RuntimeError, EOFError):
-                    time.sleep(0.05)  # the checkpoint is still being written or pruned: look again, without spinning
-                    continue
-                aid, pid = sorted(alive.items())[-1]
-                os.kill(pid, signal.SIGKILL)  # mid-epoch: the next epoch started after this checkpoint
-                victim = (aid, pid, latest[1]["epoch"] + 1)
-                break
-        time.sleep(0.05)
-    th.join(timeout=900)
-    assert not th.is_alive(), "training did not finish after a worker was killed"
-    if "error" in result:
-        raise result["error"]
-    assert victim is not None, "training finished before a worker could be killed"
-    assert wait_gone({victim[1]}, 10) == set()
+    # killed after epoch 2's or 3's checkpoint (this run's, not the last one), while the next epoch runs
+    k = run_and_kill_a_train_worker(lambda: run_train(cfg2, run, log=logs.append), exp, after=(2, epochs - 1))
+    assert wait_gone({k["pid"]}, 10) == set()
 
-    m2 = result["metrics"]
+    m2 = k["result"]
     assert any("resuming after epoch 1" in line for line in logs), logs
     assert [h["epoch"] for h in m2["history"]] == list(range(1, epochs + 1))
     assert m2["history"][0] == m["history"][0]  # epoch 1 came from the first run's checkpoint, not a retrain
-    assert m2["history"][:len(ckpt_history)] == ckpt_history, "epochs before the checkpoint were trained again"
+    assert m2["history"][:len(k["ckpt_history"])] == k["ckpt_history"], "epochs before the checkpoint were trained again"
     assert (exp / f"checkpoint_epoch_{epochs - 1:04d}" / "state.pt").is_file()
-    workers = {aid for aid in _my_train_workers() if aid not in before_ids}
+    workers = k["workers"]
     assert len(workers) >= 4, f"expected a second worker group after the kill, saw {len(workers)} workers"
-    print(f"\ntrain worker kill: killed pid {victim[1]} after epoch {victim[2]}'s checkpoint; "
+    print(f"\ntrain worker kill: killed pid {k['pid']} after epoch {k['after']}'s checkpoint; "
           f"{len(workers)} worker actors in all; finished {epochs} epochs in {time.time() - t0:.0f}s")
 
 
