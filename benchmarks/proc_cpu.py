@@ -5,7 +5,9 @@ raylet, ...).
     python benchmarks/proc_cpu.py --out benchmarks/results/test_procs.txt -- .venv/bin/python -m pytest -q tests/test_run.py
 
 Every process on the machine is sampled each 0.2 s (``/proc/PID/stat``: user + system time), so a process that lives
-less than that is missed, and so is whatever else the machine runs at the time; run it on an otherwise idle machine.
+less than that is missed, and whatever else the machine runs at the time is counted too (processes already running
+count only what they use while the command runs; one with no command line, a kernel thread or a zombie, is named
+``[its name]``): run it on an otherwise idle machine.
 A Ray worker is counted under the last title it had that is not ``IDLE``.
 """
 from __future__ import annotations
@@ -42,6 +44,7 @@ def sample(seen: dict, me: int, tick: float) -> None:
         except OSError:
             continue
         f = stat.rsplit(")", 1)[1].split()
+        cmd = cmd or f"[{stat[stat.index('(') + 1:stat.rindex(')')]}]"  # no command line (a zombie): its name
         rec = seen.setdefault(p, [0.0, cmd])
         rec[0] = max(rec[0], (int(f[11]) + int(f[12])) / tick)
         if cmd and "IDLE" not in cmd:
@@ -72,11 +75,14 @@ def main(argv=None) -> int:
         ap.error("give the command to measure after --")
     seen: dict = {}
     tick, me = os.sysconf("SC_CLK_TCK"), os.getpid()
+    sample(seen, me, tick)  # what the processes already running had used: not the command's
+    base = {p: rec[0] for p, rec in seen.items()}
     t0 = time.time()
     proc = subprocess.Popen(cmd)
     while proc.poll() is None:
         sample(seen, me, tick)
         time.sleep(0.2)
+    seen = {p: [cpu - base.get(p, 0.0), cmd] for p, (cpu, cmd) in seen.items()}
     out = f"`{' '.join(cmd)}`: exit {proc.returncode}, {time.time() - t0:.0f} s\n\n{table(seen)}\n"
     print(out)
     if a.out:

@@ -141,11 +141,11 @@ def cmd_report(args) -> int:
 def cmd_run(args) -> int:
     from .pipeline import run_all
 
-    cfg = _load(args, check_models=False)  # run_all builds a missing default zoo, then checks models
-    if args.rounds is not None:
+    if args.rounds is not None:  # a bad --rounds is refused at once, before the config's checks import torch
         from .rounds import check_rounds_run
 
         check_rounds_run(Path(args.out), args.rounds)
+    cfg = _load(args, check_models=False)  # run_all builds a missing default zoo, then checks models
     run_all(cfg, args.out, address=args.address, log=log_line, rounds=args.rounds)
     return 0
 

@@ -6,15 +6,19 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 from _common import load, log, main, parse_args
 
 
 def run(argv=None) -> None:
+    from coopt_ray.rounds import check_rounds_run
+
     args = parse_args("coopt run (all stages) as a Ray job", argv, rounds=True)
+    if args.rounds is not None:  # a bad --rounds is refused at once, before the config's checks import torch
+        check_rounds_run(Path(args.out).expanduser().resolve(), args.rounds)
     cfg, out = load(args, check_models=False)  # run_all builds a missing default zoo, then checks
     from coopt_ray import pipeline
-    from coopt_ray.rounds import check_rounds_run
 
     count = cfg.rounds.count if args.rounds is None else args.rounds
     if args.rounds is not None or count > 1:

@@ -72,7 +72,7 @@ def bad_images(rng) -> dict[str, tuple[bytes, str]]:
 
 
 def build_folder(root: Path, n_good: int = 150, seed: int = 0):
-    """Class subfolders with good, unusual and bad files; returns (good ids, unusual ids, {bad id: reason})."""
+    """Class subfolders with good, unusual and bad files (a dangling link among the bad); returns (good ids, unusual ids, {bad id: reason})."""
     rng = np.random.default_rng(seed)
     classes = ["bag", "boot"]
     for c in classes:
@@ -92,6 +92,8 @@ def build_folder(root: Path, n_good: int = 150, seed: int = 0):
         name = f"{classes[j % 2]}/{fname}"
         (root / name).write_bytes(data)
         bad[name] = reason
+    (root / "boot" / "gone.png").symlink_to(root.parent / "deleted.png")  # listed, but it cannot be opened
+    bad["boot/gone.png"] = "cannot read file: No such file"
     (root / "bag" / "notes.txt").write_text("not an image extension: not part of the data set\n")
     return good, unusual, bad
 
@@ -199,6 +201,8 @@ def test_bad_images_end_to_end(folder, tmp_path, tiny_models, ray_session, capsy
         assert reason.startswith(bad[i]), (i, reason)
         assert stage == "embed"
     assert set(errs["participant"]) <= {"p0", "p1"}
+    # an image folder's partitions hold paths: each participant read only its own files' bytes
+    assert man["split"]["read_fraction"] and set(man["split"]["bytes_read"]) == {"p0", "p1"}
     assert man["total_rows"] == total and man["error_rows"] == len(bad)
     assert man["optimized_rows"] + man["error_rows"] == man["total_rows"]
     assert sum(p["error_rows"] for p in man["participants"]) == len(bad)
