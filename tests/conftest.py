@@ -194,6 +194,20 @@ def run_and_kill_a_train_worker(fn, exp: Path, after: tuple[int, int], timeout: 
     return out
 
 
+def cli_here(argv) -> tuple[int, str, str]:
+    """``coopt ARGV`` in this process (on the session's Ray when it is up: no Python or Ray start-up to pay for, and
+    its warm workers); ``(exit code, stdout, stderr)``."""
+    import contextlib
+    import io
+
+    from coopt_ray.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        rc = main([str(a) for a in argv])
+    return rc, out.getvalue(), err.getvalue()
+
+
 def copy_run(src: Path, dst: Path) -> Path:
     """A private copy of a shared RUN (its stages already done, so they are skipped where the config matches)."""
     import shutil

@@ -33,7 +33,7 @@ from coopt_ray.embeddings import column_matrix
 from coopt_ray.rundir import DONE
 from coopt_ray.pipeline import run_optimize
 
-from conftest import REPO, write_config
+from conftest import REPO, cli_here, forbid_ray_start, write_config
 
 PARTS = ("p0", "p1", "p2")
 
@@ -89,33 +89,10 @@ def cli_env() -> dict:
     return dict(os.environ, COOPT_PROGRESS="0", RAY_ADDRESS="local", RAY_OVERRIDE_RESOURCES=json.dumps({"CPU": 2}))
 
 
-def session_env() -> dict:
-    """A driver that joins the session's running Ray (no Ray start of its own to pay for)."""
-    from conftest import session_address
-
-    return dict(os.environ, COOPT_PROGRESS="0", RAY_ADDRESS=session_address())
-
-
 def start_cli(cfg: Path, out: Path, log: Path, env: Optional[dict] = None) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "coopt_ray", "optimize", "--config", str(cfg), "--out", str(out)],
                             cwd=REPO, env=env or cli_env(), stdout=log.open("w"), stderr=subprocess.STDOUT,
                             start_new_session=True)
-
-
-def run_cli(cfg: Path, out: Path, log: Path, timeout: float = 900, env: Optional[dict] = None) -> int:
-    """Run ``coopt optimize`` to the end; retry once when Ray itself misses its start-up deadline (a loaded
-    2-core machine can)."""
-    for _ in range(2):
-        p = start_cli(cfg, out, log, env)
-        try:
-            rc = p.wait(timeout=timeout)
-        finally:
-            if p.poll() is None:
-                os.killpg(p.pid, signal.SIGKILL)
-                p.wait()
-        if rc == 0 or "timed out during startup" not in log.read_text():
-            return rc
-    return rc
 
 
 def kill_group(p: subprocess.Popen) -> set[int]:
@@ -195,12 +172,11 @@ def test_driver_killed_mid_optimize_resumes_without_loss(tmp_path, tiny_models, 
 
     # The rerun on the same --out finishes; the finished participants are not embedded again.
     t1 = time.time()
-    # (the rerun and the reference join the session's Ray: what is checked here is RUN, not Ray's start-up)
-    assert run_cli(cfg_path, run, tmp_path / "rerun.log", env=session_env()) == 0, \
-        (tmp_path / "rerun.log").read_text()[-3000:]
+    # (the rerun runs here, on the session's Ray, as the reference did: what is checked is RUN, not Ray's start-up)
+    rc, rerun_log, err = cli_here(["optimize", "--config", cfg_path, "--out", run])
+    assert rc == 0, (rerun_log + err)[-3000:]
     t_rerun = time.time() - t1
     check_all_gone()
-    rerun_log = (tmp_path / "rerun.log").read_text()
     for name, mtime in finished.items():
         assert (run / "embeddings" / name / DONE).stat().st_mtime_ns == mtime, f"{name} was recomputed"
         assert f"{name}: already done" in rerun_log
@@ -225,12 +201,11 @@ def test_driver_killed_mid_optimize_resumes_without_loss(tmp_path, tiny_models, 
     # A changed config on the same --out is refused with a clear message, not mixed in.
     before = {f: f.stat().st_mtime_ns for f in run.rglob("*") if f.is_file()}
     changed = write_config(tmp_path / "changed.yaml", tiny_models, seed=1)
-    q = subprocess.run([sys.executable, "-m", "coopt_ray", "optimize", "--config", str(changed), "--out", str(run)],
-                       cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=300)
-    assert q.returncode == 2, q.stderr[-3000:]
-    err = q.stderr.strip().splitlines()
-    assert len(err) == 1 and "was made with a different config (differs in: seed)" in err[0], err
-    assert "[ray] connected" not in q.stdout  # refused before Ray started
+    with pytest.MonkeyPatch.context() as mp:
+        forbid_ray_start(mp, "a changed config must be refused before any cluster work")
+        rc, _, err = cli_here(["optimize", "--config", changed, "--out", run])
+    err = err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "was made with a different config (differs in: seed)" in err[0], err
     assert {f: f.stat().st_mtime_ns for f in run.rglob("*") if f.is_file()} == before
     print(f"\ndriver kill: killed at {t_kill:.0f}s with {sorted(finished)} done; rerun {t_rerun:.0f}s; "
           f"max target diff {diff:.2e}")

@@ -3,8 +3,6 @@ RUN, a 2-worker student), rerun skipping, `coopt report`, resuming training on 2
 and the zoo hook."""
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import sys
 import types
@@ -12,16 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from coopt_ray.cli import main
+from conftest import cli_here
 
 ARCH = "resnet10t"
-
-
-def _main(argv) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        rc = main([str(a) for a in argv])
-    return rc, out.getvalue(), err.getvalue()
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +26,7 @@ def full_run(tmp_path_factory, tiny_models, shared_optimized):
                        student={"arch": ARCH, "epochs": 1, "batch_size": 32, "workers": 2},
                        eval={"probe_epochs": 5, "probe_limit": 200, "test_limit": 100})
     copy_run(shared_optimized, root / "run")
-    rc, out, err = _main(["run", "--config", cfg, "--out", root / "run"])
+    rc, out, err = cli_here(["run", "--config", cfg, "--out", root / "run"])
     assert rc == 0, err
     assert "[optimize] already done" in out
     return cfg, root / "run", out
@@ -64,7 +55,7 @@ def test_run_writes_every_stage_and_prints_the_table(full_run):
 def test_rerun_skips_finished_stages(full_run):
     cfg, run, _ = full_run
     before = (run / "student" / "student.pt").stat().st_mtime_ns
-    rc, out, err = _main(["run", "--config", cfg, "--out", run])
+    rc, out, err = cli_here(["run", "--config", cfg, "--out", run])
     assert rc == 0, err
     assert "[optimize] already done" in out and "[train] already done" in out and "[evaluate] already done" in out
     assert (run / "student" / "student.pt").stat().st_mtime_ns == before
@@ -75,7 +66,7 @@ def test_report_command_rebuilds_the_page(full_run):
 
     _, run, _ = full_run
     shutil.rmtree(run / "report")
-    rc, out, err = _main(["report", "--run", run])
+    rc, out, err = cli_here(["report", "--run", run])
     assert rc == 0, err
     page = (run / "report" / "report.html").read_text()
     assert "Linear probe" in page and f"student {ARCH}" in page and 'src="shared_pca.png"' in page
@@ -136,11 +127,11 @@ def test_stages_in_the_wrong_order_fail_with_a_hint(tmp_path, tiny_models):
     from conftest import write_config
 
     cfg = write_config(tmp_path / "c.yaml", tiny_models[:1], student={"arch": ARCH})
-    rc, _, err = _main(["train", "--config", cfg, "--run", tmp_path / "empty"])
+    rc, _, err = cli_here(["train", "--config", cfg, "--run", tmp_path / "empty"])
     assert rc == 1 and "coopt optimize" in err
-    rc, _, err = _main(["evaluate", "--config", cfg, "--run", tmp_path / "empty"])
+    rc, _, err = cli_here(["evaluate", "--config", cfg, "--run", tmp_path / "empty"])
     assert rc == 1 and "coopt train" in err
-    rc, _, err = _main(["report", "--run", tmp_path / "empty"])
+    rc, _, err = cli_here(["report", "--run", tmp_path / "empty"])
     assert rc == 1 and "manifest.json" in err
 
 
@@ -162,10 +153,10 @@ def test_run_builds_the_default_zoo_only_when_a_teacher_is_missing(tmp_path, tin
     text = (tmp_path / "c.yaml").read_text().replace(tiny_models[0], "local-dir:clip-missing")
     (tmp_path / "c.yaml").write_text(text)
     with pytest.raises(Stop):
-        _main(["run", "--config", cfg, "--out", tmp_path / "run"])
+        cli_here(["run", "--config", cfg, "--out", tmp_path / "run"])
     assert calls == [str(tmp_path / "zoo")]
     calls.clear()
-    rc, _, err = _main(["run", "--config", cfg, "--out", tmp_path / "run", "--zoo", tmp_path / "elsewhere"])
+    rc, _, err = cli_here(["run", "--config", cfg, "--out", tmp_path / "run", "--zoo", tmp_path / "elsewhere"])
     assert rc == 2 and "model folder not found" in err and calls == []  # a non-default zoo is never built
 
 
