@@ -148,44 +148,48 @@ def test_merge_keeps_every_rows_own_target_and_s_for_every_participant(shared_op
 
 
 # ---------------------------------------------------------------- the train stage
+def check_heads(run, m: dict, mode: str) -> None:
+    """A train stage with ``student.heads: mode`` on RUN (its metrics ``m``): each head trained on its own rows and
+    S, metrics.json says what each head learned, and the student loads back with its heads. (``both`` on two Ray
+    Train workers, DDP with a ModuleDict of heads, is checked on tests/test_run.py's run.)"""
+    man = json.loads((run / "manifest.json").read_text())
+    names = [p["name"] for p in man["participants"]]
+    owned = pq.read_table(run / "optimized", columns=["participant"]).column("participant").to_pylist()
+    shared = pq.read_table(run / "shared_rows.parquet", columns=["participant"]).column("participant").to_pylist()
+    assert m["heads_mode"] == mode and m["aligned_head"] == (mode == "both") and m["primary_head"] == man["best"]
+    info = m["head_info"]
+    assert set(info) == set(names)
+    # every row of the epoch went to exactly one head (drop_last may leave a partial batch out)
+    assert sum(i["rows"] for i in info.values()) == m["history"][-1]["images"]
+    for n in names:
+        avail = owned.count(n) + shared.count(n)
+        assert 0 < info[n]["rows"] <= avail and np.isfinite(info[n]["loss"][-1])
+        assert info[n]["target_dim"] == dict((p["name"], p["embed_dim"]) for p in man["participants"])[n]
+    student, meta = load_student(run)
+    x = torch.rand(2, 3, 32, 32)
+    aligned, outs = student(x, all_heads=True)
+    assert (aligned is not None) == (mode == "both") and set(outs) == set(names)
+    assert student(x).shape[1] == meta["head_dim"]
+    from coopt_ray.report import build_report
+
+    page = build_report(run, log=lambda *_: None).read_text()
+    assert "Student heads" in page and all(n in page for n in names)
+
+
 @pytest.mark.slow
 def test_train_stage_with_per_participant_heads(shared_optimized, tiny_models, tmp_path):
-    """``both``, two Ray Train workers (DDP with a ModuleDict of heads), then ``per-participant`` in the driver: each
-    head trains on its own rows and S, metrics.json and report.html say what each head learned, and the student
-    loads back with its heads."""
+    """``per-participant`` (no aligned head) in the driver: each head trains on its own rows and S."""
     from conftest import copy_run, session_address, write_config
     from coopt_ray.config import load_config
     from coopt_ray.train import run_train
 
     run = copy_run(shared_optimized, tmp_path / "run")
-    man = json.loads((run / "manifest.json").read_text())
-    names = [p["name"] for p in man["participants"]]
-    owned = pq.read_table(run / "optimized", columns=["participant"]).column("participant").to_pylist()
-    shared = pq.read_table(run / "shared_rows.parquet", columns=["participant"]).column("participant").to_pylist()
     lines = []
-    for mode, workers in (("both", 2), ("per-participant", 0)):
-        cfg = load_config(write_config(tmp_path / f"{mode}.yaml", tiny_models, student={
-            "arch": ARCH, "epochs": 1, "batch_size": 50, "workers": workers, "heads": mode}))
-        m = run_train(cfg, run, address=session_address(), log=lines.append)
-        assert m["heads_mode"] == mode and m["aligned_head"] == (mode == "both") and m["primary_head"] == man["best"]
-        info = m["head_info"]
-        assert set(info) == set(names)
-        # every row of the epoch went to exactly one head (drop_last may leave a partial batch out)
-        assert sum(i["rows"] for i in info.values()) == m["history"][-1]["images"]
-        for n in names:
-            avail = owned.count(n) + shared.count(n)
-            assert 0 < info[n]["rows"] <= avail and np.isfinite(info[n]["loss"][-1])
-            assert info[n]["target_dim"] == dict((p["name"], p["embed_dim"]) for p in man["participants"])[n]
-        student, meta = load_student(run)
-        x = torch.rand(2, 3, 32, 32)
-        aligned, outs = student(x, all_heads=True)
-        assert (aligned is not None) == (mode == "both") and set(outs) == set(names)
-        assert student(x).shape[1] == meta["head_dim"]
+    cfg = load_config(write_config(tmp_path / "c.yaml", tiny_models, student={
+        "arch": ARCH, "epochs": 1, "batch_size": 50, "workers": 0, "heads": "per-participant"}))
+    m = run_train(cfg, run, address=session_address(), log=lines.append)
+    check_heads(run, m, "per-participant")
     assert any("[train] heads: per-participant" in ln for ln in lines)
-    from coopt_ray.report import build_report
-
-    page = build_report(run, log=lambda *_: None).read_text()
-    assert "Student heads" in page and all(n in page for n in names)
 
 
 def test_heads_setting_changes_what_training_depends_on_and_its_default_does_not(tmp_path, tiny_models):

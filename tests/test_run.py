@@ -1,5 +1,5 @@
 """`coopt run` end to end on a local Ray (tiny open_clip teachers, 300 images: a copy of the session's optimized
-RUN, a 2-worker student), rerun skipping, `coopt report`, resuming training on 2 workers (a new run, and a killed worker), stage commands in the wrong order,
+RUN, a 2-worker student with an aligned head and one per participant), rerun skipping, `coopt report`, resuming training on 2 workers (a new run, and a killed worker), stage commands in the wrong order,
 and the zoo hook."""
 from __future__ import annotations
 
@@ -18,12 +18,13 @@ ARCH = "resnet10t"
 @pytest.fixture(scope="module")
 def full_run(tmp_path_factory, tiny_models, shared_optimized):
     """`coopt run` to the end on a copy of the session's optimized RUN (its optimize stage is skipped: the same
-    config sections), so train (2 Ray Train workers), evaluate and report run here."""
+    config sections), so train (2 Ray Train workers; student.heads: both, the aligned head and one per participant),
+    evaluate and report run here."""
     from conftest import copy_run, write_config
 
     root = tmp_path_factory.mktemp("full")
     cfg = write_config(root / "c.yaml", tiny_models,
-                       student={"arch": ARCH, "epochs": 1, "batch_size": 32, "workers": 2},
+                       student={"arch": ARCH, "epochs": 1, "batch_size": 32, "workers": 2, "heads": "both"},
                        eval={"probe_epochs": 5, "probe_limit": 200, "test_limit": 100})
     copy_run(shared_optimized, root / "run")
     rc, out, err = cli_here(["run", "--config", cfg, "--out", root / "run"])
@@ -33,7 +34,10 @@ def full_run(tmp_path_factory, tiny_models, shared_optimized):
 
 
 def test_run_writes_every_stage_and_prints_the_table(full_run):
+    from test_heads import check_heads
+
     _, run, out = full_run
+    check_heads(run, json.loads((run / "student" / "metrics.json").read_text()), "both")  # DDP, a ModuleDict of heads
     for rel in ("manifest.json", "optimized", "student/student.pt", "student/metrics.json", "student/_DONE.json",
                 "eval.json", "report/report.html"):
         assert (run / rel).exists(), rel
@@ -94,7 +98,10 @@ def test_train_stage_on_two_workers_resumes_from_its_checkpoint(full_run):
     cfg_path, run, _ = full_run
     m = json.loads((run / "student" / "metrics.json").read_text())
     assert m["workers"] == 2 and m["rows"] == 300 and len(m["history"]) == 1
-    assert m["history"][0]["images"] == 288  # 2 workers x 9 full batches of 16 (drop_last)
+    import pyarrow.parquet as pq
+
+    extra = pq.read_metadata(run / "shared_rows.parquet").num_rows  # S's rows of the participants not owning them
+    assert m["history"][0]["images"] == 2 * 16 * ((300 + extra) // 2 // 16)  # 2 workers x full batches of 16
     assert np.isfinite(m["loss"][0])
     exp = run / "student" / "ray_results" / f"coopt-train-{run.name}"
     assert (exp / "checkpoint_epoch_0000" / "state.pt").is_file()
