@@ -98,8 +98,8 @@ def forbid_ray_start(monkeypatch, why: str = "Ray was started for a bad config")
 def start_local_ray():
     """The session's local Ray (more logical CPUs than workers: 2 physical cores); no-op if Ray is up.
 
-    Modules that need their own cluster (tests/test_placement.py) shut it down and call this again
-    afterwards, so later tests using ``ray_session`` still find it running.
+    Tests that need their own cluster (tests/test_placement.py) shut it down; they run last
+    (:func:`pytest_collection_modifyitems`).
     """
     import ray
 
@@ -219,6 +219,14 @@ def copy_run(src: Path, dst: Path) -> Path:
 # ---------------------------------------------------------------- the README's zoo, built in the machine's idle time
 README_SEQUENCE = "tests/test_readme_cluster.py::test_readme_cluster_sequence_runs_as_documented"
 _zoo_build: dict = {}
+
+
+def pytest_collection_modifyitems(session, config, items):
+    """Tests on a multi-node cluster of their own (the ``gpu_cluster`` fixture of tests/test_placement.py) run last:
+    the driver can join one cluster at a time, so they shut the session's Ray down, and every test after them would
+    pay for a new one and for its workers' start-ups again."""
+    own = [it for it in items if "gpu_cluster" in getattr(it, "fixturenames", ())]
+    items[:] = [it for it in items if it not in own] + own
 
 
 def pytest_collection_finish(session):

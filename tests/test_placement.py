@@ -21,7 +21,7 @@ from coopt_ray.config import ConfigError, ParticipantConfig, load_config
 from coopt_ray.cluster import label_matches, plan_waves
 from coopt_ray.devices import SIMULATED_ENV
 
-from conftest import start_local_ray, write_config
+from conftest import write_config
 
 
 def _node(i, cpu, gpu=0, labels=None, **extra):
@@ -152,8 +152,7 @@ class GpuCluster:
 def gpu_cluster():
     import ray
 
-    was_up = ray.is_initialized()
-    ray.shutdown()
+    ray.shutdown()  # the session's: these tests run last (conftest)
     old = os.environ.get(SIMULATED_ENV)
     os.environ[SIMULATED_ENV] = "1"  # the nodes inherit it: their GPUs are only declared, so GPU stages use the CPU
     c = GpuCluster()
@@ -166,8 +165,7 @@ def gpu_cluster():
             os.environ.pop(SIMULATED_ENV)
         else:
             os.environ[SIMULATED_ENV] = old
-        if was_up:
-            start_local_ray()
+        # no new session Ray: conftest runs the tests on this cluster after every other test
 
 
 @pytest.fixture
