@@ -222,18 +222,28 @@ _zoo_build: dict = {}
 
 
 def pytest_collection_modifyitems(session, config, items):
-    """Tests on a multi-node cluster of their own (the ``gpu_cluster`` fixture of tests/test_placement.py) run last:
+    """The README's cluster sequence runs after the other tests, so its early `make zoo` (see
+    :func:`pytest_collection_finish`) has had the whole suite's idle time to finish, rather than being waited for.
+    Tests on a multi-node cluster of their own (the ``gpu_cluster`` fixture of tests/test_placement.py) run last:
     the driver can join one cluster at a time, so they shut the session's Ray down, and every test after them would
     pay for a new one and for its workers' start-ups again."""
     own = [it for it in items if "gpu_cluster" in getattr(it, "fixturenames", ())]
-    items[:] = [it for it in items if it not in own] + own
+    readme = [it for it in items if it.nodeid == README_SEQUENCE]
+    items[:] = [it for it in items if it not in own and it not in readme] + readme + own
+
+
+def _lowest_priority() -> None:
+    """This process and all it starts run only when the CPU would otherwise be idle (SCHED_IDLE: a test's thread
+    that wakes takes the core at once, so torch's thread pools in the tests are not held up), and at nice 19."""
+    os.nice(19)
+    os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
 
 
 def pytest_collection_finish(session):
     """When the README's cluster sequence is selected, start its first step's `make zoo` now, at the lowest CPU
-    priority (nice 19), so the teachers train in the time the other tests leave the two cores idle (about a third of
-    it: they wait on process start-ups). The sequence waits for this build, then runs `make setup && make zoo` itself,
-    as the page says, which finds the teachers built (:func:`readme_zoo_build`)."""
+    priority (SCHED_IDLE, nice 19), so the teachers train in the time the other tests leave the two cores idle (they
+    wait on process start-ups). The sequence, run after the other tests, waits for this build, then runs
+    `make setup && make zoo` itself, as the page says, which finds the teachers built (:func:`readme_zoo_build`)."""
     import subprocess
     import tempfile
 
@@ -243,7 +253,7 @@ def pytest_collection_finish(session):
     _zoo_build["log"] = log
     _zoo_build["proc"] = subprocess.Popen(["make", "zoo"], cwd=REPO, stdout=log.open("w"), stderr=subprocess.STDOUT,
                                           stdin=subprocess.DEVNULL, start_new_session=True,
-                                          preexec_fn=lambda: os.nice(19))
+                                          preexec_fn=_lowest_priority)
 
 
 def readme_zoo_build(timeout: float = 1500) -> tuple[int, str]:

@@ -72,7 +72,8 @@ def bad_images(rng) -> dict[str, tuple[bytes, str]]:
 
 
 def build_folder(root: Path, n_good: int = 150, seed: int = 0):
-    """Class subfolders with good, unusual and bad files (a dangling link among the bad); returns (good ids, unusual ids, {bad id: reason})."""
+    """Class subfolders with good, unusual and bad files (a dangling link among the bad); returns (good ids, unusual
+    ids, {bad id: reason})."""
     rng = np.random.default_rng(seed)
     classes = ["bag", "boot"]
     for c in classes:
