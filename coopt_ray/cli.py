@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from .config import Config, ConfigError, load_config
-from .preflight import check_paths
 from .rundir import RunError
 
 
@@ -28,14 +27,16 @@ def _load(args, check_models: bool = True) -> Config:
         cfg = dataclasses.replace(cfg, max_error_fraction=args.max_error_fraction)
     if getattr(args, "zoo", None):
         cfg = dataclasses.replace(cfg, zoo_dir=args.zoo)
+    from .preflight import check_paths  # after the config's own checks: a bad value exits before torch loads
+
     check_paths(cfg, check_models=check_models)
     return cfg
 
 
 def cmd_optimize(args) -> int:
+    cfg = _load(args)
     from .pipeline import run_optimize
 
-    cfg = _load(args)
     run_optimize(cfg, args.out, address=args.address, log=log_line)
     return 0
 
@@ -95,25 +96,25 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_train(args) -> int:
+    cfg = _load(args, check_models=False)  # the student reads RUN/optimized; no teacher runs here
     from .train import run_train
 
-    cfg = _load(args, check_models=False)  # the student reads RUN/optimized; no teacher runs here
     run_train(cfg, args.out, address=args.address, log=log_line)
     return 0
 
 
 def cmd_distill(args) -> int:
+    cfg = _load(args, check_models=False)  # distillation reads RUN/optimized; no teacher runs here
     from .distill.stage import run_distill
 
-    cfg = _load(args, check_models=False)  # distillation reads RUN/optimized; no teacher runs here
     run_distill(cfg, args.out, address=args.address, log=log_line)
     return 0
 
 
 def cmd_evaluate(args) -> int:
+    cfg = _load(args)
     from .evaluate import run_evaluate
 
-    cfg = _load(args)
     run_evaluate(cfg, args.out, address=args.address, log=log_line)
     return 0
 
@@ -139,13 +140,13 @@ def cmd_report(args) -> int:
 
 
 def cmd_run(args) -> int:
-    from .pipeline import run_all
-
     if args.rounds is not None:  # a bad --rounds is refused at once, before the config's checks import torch
         from .rounds import check_rounds_run
 
         check_rounds_run(Path(args.out), args.rounds)
     cfg = _load(args, check_models=False)  # run_all builds a missing default zoo, then checks models
+    from .pipeline import run_all
+
     run_all(cfg, args.out, address=args.address, log=log_line, rounds=args.rounds)
     return 0
 

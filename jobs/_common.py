@@ -44,9 +44,10 @@ def parse_args(description: str, argv=None, rounds: bool = False) -> argparse.Na
 def load(args, check_models: bool = True):
     """Config from ``args`` with the zoo override and file checks; the absolute run directory."""
     from coopt_ray.config import load_config
-    from coopt_ray.preflight import check_paths
 
     cfg = load_config(args.config)
+    from coopt_ray.preflight import check_paths  # after the config's own checks: a bad value exits before torch loads
+
     if args.zoo:
         cfg = dataclasses.replace(cfg, zoo_dir=str(Path(args.zoo).expanduser().resolve()))
     check_paths(cfg, check_models=check_models)

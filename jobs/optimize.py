@@ -10,10 +10,9 @@ from _common import load, log, main, parse_args
 
 
 def run(argv=None) -> None:
-    from coopt_ray.pipeline import run_optimize
-
     args = parse_args("coopt optimize as a Ray job", argv)
     cfg, out = load(args)
+    from coopt_ray.pipeline import run_optimize  # after the config checks: a bad config exits before torch loads
     man = run_optimize(cfg, out, address=args.address, log=log)
     log(f"[job] optimized dataset: {out / 'optimized'} ({man['optimized_rows']} rows, best model {man['best']})")
     log(f"[job] manifest: {out / 'manifest.json'}")
