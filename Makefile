@@ -32,12 +32,12 @@ data:
 setup: $(VENV)/.installed data
 
 # Every test, the multi-node, job and kill tests and docs/cluster.md's cluster sequence included (what CI runs;
-# 14 min 3 s to 17 min 25 s from a fresh clone on 2 cores, setup included, by the host's speed, 2026-12-02).
+# 14-17 min on a fast 2-core host, 22-26 min on a slow one, from a fresh clone with setup: README, Tests).
 test: setup
 	$(PY) -m pytest -q --durations=15 $(PYTEST_ARGS)
 
 # Without the tests marked slow (the cluster sequence, multi-node, job and kill tests, the longer pipeline runs, the
-# zoo's parallel build, the student-learns and labeled-distillation benchmark checks): 5 min 4 s on a slow 2-core host.
+# zoo's parallel build, the student-learns and labeled-distillation benchmark checks): 5-6 min on a slow 2-core host.
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
