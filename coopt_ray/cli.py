@@ -19,7 +19,9 @@ def log_line(msg: str) -> None:
     sys.stdout.flush()
 
 
-def _load(args, check_models: bool = True) -> Config:
+def load_checked(args, check_models: bool = True) -> Config:
+    """The config of ``args.config`` with ``--max-error-fraction`` and ``--zoo`` applied, validated, then its paths
+    checked (``coopt`` and the job entrypoints alike)."""
     cfg = load_config(args.config)
     if getattr(args, "max_error_fraction", None) is not None:
         if not 0 <= args.max_error_fraction <= 1:
@@ -34,7 +36,7 @@ def _load(args, check_models: bool = True) -> Config:
 
 
 def cmd_optimize(args) -> int:
-    cfg = _load(args)
+    cfg = load_checked(args)
     from .pipeline import run_optimize
 
     run_optimize(cfg, args.out, address=args.address, log=log_line)
@@ -96,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_train(args) -> int:
-    cfg = _load(args, check_models=False)  # the student reads RUN/optimized; no teacher runs here
+    cfg = load_checked(args, check_models=False)  # the student reads RUN/optimized; no teacher runs here
     from .train import run_train
 
     run_train(cfg, args.out, address=args.address, log=log_line)
@@ -104,7 +106,7 @@ def cmd_train(args) -> int:
 
 
 def cmd_distill(args) -> int:
-    cfg = _load(args, check_models=False)  # distillation reads RUN/optimized; no teacher runs here
+    cfg = load_checked(args, check_models=False)  # distillation reads RUN/optimized; no teacher runs here
     from .distill.stage import run_distill
 
     run_distill(cfg, args.out, address=args.address, log=log_line)
@@ -112,7 +114,7 @@ def cmd_distill(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
-    cfg = _load(args)
+    cfg = load_checked(args)
     from .evaluate import run_evaluate
 
     run_evaluate(cfg, args.out, address=args.address, log=log_line)
@@ -144,7 +146,7 @@ def cmd_run(args) -> int:
         from .rounds import check_rounds_run
 
         check_rounds_run(Path(args.out), args.rounds)
-    cfg = _load(args, check_models=False)  # run_all builds a missing default zoo, then checks models
+    cfg = load_checked(args, check_models=False)  # run_all builds a missing default zoo, then checks models
     from .pipeline import run_all
 
     run_all(cfg, args.out, address=args.address, log=log_line, rounds=args.rounds)

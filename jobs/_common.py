@@ -7,7 +7,6 @@ supervisor) and connects with ``address="auto"``; run by hand it starts a local 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import sys
 from pathlib import Path
@@ -43,14 +42,11 @@ def parse_args(description: str, argv=None, rounds: bool = False) -> argparse.Na
 
 def load(args, check_models: bool = True):
     """Config from ``args`` with the zoo override and file checks; the absolute run directory."""
-    from coopt_ray.config import load_config
+    from coopt_ray.cli import load_checked
 
-    cfg = load_config(args.config)
-    from coopt_ray.preflight import check_paths  # after the config's own checks: a bad value exits before torch loads
-
-    if args.zoo:
-        cfg = dataclasses.replace(cfg, zoo_dir=str(Path(args.zoo).expanduser().resolve()))
-    check_paths(cfg, check_models=check_models)
+    if args.zoo:  # absolute: a job's driver runs in its copy of the working dir
+        args = argparse.Namespace(**{**vars(args), "zoo": str(Path(args.zoo).expanduser().resolve())})
+    cfg = load_checked(args, check_models=check_models)
     out = Path(args.out).expanduser().resolve()
     if os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") and not Path(args.out).expanduser().is_absolute():
         log(f"[job] warning: --out {args.out} is relative, so it lands in this job's copy of the working dir "
