@@ -189,17 +189,26 @@ def test_two_rounds_killed_in_round_two_resume_without_redoing_round_one(tmp_pat
     r1, r2 = run / "rounds" / "1", run / "rounds" / "2"
     from conftest import session_address
 
+    # Round 1 runs here, in pytest's own driver on the session's Ray (its warm workers): `--rounds 1`, which a
+    # later `--rounds 2` on the same --out extends.
+    rc, out1, err = cli_here(["run", "--config", cfg, "--out", run, "--rounds", "1"])
+    assert rc == 0, (out1 + err)[-3000:]
+    assert (r1 / "_DONE.json").exists() and not r2.exists()
+    stamps = {f: (r1 / f).stat().st_mtime_ns for f in ("_DONE.json", "eval.json", "manifest.json", "student/student.pt")}
+
     # The killed driver joins the session's Ray (no start-up of its own): killing it ends its job, and Ray removes
     # that job's actors and tasks; what is checked here is what RUN keeps across the kill.
     p = _start(cfg, run, log, session_address())
     t0 = time.time()
-    # Kill once round 2 has finished embedding its first participant (round 1 is complete by then).
+    # Kill once round 2 has finished embedding its first participant.
     while p.poll() is None and not list((r2 / "embeddings").glob("*/_DONE.json")) and time.time() - t0 < 600:
         time.sleep(0.2)
     assert p.poll() is None, "finished or failed before it could be killed:\n" + log.read_text()[-3000:]
     kill_group(p)
-    assert (r1 / "_DONE.json").exists() and not (r2 / "_DONE.json").exists()
-    stamps = {f: (r1 / f).stat().st_mtime_ns for f in ("_DONE.json", "eval.json", "manifest.json", "student/student.pt")}
+    killed = log.read_text()
+    assert "[rounds] round 1: already done" in killed and "==== round 1/2" not in killed, killed[-3000:]
+    assert not (r2 / "_DONE.json").exists()
+    assert stamps == {f: (r1 / f).stat().st_mtime_ns for f in stamps}  # the killed driver left round 1 alone
 
     # the resumed run: here, in pytest's own driver on the same Ray (its warm workers; no start-up of its own)
     rc, out, err = cli_here(["run", "--config", cfg, "--out", run, "--rounds", "2"])
