@@ -26,11 +26,12 @@ GROUPS = [
                                             r"within_seconds|fourth|three_gpu|adding|of_the_live)"),
     ("Ray Jobs head (ray start --head, job submit)", r"test_jobs\.py::test_(dashboard|optimize_job|bad_config_job)"),
     ("subprocess CLI drivers (python start-up, imports)", r"test_jobs\.py|test_config\.py::test_config_error_on_command"
-                                                         r"|test_bad_configs\.py::test_num_gpus|test_rounds\.py::test_rounds_job"),
+                                                         r"|test_rounds\.py::test_rounds_job"),
     ("shared session artefacts (optimized RUN, Ray start)", r" setup$"),
     ("pipeline runs on the session Ray (optimize/train/evaluate)", r"test_(run|optimize|distill|mdatm_stage|evaluate|"
                                                                   r"bad_images|split|webdataset|safety|rounds|families|"
-                                                                  r"embed_stage|devices|heads)\.py"),
+                                                                  r"embed_stage|devices|heads)\.py"
+                                                                  r"|test_bad_configs\.py::test_num_gpus"),
     ("in-process model training (students, zoo, baselines)", r"test_(train|zoo|student_learns|benchmarks_smoke|mdatm|"
                                                               r"export)\.py"),
     ("unit tests (math, configs, files)", r"."),

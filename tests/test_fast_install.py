@@ -47,3 +47,21 @@ def test_without_uv_it_exits_non_zero_so_that_make_falls_back_to_pip(tmp_path):
     out = subprocess.run([str(venv / "bin" / "python"), str(ROOT / "cluster" / "fast_install.py"), "-e", "."],
                          capture_output=True, text=True, env=env)
     assert out.returncode == 3 and "installing with pip instead" in out.stderr, out.stderr
+
+
+def test_setup_compiles_the_bytecode_of_every_supported_hf_architecture_and_no_test_folder():
+    """The Makefile's compileall skip (PYC_SKIP) keeps the model code of every Hugging Face architecture coopt loads
+    (families.HF_TYPES), the auto classes and the package roots, and skips test folders and other architectures."""
+    import re
+
+    from coopt_ray.families import HF_TYPES
+
+    line = next(ln for ln in (ROOT / "Makefile").read_text().splitlines() if ln.startswith("PYC_SKIP :="))
+    skip = re.compile(line.split(":=", 1)[1].strip())
+    site = "/v/lib/python3.11/site-packages/"
+    for t in {t.replace("_vision_model", "") for t in HF_TYPES} | {"auto", "bit", "encoder_decoder"}:
+        assert not skip.search(f"{site}transformers/models/{t}/modeling_{t}.py"), t
+    for kept in ("transformers/models/__init__.py", "torch/testing/_comparison.py", "ray/data/dataset.py"):
+        assert not skip.search(site + kept), kept
+    for skipped in ("transformers/models/llama/modeling_llama.py", "pandas/tests/io/test_csv.py", "ray/tests/x.py"):
+        assert skip.search(site + skipped), skipped
