@@ -12,7 +12,7 @@ leave none of the nodes' processes behind.
 The two jobs are also the suite's check of placement on a live multi-node cluster (the planning itself is tested
 without Ray in tests/test_placement.py). From the cluster's actor table (`ray list actors`, asked through the
 dashboard with the token) and each job's log: with 2 GPU nodes the first two pools run at once on different GPU
-nodes and the third starts when one of them finishes; with 4 GPU nodes all four pools run at once, one per GPU node,
+nodes and the third starts when one of them finishes; with 3 GPU nodes all three pools run at once, one per GPU node,
 none on the head.
 """
 from __future__ import annotations
@@ -101,7 +101,7 @@ def pool_order(log: str, names) -> tuple[dict, dict]:
 def check_placement(env: dict, log: str, seen: dict, gpu_nodes: int) -> dict:
     """The job that just ran (its pools are the actors not in ``seen``) placed its pools as the page says, on a
     cluster with ``gpu_nodes`` GPU nodes; returns the actor table's pools for the next call."""
-    names = ["p0", "p1", "p2", "p3"]
+    names = ["p0", "p1", "p2"]
     pools = pool_nodes(env)
     new = {j: v for j, v in pools.items() if j not in seen}
     assert len(new) == 1, f"expected one new job's pools, got {new}"
@@ -114,8 +114,8 @@ def check_placement(env: dict, log: str, seen: dict, gpu_nodes: int) -> dict:
         assert where["p0"] != where["p1"], where
         assert "identical pools: running 2 at a time, the next starting as one finishes" in log
         assert max(start["p0"], start["p1"]) < min(done["p0"], done["p1"]) < start["p2"], (start, done)
-    else:  # all four pools at once, one per GPU node
-        assert len(set().union(*where.values())) == 4, where
+    else:  # all three pools at once, one per GPU node
+        assert len(set().union(*where.values())) == 3, where
         assert max(start.values()) < min(done.values()), (start, done)
     return pools
 
@@ -163,15 +163,15 @@ def test_readme_cluster_sequence_runs_as_documented(tmp_path):
                     assert piece in out.stdout + out.stderr, f"the page says `{cmd[:60]}` prints {w!r}; see {log}"
             if "ray job submit" in cmd:
                 assert re.search(r"Job '\S+' succeeded", out.stdout + out.stderr), (out.stdout + out.stderr)[-3000:]
-                jobs = check_placement(env, out.stdout + out.stderr, jobs, gpu_nodes=2 if not jobs else 4)
+                jobs = check_placement(env, out.stdout + out.stderr, jobs, gpu_nodes=2 if not jobs else 3)
         # the optimize job (jobs/optimize.py under `ray job submit`, token auth on) accounted for every image
         man = json.loads((outs[0] / "manifest.json").read_text())
         assert man["total_rows"] == 500 and man["optimized_rows"] + man["error_rows"] == 500, man
-        assert [q["name"] for q in man["participants"]] == ["p0", "p1", "p2", "p3"]
+        assert [q["name"] for q in man["participants"]] == ["p0", "p1", "p2"]
         run = outs[1]
         for f in ("manifest.json", "eval.json", "report/report.html", "student/student.pt"):
             assert (run / f).exists(), f
-        man = json.loads((run / "manifest.json").read_text())  # the 4 pools at once also accounted for every image
+        man = json.loads((run / "manifest.json").read_text())  # the 3 pools at once also accounted for every image
         assert man["optimized_rows"] + man["error_rows"] == man["total_rows"] == 500, man
         assert sum(q["rows"] for q in man["participants"]) == 500, man["participants"]
         metrics = json.loads((run / "student" / "metrics.json").read_text())
