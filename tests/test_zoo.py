@@ -46,10 +46,17 @@ def test_default_specs_are_distinct_tiny_clips():
     assert len({s["epochs"] for s in specs}) > 1
 
 
-def test_mini_zoo_build_cache_and_load(tmp_path):
-    out = tmp_path / "zoo"
+@pytest.fixture(scope="module")
+def mini_zoo(tmp_path_factory):
+    """The two mini teachers built one at a time, once for this module: ``(folder, progress lines, records)``. The
+    cache test below rebuilds in the folder without changing a weight; the parallel build compares against it."""
+    out = tmp_path_factory.mktemp("mini") / "zoo"
     lines: list[str] = []
-    teachers = _build(out, lines)
+    return out, lines, _build(out, lines, jobs=1)
+
+
+def test_mini_zoo_build_cache_and_load(mini_zoo):
+    out, lines, teachers = mini_zoo
     assert any("epoch 1/1" in line and "loss" in line for line in lines)  # per-epoch progress
 
     doc = json.loads((out / "zoo.json").read_text())
@@ -104,20 +111,21 @@ def test_changed_specs_rebuild(tmp_path):
 
 
 @pytest.mark.slow
-def test_parallel_build_trains_the_same_teachers_as_one_at_a_time(tmp_path):
+def test_parallel_build_trains_the_same_teachers_as_one_at_a_time(tmp_path, mini_zoo):
     """`jobs=2` trains each teacher in its own process; every teacher depends only on its spec and seed, so the
-    weights and records equal a one-at-a-time build's, and the children's progress reaches the caller."""
+    weights and records equal a one-at-a-time build's (the module's, jobs=1), and the children's progress reaches
+    the caller."""
     import torch
     from safetensors.torch import load_file
 
     lines: list[str] = []
     par = _build(tmp_path / "par", lines, jobs=2)
-    seq = _build(tmp_path / "seq", jobs=1)
+    seq_dir, _, seq = mini_zoo
     assert "[zoo] training 2 teachers, 2 at a time" in lines
     assert any(line.startswith("[zoo] clip-tiny-b epoch 1/1") for line in lines)  # from a child process
     for p, s in zip(par, seq):
         assert (p["name"], p["probe_accuracy"], p["uniformity"], p["final_loss"]) == \
             (s["name"], s["probe_accuracy"], s["uniformity"], s["final_loss"])
         wp = {k: v for f in sorted((tmp_path / "par" / p["name"]).glob("*.safetensors")) for k, v in load_file(f).items()}
-        ws = {k: v for f in sorted((tmp_path / "seq" / s["name"]).glob("*.safetensors")) for k, v in load_file(f).items()}
+        ws = {k: v for f in sorted((seq_dir / s["name"]).glob("*.safetensors")) for k, v in load_file(f).items()}
         assert wp and wp.keys() == ws.keys() and all(torch.equal(wp[k], ws[k]) for k in wp)
