@@ -222,14 +222,15 @@ _zoo_build: dict = {}
 
 
 def pytest_collection_modifyitems(session, config, items):
-    """The README's cluster sequence runs after the other tests, so its early `make zoo` (see
-    :func:`pytest_collection_finish`) has had the whole suite's idle time to finish, rather than being waited for.
-    Tests on a multi-node cluster of their own (the ``gpu_cluster`` fixture of tests/test_placement.py) run last:
-    the driver can join one cluster at a time, so they shut the session's Ray down, and every test after them would
-    pay for a new one and for its workers' start-ups again."""
+    """Tests on a multi-node cluster of their own (the ``gpu_cluster`` fixture of tests/test_placement.py) run after
+    the others: the driver can join one cluster at a time, so they shut the session's Ray down, and every test after
+    them would pay for a new one and for its workers' start-ups again. The README's cluster sequence, which needs no
+    Ray in this process, runs last: its early `make zoo` (see :func:`pytest_collection_finish`) has had the whole
+    suite's idle time to finish, rather than being waited for, and no idle session Ray (its raylet and pooled
+    workers: 0.08-0.14 of a core) shares the cores with the page's cluster."""
     own = [it for it in items if "gpu_cluster" in getattr(it, "fixturenames", ())]
     readme = [it for it in items if it.nodeid == README_SEQUENCE]
-    items[:] = [it for it in items if it not in own and it not in readme] + readme + own
+    items[:] = [it for it in items if it not in own and it not in readme] + own + readme
 
 
 def _lowest_priority() -> None:

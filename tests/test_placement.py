@@ -152,7 +152,7 @@ class GpuCluster:
 def gpu_cluster():
     import ray
 
-    ray.shutdown()  # the session's: these tests run last (conftest)
+    ray.shutdown()  # the session's: these tests run after the others, bar the README sequence (conftest)
     old = os.environ.get(SIMULATED_ENV)
     os.environ[SIMULATED_ENV] = "1"  # the nodes inherit it: their GPUs are only declared, so GPU stages use the CPU
     c = GpuCluster()
