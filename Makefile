@@ -39,12 +39,12 @@ data:
 setup: $(VENV)/.installed data
 
 # Every test, the multi-node, job and kill tests and docs/cluster.md's cluster sequence included (what CI runs;
-# 14-17 min on a fast 2-core host, 22-26 min on a slow one, from a fresh clone with setup: README, Tests).
+# 14-17 min on a fast 2-core host, 21-22 min on a slow one, from a fresh clone with setup: README, Tests).
 test: setup
 	$(PY) -m pytest -q --durations=15 $(PYTEST_ARGS)
 
 # Without the tests marked slow (the cluster sequence, multi-node, job and kill tests, the longer pipeline runs, the
-# zoo's parallel build, the student-learns and labeled-distillation benchmark checks): 5-6 min on a slow 2-core host.
+# zoo's parallel build, the student-learns and labeled-distillation benchmark checks): 4.5 min on a slow 2-core host.
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
