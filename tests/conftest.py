@@ -194,18 +194,42 @@ def run_and_kill_a_train_worker(fn, exp: Path, after: tuple[int, int], timeout: 
     return out
 
 
-def cli_here(argv) -> tuple[int, str, str]:
-    """``coopt ARGV`` in this process (on the session's Ray when it is up: no Python or Ray start-up to pay for, and
-    its warm workers); ``(exit code, stdout, stderr)``."""
+def _here(fn) -> tuple[int, str, str]:
+    """``fn()`` with stdout and stderr captured: ``(exit code, stdout, stderr)``; argparse's exit is an exit code."""
     import contextlib
     import io
 
-    from coopt_ray.cli import main
-
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        rc = main([str(a) for a in argv])
+        try:
+            rc = fn()
+        except SystemExit as e:
+            rc = e.code
     return rc, out.getvalue(), err.getvalue()
+
+
+def cli_here(argv) -> tuple[int, str, str]:
+    """``coopt ARGV`` in this process (on the session's Ray when it is up: no Python or Ray start-up to pay for, and
+    its warm workers); ``(exit code, stdout, stderr)``."""
+    from coopt_ray.cli import main
+
+    return _here(lambda: main([str(a) for a in argv]))
+
+
+def cli_errors(argv) -> tuple[int, list[str]]:
+    """``coopt ARGV`` in this process: ``(exit code, stderr's lines)``, for the one-line error checks."""
+    rc, _, err = cli_here(argv)
+    return rc, err.strip().splitlines()
+
+
+def job_here(monkeypatch, job: str, argv) -> tuple[int, str, str]:
+    """``jobs/<job>.py ARGV`` in this process, through the entrypoint's own ``main`` (its exit code and one-line
+    errors), as a job's driver runs it: ``(exit code, stdout, stderr)``."""
+    import runpy
+
+    monkeypatch.syspath_prepend(str(REPO / "jobs"))
+    mod = runpy.run_path(str(REPO / "jobs" / f"{job}.py"))
+    return _here(lambda: mod["main"](lambda: mod["run"]([str(a) for a in argv])))
 
 
 def copy_run(src: Path, dst: Path) -> Path:

@@ -13,24 +13,15 @@ import time
 import pytest
 import yaml
 
-from coopt_ray import cli, rundir
+from coopt_ray import rundir
 from coopt_ray.config import ConfigError, load_config
 
-from conftest import cli_here, forbid_ray_start, write_config
+from conftest import cli_errors, cli_here, forbid_ray_start, write_config
 
 
 @pytest.fixture
 def no_ray(monkeypatch):
     forbid_ray_start(monkeypatch)
-
-
-def _cli(capsys, argv):
-    try:
-        rc = cli.main(argv)
-    except SystemExit as e:  # argparse errors
-        rc = e.code
-    err = capsys.readouterr().err.strip().splitlines()
-    return rc, err
 
 
 def _participant(model, **kw):
@@ -80,37 +71,37 @@ CASES = [
 
 
 @pytest.mark.parametrize("over,needle", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
-def test_bad_config_exits_2_with_one_line(over, needle, tmp_path, tiny_models, capsys, no_ray):
+def test_bad_config_exits_2_with_one_line(over, needle, tmp_path, tiny_models, no_ray):
     cfg = write_config(tmp_path / "c.yaml", tiny_models, **over(tiny_models))
     out = tmp_path / "run"
-    rc, err = _cli(capsys, ["optimize", "--config", str(cfg), "--out", str(out)])
+    rc, err = cli_errors(["optimize", "--config", str(cfg), "--out", str(out)])
     assert rc == 2, err
     assert len(err) == 1, err
     assert err[0].startswith("coopt: config error: ") and needle in err[0], err
     assert not out.exists(), "a bad config must not create the run directory"
 
 
-def test_fashion_mnist_dir_without_idx_files(tmp_path, tiny_models, capsys, no_ray):
+def test_fashion_mnist_dir_without_idx_files(tmp_path, tiny_models, no_ray):
     (tmp_path / "empty").mkdir()
     cfg = write_config(tmp_path / "c.yaml", tiny_models, data={"source": "fashion-mnist", "path": str(tmp_path / "empty")})
-    rc, err = _cli(capsys, ["optimize", "--config", str(cfg), "--out", str(tmp_path / "run")])
+    rc, err = cli_errors(["optimize", "--config", str(cfg), "--out", str(tmp_path / "run")])
     assert rc == 2 and len(err) == 1 and "no Fashion-MNIST IDX files" in err[0], err
 
 
-def test_local_dir_without_weights(tmp_path, tiny_models, capsys, no_ray):
+def test_local_dir_without_weights(tmp_path, tiny_models, no_ray):
     d = tmp_path / "noweights"
     d.mkdir()
     src = tiny_models[0][len("local-dir:"):]
     (d / "open_clip_config.json").write_text(open(os.path.join(src, "open_clip_config.json")).read())
     cfg = write_config(tmp_path / "c.yaml", [f"local-dir:{d}"])
-    rc, err = _cli(capsys, ["optimize", "--config", str(cfg), "--out", str(tmp_path / "run")])
+    rc, err = cli_errors(["optimize", "--config", str(cfg), "--out", str(tmp_path / "run")])
     assert rc == 2 and len(err) == 1 and "participants[0].model" in err[0] and "no weights file" in err[0], err
 
 
-def test_invalid_yaml(tmp_path, capsys, no_ray):
+def test_invalid_yaml(tmp_path, no_ray):
     cfg = tmp_path / "c.yaml"
     cfg.write_text("seed: 0\nparticipants: [\n  - {name: p0\n")
-    rc, err = _cli(capsys, ["optimize", "--config", str(cfg), "--out", str(tmp_path / "run")])
+    rc, err = cli_errors(["optimize", "--config", str(cfg), "--out", str(tmp_path / "run")])
     assert rc == 2 and len(err) == 1 and "not valid YAML" in err[0], err
 
 
@@ -121,10 +112,10 @@ def test_invalid_yaml(tmp_path, capsys, no_ray):
     (["optimise", "--config", "C", "--out", "R"], "invalid choice: 'optimise'"),
     ([], "the following arguments are required: command"),
 ], ids=["no-config", "fraction-not-a-number", "fraction-out-of-range", "unknown-command", "no-command"])
-def test_bad_arguments_exit_2_with_one_line(argv, needle, tmp_path, tiny_models, capsys, no_ray):
+def test_bad_arguments_exit_2_with_one_line(argv, needle, tmp_path, tiny_models, no_ray):
     cfg = write_config(tmp_path / "c.yaml", tiny_models)
     argv = [str(cfg) if a == "C" else str(tmp_path / "run") if a == "R" else a for a in argv]
-    rc, err = _cli(capsys, argv)
+    rc, err = cli_errors(argv)
     assert rc == 2, err
     assert len(err) == 1 and needle in err[0], err
     assert not (tmp_path / "run").exists()

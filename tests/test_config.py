@@ -6,11 +6,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from coopt_ray import cli, models
+from coopt_ray import models
 from coopt_ray.config import ConfigError, load_config
 from coopt_ray.preflight import check_paths
 
-from conftest import REPO, forbid_ray_start, write_config
+from conftest import REPO, cli_errors, forbid_ray_start, write_config
 
 CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
 
@@ -41,12 +41,6 @@ def no_ray(monkeypatch):
     forbid_ray_start(monkeypatch)
 
 
-def run_cli(capsys, cfg_path, tmp_path):
-    rc = cli.main(["optimize", "--config", str(cfg_path), "--out", str(tmp_path / "run")])
-    err = capsys.readouterr().err.strip().splitlines()
-    return rc, err
-
-
 BAD = [
     ({"datta": {}}, "datta"),
     ({"data": {"source": "fashion-mnist", "limitt": 3}}, "data.limitt"),
@@ -59,21 +53,21 @@ BAD = [
 
 
 @pytest.mark.parametrize("over,key", BAD, ids=[k for _, k in BAD])
-def test_bad_config_exits_2_naming_key(over, key, tmp_path, tiny_models, capsys, no_ray):
+def test_bad_config_exits_2_naming_key(over, key, tmp_path, tiny_models, no_ray):
     cfg = write_config(tmp_path / "c.yaml", tiny_models, **over)
-    rc, err = run_cli(capsys, cfg, tmp_path)
+    rc, err = cli_errors(["optimize", "--config", cfg, "--out", tmp_path / "run"])
     assert rc == 2
     assert len(err) == 1 and key in err[0], err
 
 
-def test_missing_model_folder(tmp_path, tiny_models, capsys, no_ray):
+def test_missing_model_folder(tmp_path, tiny_models, no_ray):
     cfg = write_config(tmp_path / "c.yaml", tiny_models[:1] + [f"local-dir:{tmp_path}/nope"])
-    rc, err = run_cli(capsys, cfg, tmp_path)
+    rc, err = cli_errors(["optimize", "--config", cfg, "--out", tmp_path / "run"])
     assert rc == 2 and "participants[1].model" in err[0] and "not found" in err[0]
 
 
-def test_missing_config_file(tmp_path, capsys, no_ray):
-    rc, err = run_cli(capsys, tmp_path / "absent.yaml", tmp_path)
+def test_missing_config_file(tmp_path, no_ray):
+    rc, err = cli_errors(["optimize", "--config", tmp_path / "absent.yaml", "--out", tmp_path / "run"])
     assert rc == 2 and "absent.yaml" in err[0]
 
 

@@ -11,13 +11,13 @@ import pytest
 import torch
 import yaml
 
-from coopt_ray import cli, hub, models
+from coopt_ray import hub, models
 from coopt_ray.config import ConfigError, load_config
 from coopt_ray.embeddings import column_matrix
 from coopt_ray.preprocess import decode_batch, norm_tensors, params_of_loaded, preprocess_params, to_model_input
 from coopt_ray.preflight import check_paths
 
-from conftest import forbid_ray_start, write_config
+from conftest import cli_errors, forbid_ray_start, write_config
 
 
 # ---------------------------------------------------------------- tiny models, built and saved here
@@ -151,30 +151,27 @@ def _cfg(tmp_path, parts, **over):
     return p
 
 
-def run_cli(capsys, cfg_path, tmp_path):
-    rc = cli.main(["optimize", "--config", str(cfg_path), "--out", str(tmp_path / "run")])
-    return rc, capsys.readouterr().err.strip().splitlines()
-
-
-def test_bad_pool_names_the_key(fam, tiny_models, tmp_path, capsys, monkeypatch):
+def test_bad_pool_names_the_key(fam, tiny_models, tmp_path, monkeypatch):
     forbid_ray_start(monkeypatch)
     for extra, model, want in (({"pool": "max"}, "timm:test_vit", "must be one of"),
                                ({"pool": "cls"}, tiny_models[0], "needs a timm: or hf: model")):
         with pytest.raises(ConfigError, match=r"'participants\[1\]\.pool'.*" + want):
             load_config(_cfg(tmp_path, [(tiny_models[0], {}), (model, {"pretrained": fam["timm_file"], **extra})]))
     extra = {"pool": "cls", "pretrained": fam["resnet_file"]}  # a CNN has no class token
-    rc, err = run_cli(capsys, _cfg(tmp_path, [(tiny_models[0], {}), ("timm:test_resnet", extra)]), tmp_path)
+    cfg = _cfg(tmp_path, [(tiny_models[0], {}), ("timm:test_resnet", extra)])
+    rc, err = cli_errors(["optimize", "--config", cfg, "--out", tmp_path / "run"])
     assert rc == 2 and len(err) == 1 and "'participants[1].pool'" in err[0] and "class token" in err[0], err
 
 
-def test_spec_errors_are_one_line(fam, tiny_models, tmp_path, capsys, monkeypatch):
+def test_spec_errors_are_one_line(fam, tiny_models, tmp_path, monkeypatch):
     forbid_ray_start(monkeypatch)
     cases = [(("timm:test_vit", {"pretrained": "nope"}), "r160_in1k"),
              (("timm:not_a_net", {}), "unknown timm architecture"),
              (("timm:test_vit", {"pretrained": str(tmp_path / "absent.safetensors")}), "not found"),
              (("hf:" + str(tmp_path / "nofolder"), {}), "not found")]
     for (model, extra), want in cases:
-        rc, err = run_cli(capsys, _cfg(tmp_path, [(tiny_models[0], {}), (model, extra)]), tmp_path)
+        cfg = _cfg(tmp_path, [(tiny_models[0], {}), (model, extra)])
+        rc, err = cli_errors(["optimize", "--config", cfg, "--out", tmp_path / "run"])
         assert rc == 2 and len(err) == 1 and "'participants[1]." in err[0] and want in err[0], err
     import importlib.util
 
@@ -182,7 +179,8 @@ def test_spec_errors_are_one_line(fam, tiny_models, tmp_path, capsys, monkeypatc
 
     real = importlib.util.find_spec
     monkeypatch.setattr(families.importlib.util, "find_spec", lambda n, *a: None if n == "transformers" else real(n, *a))
-    rc, err = run_cli(capsys, _cfg(tmp_path, [(tiny_models[0], {}), (fam["vit"], {})]), tmp_path)
+    cfg = _cfg(tmp_path, [(tiny_models[0], {}), (fam["vit"], {})])
+    rc, err = cli_errors(["optimize", "--config", cfg, "--out", tmp_path / "run"])
     assert rc == 2 and len(err) == 1 and "coopt_ray[hf]" in err[0], err
 
 
@@ -202,7 +200,7 @@ HUB = [("ViT-B-32", {"pretrained": "laion2b_s34b_b79k"}, "participants[1].pretra
 
 @pytest.mark.parametrize("offline", [False, True], ids=["closed-port", "HF_HUB_OFFLINE"])
 @pytest.mark.parametrize("model,extra,key,tag", HUB, ids=["open_clip", "timm", "hf"])
-def test_preflight_refuses_uncached_hub_weights(model, extra, key, tag, offline, tiny_models, tmp_path, capsys,
+def test_preflight_refuses_uncached_hub_weights(model, extra, key, tag, offline, tiny_models, tmp_path,
                                                 monkeypatch):
     forbid_ray_start(monkeypatch)
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
@@ -215,7 +213,7 @@ def test_preflight_refuses_uncached_hub_weights(model, extra, key, tag, offline,
         monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
     cfg = _cfg(tmp_path, [(tiny_models[0], {}), (model, extra)])
     t0 = time.time()
-    rc, err = run_cli(capsys, cfg, tmp_path)
+    rc, err = cli_errors(["optimize", "--config", cfg, "--out", tmp_path / "run"])
     assert time.time() - t0 < 15
     assert rc == 2 and len(err) == 1, err
     line = err[0]

@@ -178,16 +178,11 @@ def test_entrypoint_bad_config_exits_2_before_ray_starts(job, tmp_path, monkeypa
     assert "[ray]" not in out.stdout + out.stderr  # no "[ray] connected" line
 
     # The same entrypoint in-process, with every way to start Ray made to fail the test: exit 2 all the same.
-    import runpy
-
     import ray
 
-    from conftest import forbid_ray_start
+    from conftest import forbid_ray_start, job_here
 
     forbid_ray_start(monkeypatch, f"jobs/{job}.py started Ray for a bad config")
     monkeypatch.setattr(ray, "init", lambda *a, **k: pytest.fail(f"jobs/{job}.py called ray.init for a bad config"))
-    monkeypatch.syspath_prepend(str(REPO / "jobs"))
-    mod = runpy.run_path(str(REPO / "jobs" / f"{job}.py"))
-    argv = ["--config", str(cfg), "--out", str(tmp_path / "run")]
-    assert mod["main"](lambda: mod["run"](argv)) == 2
+    assert job_here(monkeypatch, job, ["--config", cfg, "--out", tmp_path / "run"])[0] == 2
     assert not (tmp_path / "run").exists()

@@ -4,11 +4,8 @@ a resumed matching repeats an uninterrupted one, a killed expert stage keeps its
 exit 2 with one line before Ray starts."""
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import os
-import runpy
 import subprocess
 import sys
 import time
@@ -126,13 +123,10 @@ def test_a_killed_expert_stage_keeps_its_finished_experts_and_the_job_finishes_i
     assert len(first) < 3, "the experts finished before the kill; make them slower"
     kept = {i: (exp / f"expert_{i:03d}.safetensors").stat().st_mtime_ns for i in first}
     # jobs/distill.py finishes it, run here in pytest's driver on the same Ray (its warm workers)
-    monkeypatch.syspath_prepend(str(REPO / "jobs"))
-    mod = runpy.run_path(str(REPO / "jobs" / "distill.py"))
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out):
-        rc = mod["main"](lambda: mod["run"](["--config", str(cfg), "--out", str(run)]))
-    out = out.getvalue()
-    assert rc == 0, out[-3000:]
+    from conftest import job_here
+
+    rc, out, err = job_here(monkeypatch, "distill", ["--config", cfg, "--out", run])
+    assert rc == 0, (out + err)[-3000:]
     assert "already done; training" in out, out
     assert not [i for i in first if f"expert {i}:" in out], out  # finished experts not retrained
     assert {i: (exp / f"expert_{i:03d}.safetensors").stat().st_mtime_ns for i in first} == kept
