@@ -1,7 +1,8 @@
-"""Pixels without torch: decode, encode, resize, arrays -> RGB, and the student's pixel normalisation constants.
+"""Pixels without torch: decode, encode, resize, arrays -> RGB, open_clip's eval resize and crop, and the student's
+pixel normalisation constants.
 
 Ray Data's decode and split tasks import only this (numpy and PIL), so their worker processes start without
-importing torch; the tensor side (normalisation, augmentation) is augment.py."""
+importing torch or open_clip; the tensor side (normalisation, augmentation) is augment.py."""
 from __future__ import annotations
 
 import io
@@ -63,3 +64,68 @@ def arrays_to_rgb(images: np.ndarray, size: int) -> np.ndarray:
     from PIL import Image
 
     return np.stack([resize_rgb(Image.fromarray(np.ascontiguousarray(a)), size) for a in images])
+
+
+# ---------------------------------------------------------------- open_clip's eval transform, in PIL alone
+def _resize(img, hw, interp):
+    """torchvision's ``F.resize`` of a PIL image to ``[h, w]``: unchanged when already that size."""
+    return img if (img.height, img.width) == tuple(hw) else img.resize((hw[1], hw[0]), interp)
+
+
+def _shortest_edge(img, s: int) -> list:
+    """torchvision's ``Resize(s)`` output size: the shorter edge to ``s``, the longer one in proportion (truncated)."""
+    w, h = img.size
+    short, long = (w, h) if w <= h else (h, w)
+    new_long = int(s * long / short)
+    return [new_long, s] if w <= h else [s, new_long]
+
+
+def _keep_ratio(img, hw, longest: float) -> list:
+    """open_clip's ``ResizeKeepRatio`` output size (its random scale and aspect off, as in eval)."""
+    h, w = img.height, img.width
+    rh, rw = h / hw[0], w / hw[1]
+    ratio = max(rh, rw) * longest + min(rh, rw) * (1.0 - longest)
+    return [round(h / ratio), round(w / ratio)]
+
+
+def _crop_or_pad(img, hw, fill: int):
+    """torchvision's ``center_crop`` (``fill`` 0) and open_clip's ``center_crop_or_pad``: pad to at least ``hw``
+    with ``fill``, then crop the centre."""
+    from PIL import ImageOps
+
+    (ch, cw), (h, w) = hw, (img.height, img.width)
+    if cw > w or ch > h:
+        border = ((cw - w) // 2 if cw > w else 0, (ch - h) // 2 if ch > h else 0,
+                  (cw - w + 1) // 2 if cw > w else 0, (ch - h + 1) // 2 if ch > h else 0)
+        img = ImageOps.expand(img, border=border, fill=(fill,) * len(img.getbands()))
+        if (img.height, img.width) == (ch, cw):
+            return img
+    top, left = int(round((img.height - ch) / 2.0)), int(round((img.width - cw) / 2.0))
+    return img.crop((left, top, left + cw, top + ch))
+
+
+def open_clip_eval_steps(size, resize_mode: str = "shortest", interpolation: str = "bicubic", fill_color: int = 0):
+    """PIL image -> PIL image at ``size`` ([h, w]), as open_clip's ``image_transform(size, is_train=False, ...)``
+    resizes, crops and converts it before its ToTensor (open_clip 3.3: ``longest`` keeps the ratio and pads with
+    ``fill_color``; ``squash`` stretches; ``shortest`` resizes the shorter edge, with bicubic for a non-square
+    size whatever ``interpolation`` says, then crops the centre). tests/test_embed_stage.py checks it against
+    open_clip's own transform, pixel for pixel."""
+    from PIL import Image
+
+    hw = [int(size[0]), int(size[1])]
+    interp = Image.BILINEAR if interpolation == "bilinear" else Image.BICUBIC
+    if resize_mode not in ("shortest", "longest", "squash"):
+        raise ValueError(f"resize_mode must be shortest, longest or squash, got {resize_mode!r}")
+
+    def run(img):
+        if resize_mode == "longest":
+            img = _crop_or_pad(_resize(img, _keep_ratio(img, hw, 1.0), interp), hw, fill_color)
+        elif resize_mode == "squash":
+            img = _resize(img, hw, interp)
+        elif hw[0] == hw[1]:
+            img = _crop_or_pad(_resize(img, _shortest_edge(img, hw[0]), interp), hw, 0)
+        else:
+            img = _crop_or_pad(_resize(img, _keep_ratio(img, hw, 0.0), Image.BICUBIC), hw, 0)
+        return img.convert("RGB")
+
+    return run

@@ -11,10 +11,8 @@ from pathlib import Path
 from typing import Optional
 
 import numpy as np
-import torch
 
-from .augment import to_float_nchw
-from .images import PIXEL_MEAN, PIXEL_STD, decode_image, resize_rgb
+from .images import PIXEL_MEAN, PIXEL_STD, decode_image, open_clip_eval_steps, resize_rgb
 
 PIXELS = "pixels"  # the decode stage's column: uint8 (N, H, W, 3), zeros on error rows
 
@@ -83,8 +81,10 @@ def params_of_loaded(model) -> Optional[dict]:
 
 @functools.lru_cache(maxsize=8)
 def _pil_steps(key: str):
-    """PIL image -> PIL/array at the model's input size: open_clip's eval transform up to (not including) its
-    ToTensor, so the pixels are exactly the ones it would normalise; the student's resize otherwise."""
+    """PIL image -> PIL/array at the model's input size: the model's eval transform up to (not including) its
+    ToTensor, so the pixels are exactly the ones it would normalise. open_clip's and the student's run on PIL alone
+    (images.py: a decode task imports neither torch nor open_clip); timm's and transformers' come from
+    families.py, which imports torch."""
     p = json.loads(key)
     if p["family"] == "student":
         size = p["size"][0]
@@ -93,24 +93,17 @@ def _pil_steps(key: str):
         from .families import hf_pil_steps
 
         return hf_pil_steps(p)
-    if p["family"] == "timm":
-        from .families import timm_transform
+    if p["family"] != "timm":  # open_clip's eval transform, without importing torch or open_clip
+        return open_clip_eval_steps(p["size"], p["resize_mode"], p["interpolation"], p["fill_color"])
+    from .families import timm_transform
 
-        tf = timm_transform(p)
-    else:
-        from open_clip.transform import image_transform
-
-        size = p["size"][0] if p["size"][0] == p["size"][1] else tuple(p["size"])
-        tf = image_transform(size, is_train=False, mean=tuple(p["mean"]), std=tuple(p["std"]),
-                             resize_mode=p["resize_mode"], interpolation=p["interpolation"],
-                             fill_color=p["fill_color"])
     steps = []
-    for t in tf.transforms:
+    for t in timm_transform(p).transforms:
         if type(t).__name__ in ("MaybeToTensor", "ToTensor"):
             break
         steps.append(t)
     else:
-        raise RuntimeError(f"open_clip's eval transform has no ToTensor step: {tf}")
+        raise RuntimeError(f"timm's eval transform has no ToTensor step: {p}")
 
     def run(img):
         for t in steps:
@@ -160,14 +153,18 @@ def decode_batch(batch: dict, params: dict) -> dict:
             "owned": owned, "image": image, "label": batch["label"]}
 
 
-def norm_tensors(params: dict, device) -> tuple[torch.Tensor, torch.Tensor]:
+def norm_tensors(params: dict, device) -> tuple[torch.Tensor, torch.Tensor]:  # noqa: F821 (torch: imported here)
     """(mean, std) as float32 (1, 3, 1, 1) tensors on ``device``."""
+    import torch
+
     mean = torch.tensor(params["mean"], dtype=torch.float32, device=device).view(1, 3, 1, 1)
     std = torch.tensor(params["std"], dtype=torch.float32, device=device).view(1, 3, 1, 1)
     return mean, std
 
 
-def to_model_input(pixels: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+def to_model_input(pixels: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:  # noqa: F821
     """uint8 NHWC (on the model's device) -> float32 NCHW, normalised as open_clip's ToTensor + Normalize do
     (x / 255, then (x - mean) / std, in float32: the same operations, so the same numbers)."""
+    from .augment import to_float_nchw
+
     return to_float_nchw(pixels).sub_(mean).div_(std)

@@ -120,6 +120,54 @@ def test_decode_and_normalise_equal_open_clip_preprocess(tmp_path, pp):
     assert (ours - ref).abs().max().item() < TOL
 
 
+@pytest.mark.parametrize("size", [(32, 32), (40, 40), (24, 36), (36, 24)], ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("mode,interp,fill", [("shortest", "bicubic", 0), ("shortest", "bilinear", 0),
+                                              ("squash", "bilinear", 0), ("squash", "bicubic", 0),
+                                              ("longest", "bicubic", 0), ("longest", "bilinear", 200)])
+def test_pil_resize_and_crop_equal_open_clips_transform_pixel_for_pixel(size, mode, interp, fill):
+    """images.open_clip_eval_steps (what the decode tasks run, without open_clip) against open_clip's own eval
+    transform up to its ToTensor: the same uint8 pixels, for square and non-square sizes (shortest: bicubic whatever
+    the interpolation when non-square, as open_clip does), images smaller, larger and of other aspect than the
+    size (padding with the fill colour, crops with odd remainders)."""
+    from open_clip.transform import image_transform
+
+    from coopt_ray.images import open_clip_eval_steps
+
+    tf = image_transform(size, is_train=False, resize_mode=mode, interpolation=interp, fill_color=fill)
+    steps = tf.transforms[:[type(t).__name__ for t in tf.transforms].index("MaybeToTensor")]
+    ours = open_clip_eval_steps(list(size), mode, interp, fill)
+    rng = np.random.default_rng(3)
+    for h, w in [(28, 28), (20, 45), (45, 20), (17, 61), (64, 64), (9, 9), (33, 32), (101, 37)]:
+        img = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+        ref = img
+        for t in steps:
+            ref = t(ref)
+        got = np.asarray(ours(img))
+        assert got.shape == (size[0], size[1], 3) and np.array_equal(got, np.asarray(ref)), (h, w)
+    with pytest.raises(ValueError, match="resize_mode"):
+        open_clip_eval_steps([32, 32], "crop")
+
+
+def test_decode_task_imports_neither_torch_nor_open_clip(tmp_path):
+    """The decode stage of an open_clip participant runs in a fresh process without importing torch or open_clip
+    (a Ray Data task worker pays for neither; the actors that embed do)."""
+    import subprocess
+    import sys
+
+    params = preprocess_params(_tiny(tmp_path, "m", {"mean": [0.5] * 3, "std": [0.5] * 3}, image_size=40))
+    code = ("import json, sys, numpy as np\n"
+            "from coopt_ray.preprocess import decode_batch\n"
+            "from coopt_ray.images import encode_png\n"
+            "png = encode_png(np.full((28, 28), 7, dtype=np.uint8))\n"
+            "b = {'id': np.array(['a'], dtype=object), 'image': np.array([png], dtype=object),\n"
+            "     'is_shared': np.array([False]), 'owned': np.array([True]), 'label': np.array([0])}\n"
+            "out = decode_batch(b, json.loads(sys.argv[1]))\n"
+            "print(out['pixels'].shape, sorted(m for m in ('torch', 'open_clip', 'torchvision') if m in sys.modules))\n")
+    r = subprocess.run([sys.executable, "-c", code, json.dumps(params)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.strip() == "(1, 40, 40, 3) []", r.stdout
+
+
 def test_student_participant_params_match_its_input_path(tmp_path):
     from coopt_ray.student import METRICS, WEIGHTS, Student
 
