@@ -287,6 +287,9 @@ def _build_parallel(out: Path, specs, args: tuple, progress, verbose: bool, jobs
 
 
 _CHILD_LINES = None  # a build child's progress queue (_child_init)
+# The preprocessed public and test images of the last teacher this process built, read only: the next teacher with
+# the same preprocess (every one in ZOO_SPECS) reuses them, also when a parallel build's child trains several.
+_PIXELS: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
 
 def _child_init(lines, num_threads: Optional[int]) -> None:
@@ -314,16 +317,16 @@ def _build(out: Path, specs, n_train, n_test, force, progress, data_path, device
     x_test, y_test = x_test[:n_test], y_test[:n_test]
     rng = np.random.default_rng(UNIFORMITY_SEED)
     uni_idx = np.sort(rng.choice(len(x_pub), size=min(UNIFORMITY_SAMPLE, len(x_pub)), replace=False))
-    pixel_cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # repr(preprocess) -> (public, test)
 
     def pixels_for(preprocess):
-        key = repr(preprocess)
-        if key not in pixel_cache:
+        key = (data_path, n_train, n_test, repr(preprocess))
+        if key not in _PIXELS:
             t = time.time()
-            pixel_cache[key] = (preprocess_arrays(preprocess, x_pub), preprocess_arrays(preprocess, x_test))
+            _PIXELS.clear()  # one set at a time (the zoo's teachers share one preprocess): ~250 MB
+            _PIXELS[key] = (preprocess_arrays(preprocess, x_pub), preprocess_arrays(preprocess, x_test))
             progress(f"[zoo] preprocessed {len(x_pub)} public + {len(x_test)} test images "
                      f"{time.time() - t:.1f}s")
-        return pixel_cache[key]
+        return _PIXELS[key]
 
     teachers = []
     for spec in specs:

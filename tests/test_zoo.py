@@ -108,6 +108,12 @@ def test_changed_specs_rebuild(tmp_path):
     assert any("epoch" in line for line in lines)  # retrained
     assert json.loads((out / "zoo.json").read_text())["specs_hash"] != h
     assert second[0]["spec"]["seed"] == 99 and first[0]["spec"]["seed"] != 99
+    # the images the first build preprocessed in this process were reused, not preprocessed again; other
+    # images (a shorter public split) are
+    assert not any("preprocessed" in line for line in lines), lines
+    lines = []
+    _build(tmp_path / "zoo2", lines, specs=spec, n_train=N_TRAIN - 100)
+    assert any(f"preprocessed {N_TRAIN - 100} public + {N_TEST} test images" in line for line in lines), lines
 
 
 @pytest.mark.slow
