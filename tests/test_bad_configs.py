@@ -148,10 +148,11 @@ def test_num_gpus_on_cpu_cluster_fails_fast_and_the_fixed_config_then_runs_there
     print(f"num_gpus refusal: {took:.1f}s")
     assert not (out / "manifest.json").exists() and not list(out.rglob("_DONE.json"))  # no results
 
-    fixed = load_config(write_config(tmp_path / "cpu.yaml", tiny_models[:2], data={"limit": 120}))
-    man = run_optimize(fixed, out, log=lambda *_: None)  # the corrected config on the same --out
+    # the corrected config on the same --out: participants[0] (the one the refusal named) on CPUs
+    fixed = load_config(write_config(tmp_path / "cpu.yaml", tiny_models[:1], data={"limit": 120}))
+    man = run_optimize(fixed, out, log=lambda *_: None)
     saved = yaml.safe_load((out / "config.yaml").read_text())
-    assert [q["num_gpus"] for q in saved["participants"]] == [0.0, 0.0]
+    assert [q["num_gpus"] for q in saved["participants"]] == [0.0]
     assert man["total_rows"] == 120 and man["optimized_rows"] + man["error_rows"] == 120
 
 
