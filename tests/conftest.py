@@ -194,6 +194,63 @@ def run_and_kill_a_train_worker(fn, exp: Path, after: tuple[int, int], timeout: 
     return out
 
 
+# ---------------------------------------------------------------- processes of the kill tests (by pid, never `ray stop`)
+def _stat(pid: int) -> list[str]:
+    """Fields of /proc/PID/stat after the command name (state is [0], ppid [1], session [3])."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return stat[stat.rindex(")") + 2:].split()
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def session_pids(sid: int) -> set[int]:
+    """Pids of live processes in session ``sid``: a driver started with start_new_session and all it spawned
+    (Ray's GCS, raylet, dashboard and workers keep the driver's session)."""
+    out = set()
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                f = _stat(int(d))
+            except (OSError, ValueError):
+                continue
+            if int(f[3]) == sid and f[0] != "Z":
+                out.add(int(d))
+    return out
+
+
+def wait_gone(pids: set[int], timeout: float) -> set[int]:
+    """Wait until none of ``pids`` is alive (zombies count as gone); return those still alive."""
+    import time
+
+    end = time.time() + timeout
+    while True:
+        alive = set()
+        for p in pids:
+            try:
+                if _stat(p)[0] != "Z":
+                    alive.add(p)
+            except (OSError, ValueError):
+                pass
+        if not alive or time.time() > end:
+            return alive
+        time.sleep(0.5)
+
+
+def kill_group(p: subprocess.Popen) -> set[int]:
+    """SIGKILL the driver's whole process group; return the pids of its session at that moment."""
+    import signal
+
+    pids = session_pids(p.pid)
+    os.killpg(p.pid, signal.SIGKILL)
+    p.wait()
+    return pids
+
+
 def _here(fn) -> tuple[int, str, str]:
     """``fn()`` with stdout and stderr captured: ``(exit code, stdout, stderr)``; argparse's exit is an exit code."""
     import contextlib

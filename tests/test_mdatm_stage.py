@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from conftest import REPO, forbid_ray_start, write_config
+from conftest import REPO, forbid_ray_start, kill_group, write_config
 from coopt_ray import cli
 from coopt_ray.config import load_config
 
@@ -98,8 +98,6 @@ def test_a_resumed_matching_repeats_an_uninterrupted_one(tmp_path):
 
 @pytest.mark.slow
 def test_a_killed_expert_stage_keeps_its_finished_experts_and_the_job_finishes_it(tmp_path, ray_session, monkeypatch):
-    from test_reliability import kill_group
-
     cfg = _cfg(tmp_path, experts=3, expert_epochs=2, labeled_limit=3000, width=16, cpus_per_worker=2)
     run, log = tmp_path / "run", tmp_path / "first.log"
     from conftest import session_address

@@ -33,56 +33,13 @@ from coopt_ray.embeddings import column_matrix
 from coopt_ray.rundir import DONE
 from coopt_ray.pipeline import run_optimize
 
-from conftest import REPO, cli_here, forbid_ray_start, write_config
+from conftest import (REPO, _cmdline, _stat, cli_here, forbid_ray_start, kill_group, session_pids, wait_gone,
+                      write_config)
 
 PARTS = ("p0", "p1", "p2")
 
 
 # ---------------------------------------------------------------- helpers
-def _stat(pid: int) -> list[str]:
-    """Fields of /proc/PID/stat after the command name (state is [0], ppid [1], session [3])."""
-    stat = Path(f"/proc/{pid}/stat").read_text()
-    return stat[stat.rindex(")") + 2:].split()
-
-
-def _cmdline(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-    except OSError:
-        return ""
-
-
-def session_pids(sid: int) -> set[int]:
-    """Pids of live processes in session ``sid``: a driver started with start_new_session and all it spawned
-    (Ray's GCS, raylet, dashboard and workers keep the driver's session)."""
-    out = set()
-    for d in os.listdir("/proc"):
-        if d.isdigit():
-            try:
-                f = _stat(int(d))
-            except (OSError, ValueError):
-                continue
-            if int(f[3]) == sid and f[0] != "Z":
-                out.add(int(d))
-    return out
-
-
-def wait_gone(pids: set[int], timeout: float) -> set[int]:
-    """Wait until none of ``pids`` is alive (zombies count as gone); return those still alive."""
-    end = time.time() + timeout
-    while True:
-        alive = set()
-        for p in pids:
-            try:
-                if _stat(p)[0] != "Z":
-                    alive.add(p)
-            except (OSError, ValueError):
-                pass
-        if not alive or time.time() > end:
-            return alive
-        time.sleep(0.5)
-
-
 def cli_env() -> dict:
     # RAY_ADDRESS=local: always a fresh local Ray (never a cluster someone started with `ray start`);
     # 2 CPUs whatever the machine: one CPU is kept for reading, so one participant pool runs at a time.
@@ -93,14 +50,6 @@ def start_cli(cfg: Path, out: Path, log: Path, env: Optional[dict] = None) -> su
     return subprocess.Popen([sys.executable, "-m", "coopt_ray", "optimize", "--config", str(cfg), "--out", str(out)],
                             cwd=REPO, env=env or cli_env(), stdout=log.open("w"), stderr=subprocess.STDOUT,
                             start_new_session=True)
-
-
-def kill_group(p: subprocess.Popen) -> set[int]:
-    """SIGKILL the driver's whole process group; return the pids of its session at that moment."""
-    pids = session_pids(p.pid)
-    os.killpg(p.pid, signal.SIGKILL)
-    p.wait()
-    return pids
 
 
 def optimized_by_id(run: Path) -> dict:

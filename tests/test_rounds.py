@@ -21,7 +21,7 @@ from coopt_ray.data import _hash64, owner_of
 from coopt_ray.rounds import round_config, worst_participant
 from coopt_ray.student import METRICS, WEIGHTS, Student, warm_start
 
-from conftest import REPO, cli_here, forbid_ray_start, write_config
+from conftest import REPO, cli_here, forbid_ray_start, kill_group, write_config
 
 
 # ---------------------------------------------------------------- the weighted split
@@ -180,8 +180,6 @@ def _start(cfg: Path, run: Path, log: Path, address: Optional[str] = None) -> su
 
 @pytest.mark.slow
 def test_two_rounds_killed_in_round_two_resume_without_redoing_round_one(tmp_path, tiny_models, ray_session):
-    from test_reliability import kill_group
-
     cfg = write_config(tmp_path / "c.yaml", tiny_models[:2], data={"source": "fashion-mnist", "limit": 240},
                        student={"arch": "resnet10t", "epochs": 1, "batch_size": 32, "workers": 0},
                        eval={"probe_epochs": 5, "probe_limit": 200, "test_limit": 100})

@@ -92,8 +92,7 @@ def test_train_stage_on_two_workers_resumes_from_its_checkpoint(full_run):
 
     from coopt_ray.config import load_config
     from coopt_ray.train import run_train
-    from conftest import run_and_kill_a_train_worker
-    from test_reliability import wait_gone
+    from conftest import run_and_kill_a_train_worker, wait_gone
 
     cfg_path, run, _ = full_run
     m = json.loads((run / "student" / "metrics.json").read_text())
