@@ -185,11 +185,14 @@ def _run(tmp_path, models, names, limit=200):
 
 
 def _actor_nodes(names) -> dict:
-    """Participant name -> node ids of its pool's actors (from the dashboard's state API)."""
+    """Participant name -> node ids of its pool's actors (from the state API of the cluster this process is connected
+    to, named by its GCS address: never another Ray that runs on the machine)."""
+    import ray
     from ray.util.state import list_actors
 
     out: dict = {n: set() for n in names}
-    for a in list_actors(detail=True, limit=10_000, raise_on_missing_output=False):
+    for a in list_actors(address=ray.get_runtime_context().gcs_address, detail=True, limit=10_000,
+                         raise_on_missing_output=False):
         m = re.search(r"Participant_(\w+)\)", a.class_name or "")
         if m and m.group(1) in out and a.node_id:
             out[m.group(1)].add(a.node_id)
