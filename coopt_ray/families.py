@@ -13,6 +13,7 @@ from typing import Optional
 import torch
 
 from .config import POOLS  # noqa: F401  auto | cls | pooled | mean (validated there, per participant)
+from .images import PIL_RESAMPLE, hf_pil_steps
 
 TIMM = "timm:"       # timm:<name>[.<tag>], pretrained: a hub tag or a weights file (omitted: the name's default)
 HF = "hf:"           # hf:<repo id or local folder> (transformers vision model + preprocessor_config.json)
@@ -21,7 +22,6 @@ HF_NO_CLS = ("siglip", "siglip_vision_model")   # no class token: pooled is the 
 HF_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
 HF_FILES = ("config.json", "preprocessor_config.json")
 HF_EXTRA = "pip install 'coopt_ray[hf]' (transformers==5.24.0)"
-PIL_RESAMPLE = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}
 
 
 class ModelSpecError(ValueError):
@@ -213,28 +213,6 @@ def hf_plain(d: dict, where: str = "hf") -> dict:
 def hf_params(model: str) -> dict:
     src, _ = hf_source(model)
     return hf_plain(hf_processor(src).to_dict(), model)
-
-
-def hf_pil_steps(p: dict):
-    """PIL image -> PIL image at ``p['size']``, as the PIL image processor resizes and centre-crops."""
-    resample = {v: k for k, v in PIL_RESAMPLE.items()}[p["interpolation"]]
-    ch, cw = p["size"]
-
-    def run(img):
-        if p["resize_mode"] == "squash":
-            h, w = p["resize"]
-        else:  # shortest edge to p["resize"], the long edge int(s * long / short) (transformers' rule)
-            W, H = img.size
-            s, short, long_ = p["resize"], min(W, H), max(W, H)
-            h, w = (int(s * long_ / short), s) if W <= H else (s, int(s * long_ / short))
-        if img.size != (w, h):
-            img = img.resize((w, h), resample=resample)
-        if (h, w) != (ch, cw):
-            top, left = (h - ch) // 2, (w - cw) // 2
-            img = img.crop((left, top, left + cw, top + ch))
-        return img
-
-    return run
 
 
 # ---------------------------------------------------------------- loading

@@ -9,6 +9,7 @@ import io
 
 import numpy as np
 
+PIL_RESAMPLE = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}  # transformers'
 PIXEL_MEAN = (0.5, 0.5, 0.5)
 PIXEL_STD = (0.5, 0.5, 0.5)
 
@@ -127,5 +128,28 @@ def open_clip_eval_steps(size, resize_mode: str = "shortest", interpolation: str
         else:
             img = _crop_or_pad(_resize(img, _keep_ratio(img, hw, 0.0), Image.BICUBIC), hw, 0)
         return img.convert("RGB")
+
+    return run
+
+
+# ---------------------------------------------------------------- a transformers image processor's PIL path
+def hf_pil_steps(p: dict):
+    """PIL image -> PIL image at ``p['size']``, as the PIL image processor resizes and centre-crops."""
+    resample = {v: k for k, v in PIL_RESAMPLE.items()}[p["interpolation"]]
+    ch, cw = p["size"]
+
+    def run(img):
+        if p["resize_mode"] == "squash":
+            h, w = p["resize"]
+        else:  # shortest edge to p["resize"], the long edge int(s * long / short) (transformers' rule)
+            W, H = img.size
+            s, short, long_ = p["resize"], min(W, H), max(W, H)
+            h, w = (int(s * long_ / short), s) if W <= H else (s, int(s * long_ / short))
+        if img.size != (w, h):
+            img = img.resize((w, h), resample=resample)
+        if (h, w) != (ch, cw):
+            top, left = (h - ch) // 2, (w - cw) // 2
+            img = img.crop((left, top, left + cw, top + ch))
+        return img
 
     return run

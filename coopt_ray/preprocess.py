@@ -12,7 +12,7 @@ from typing import Optional
 
 import numpy as np
 
-from .images import PIXEL_MEAN, PIXEL_STD, decode_image, open_clip_eval_steps, resize_rgb
+from .images import PIXEL_MEAN, PIXEL_STD, decode_image, hf_pil_steps, open_clip_eval_steps, resize_rgb
 
 PIXELS = "pixels"  # the decode stage's column: uint8 (N, H, W, 3), zeros on error rows
 
@@ -82,16 +82,14 @@ def params_of_loaded(model) -> Optional[dict]:
 @functools.lru_cache(maxsize=8)
 def _pil_steps(key: str):
     """PIL image -> PIL/array at the model's input size: the model's eval transform up to (not including) its
-    ToTensor, so the pixels are exactly the ones it would normalise. open_clip's and the student's run on PIL alone
-    (images.py: a decode task imports neither torch nor open_clip); timm's and transformers' come from
-    families.py, which imports torch."""
+    ToTensor, so the pixels are exactly the ones it would normalise. open_clip's, transformers' and the student's
+    run on PIL alone (images.py: a decode task imports neither torch nor the model's library); timm's comes from
+    families.py, which imports torch and timm."""
     p = json.loads(key)
     if p["family"] == "student":
         size = p["size"][0]
         return lambda img: resize_rgb(img, size)
     if p["family"] == "hf":
-        from .families import hf_pil_steps
-
         return hf_pil_steps(p)
     if p["family"] != "timm":  # open_clip's eval transform, without importing torch or open_clip
         return open_clip_eval_steps(p["size"], p["resize_mode"], p["interpolation"], p["fill_color"])

@@ -148,13 +148,18 @@ def test_pil_resize_and_crop_equal_open_clips_transform_pixel_for_pixel(size, mo
         open_clip_eval_steps([32, 32], "crop")
 
 
-def test_decode_task_imports_neither_torch_nor_open_clip(tmp_path):
-    """The decode stage of an open_clip participant runs in a fresh process without importing torch or open_clip
-    (a Ray Data task worker pays for neither; the actors that embed do)."""
+@pytest.mark.parametrize("family", ["open_clip", "hf"])
+def test_decode_task_imports_neither_torch_nor_open_clip(tmp_path, family):
+    """The decode stage of an open_clip or a transformers participant runs in a fresh process without importing
+    torch, open_clip or transformers (a Ray Data task worker pays for none of them; the actors that embed do)."""
     import subprocess
     import sys
 
-    params = preprocess_params(_tiny(tmp_path, "m", {"mean": [0.5] * 3, "std": [0.5] * 3}, image_size=40))
+    if family == "open_clip":
+        params = preprocess_params(_tiny(tmp_path, "m", {"mean": [0.5] * 3, "std": [0.5] * 3}, image_size=40))
+    else:  # what families.hf_plain makes of a ViT image processor (shortest edge 44, centre crop 40)
+        params = {"family": "hf", "size": [40, 40], "resize_mode": "shortest", "resize": 44,
+                  "interpolation": "bicubic", "mean": [0.5] * 3, "std": [0.5] * 3, "fill_color": 0}
     code = ("import json, sys, numpy as np\n"
             "from coopt_ray.preprocess import decode_batch\n"
             "from coopt_ray.images import encode_png\n"
@@ -162,7 +167,8 @@ def test_decode_task_imports_neither_torch_nor_open_clip(tmp_path):
             "b = {'id': np.array(['a'], dtype=object), 'image': np.array([png], dtype=object),\n"
             "     'is_shared': np.array([False]), 'owned': np.array([True]), 'label': np.array([0])}\n"
             "out = decode_batch(b, json.loads(sys.argv[1]))\n"
-            "print(out['pixels'].shape, sorted(m for m in ('torch', 'open_clip', 'torchvision') if m in sys.modules))\n")
+            "print(out['pixels'].shape, sorted(m for m in ('torch', 'open_clip', 'torchvision', 'transformers', 'timm')\n"
+            "                                  if m in sys.modules))\n")
     r = subprocess.run([sys.executable, "-c", code, json.dumps(params)], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.strip() == "(1, 40, 40, 3) []", r.stdout
