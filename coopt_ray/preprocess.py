@@ -8,11 +8,14 @@ import functools
 import json
 from dataclasses import asdict
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import numpy as np
 
 from .images import PIXEL_MEAN, PIXEL_STD, decode_image, hf_pil_steps, open_clip_eval_steps, resize_rgb
+
+if TYPE_CHECKING:  # the decode stage's workers never import torch; the functions that normalise import it
+    import torch
 
 PIXELS = "pixels"  # the decode stage's column: uint8 (N, H, W, 3), zeros on error rows
 
@@ -151,7 +154,7 @@ def decode_batch(batch: dict, params: dict) -> dict:
             "owned": owned, "image": image, "label": batch["label"]}
 
 
-def norm_tensors(params: dict, device) -> tuple[torch.Tensor, torch.Tensor]:  # noqa: F821 (torch: imported here)
+def norm_tensors(params: dict, device) -> tuple[torch.Tensor, torch.Tensor]:
     """(mean, std) as float32 (1, 3, 1, 1) tensors on ``device``."""
     import torch
 
@@ -160,7 +163,7 @@ def norm_tensors(params: dict, device) -> tuple[torch.Tensor, torch.Tensor]:  # 
     return mean, std
 
 
-def to_model_input(pixels: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:  # noqa: F821
+def to_model_input(pixels: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
     """uint8 NHWC (on the model's device) -> float32 NCHW, normalised as open_clip's ToTensor + Normalize do
     (x / 255, then (x - mean) / std, in float32: the same operations, so the same numbers)."""
     from .augment import to_float_nchw
