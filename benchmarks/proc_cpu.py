@@ -6,8 +6,8 @@ raylet, ...).
 
 Every process on the machine is sampled each 0.2 s (``/proc/PID/stat``: user + system time), so a process that lives
 less than that is missed, and whatever else the machine runs at the time is counted too (processes already running
-count only what they use while the command runs; one with no command line, a kernel thread or a zombie, is named
-``[its name]``): run it on an otherwise idle machine.
+count only what they use while the command runs; one whose command line was never seen, a kernel thread or a
+process first sampled as a zombie, is named ``[its name]``): run it on an otherwise idle machine.
 A Ray worker is counted under the last title it had that is not ``IDLE``.
 """
 from __future__ import annotations
@@ -44,8 +44,9 @@ def sample(seen: dict, me: int, tick: float) -> None:
         except OSError:
             continue
         f = stat.rsplit(")", 1)[1].split()
-        cmd = cmd or f"[{stat[stat.index('(') + 1:stat.rindex(')')]}]"  # no command line (a zombie): its name
-        rec = seen.setdefault(p, [0.0, cmd])
+        # no command line (a kernel thread, or a zombie: an exited child its parent has not reaped yet): its name,
+        # used only until a real command line is seen, and never over one seen before
+        rec = seen.setdefault(p, [0.0, cmd or f"[{stat[stat.index('(') + 1:stat.rindex(')')]}]"])
         rec[0] = max(rec[0], (int(f[11]) + int(f[12])) / tick)
         if cmd and "IDLE" not in cmd:
             rec[1] = cmd

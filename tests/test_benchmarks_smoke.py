@@ -1,5 +1,8 @@
 """Smoke test for the benchmark pieces: every method trains one tiny epoch and the summary is complete."""
+import os
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -92,3 +95,29 @@ def test_proc_cpu_names_ray_titles_and_counts_a_busy_child(tmp_path):
     assert proc_cpu.main(["--out", str(out), "--", sys.executable, "-c", busy]) == 0
     row = next(ln for ln in out.read_text().splitlines() if ln.startswith("|") and "import time" in ln)
     assert float(row.split("|")[1]) >= 0.7, row
+
+
+def test_proc_cpu_keeps_a_childs_command_line_once_it_is_a_zombie():
+    """An exited child that is not reaped yet has an empty /proc cmdline; the last sample of a short command often
+    sees it so (CI once named the whole command ``[python]``). Its command line and CPU must survive that sample."""
+    import proc_cpu
+
+    tick, me = os.sysconf("SC_CLK_TCK"), os.getpid()
+    child = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read(); x = sum(range(3_000_000))"],
+                             stdin=subprocess.PIPE)
+    try:
+        seen: dict = {}
+        proc_cpu.sample(seen, me, tick)  # alive, blocked on stdin: its command line is readable
+        assert "sys.stdin.read()" in seen[str(child.pid)][1]
+        child.stdin.close()
+        stat = Path(f"/proc/{child.pid}/stat")
+        deadline = time.monotonic() + 30
+        while stat.read_text().rsplit(")", 1)[1].split()[0] != "Z":  # exited, not reaped: a zombie
+            assert time.monotonic() < deadline, "the child never exited"
+            time.sleep(0.02)
+        assert Path(f"/proc/{child.pid}/cmdline").read_text() == ""
+        proc_cpu.sample(seen, me, tick)
+        cpu, cmd = seen[str(child.pid)]
+        assert "sys.stdin.read()" in cmd and cpu > 0, (cpu, cmd)
+    finally:
+        child.wait()
