@@ -181,7 +181,7 @@ def _start(cfg: Path, run: Path, log: Path, address: Optional[str] = None) -> su
 @pytest.mark.slow
 def test_two_rounds_killed_in_round_two_resume_without_redoing_round_one(tmp_path, tiny_models, ray_session):
     cfg = write_config(tmp_path / "c.yaml", tiny_models[:2], data={"source": "fashion-mnist", "limit": 240},
-                       student={"arch": "resnet10t", "epochs": 1, "batch_size": 32, "workers": 0},
+                       student={"arch": "convnet3_w16", "epochs": 1, "batch_size": 32, "workers": 0},
                        eval={"probe_epochs": 5, "probe_limit": 200, "test_limit": 100})
     run, log = tmp_path / "run", tmp_path / "killed.log"
     r1, r2 = run / "rounds" / "1", run / "rounds" / "2"
