@@ -338,16 +338,22 @@ def pytest_collection_finish(session):
     priority (SCHED_IDLE, nice 19), so the teachers train in the time the other tests leave the two cores idle (they
     wait on process start-ups). The sequence, run after the other tests, waits for this build, then runs
     `make setup && make zoo` itself, as the page says, which finds the teachers built (:func:`readme_zoo_build`)."""
-    import subprocess
     import tempfile
 
     if not any(item.nodeid == README_SEQUENCE for item in session.items):
         return
     log = Path(tempfile.mkdtemp(prefix="coopt-readme-zoo-")) / "make-zoo.log"
     _zoo_build["log"] = log
-    _zoo_build["proc"] = subprocess.Popen(["make", "zoo"], cwd=REPO, stdout=log.open("w"), stderr=subprocess.STDOUT,
-                                          stdin=subprocess.DEVNULL, start_new_session=True,
-                                          preexec_fn=_lowest_priority)
+    _zoo_build["proc"] = start_in_idle_time(["make", "zoo"], log)
+
+
+def start_in_idle_time(cmd: list, log: Path):
+    """``cmd`` in the repository, in a process group and session of its own (killed as one), at the lowest CPU
+    priority (:func:`_lowest_priority`), its output to ``log``."""
+    import subprocess
+
+    return subprocess.Popen(cmd, cwd=REPO, stdout=log.open("w"), stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                            start_new_session=True, preexec_fn=_lowest_priority)
 
 
 def readme_zoo_build(timeout: float = 1500) -> tuple[int, str]:

@@ -128,6 +128,26 @@ def test_readme_steps_are_parsed():
     assert all(want for c, want in steps if "ray job submit" in c)  # each job shows what it prints
 
 
+def test_the_early_zoo_build_runs_in_idle_time_only(tmp_path):
+    """What starts the sequence's `make zoo` early (conftest.start_in_idle_time) gives it nice 19 and SCHED_IDLE, and
+    where the kernel shares the CPU between sessions first (autogroup scheduling), its session's group nice 19 too:
+    without that, a new session gets as much CPU as all of pytest's."""
+    from conftest import start_in_idle_time
+
+    proc = start_in_idle_time(["python3", "-c", "import time; time.sleep(60)"], tmp_path / "out.log")
+    try:
+        pid = proc.pid
+        stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        assert int(stat[16]) == 19 and int(stat[38]) == os.SCHED_IDLE, (stat[16], stat[38])  # nice, policy
+        assert os.getsid(pid) == pid != os.getsid(0)  # a session of its own: killed as one group
+        if Path("/proc/sys/kernel/sched_autogroup_enabled").read_text().strip() == "1":
+            group = Path(f"/proc/{pid}/autogroup").read_text().split()
+            assert group[-2:] == ["nice", "19"] and group[0] != Path("/proc/self/autogroup").read_text().split()[0]
+    finally:
+        proc.kill()
+        proc.wait()
+
+
 @pytest.mark.slow
 def test_readme_cluster_sequence_runs_as_documented(tmp_path):
     steps = readme_steps(PAGE.read_text())
