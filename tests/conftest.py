@@ -22,12 +22,6 @@ os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 # 12 keeps them. tests/test_run.py + test_evaluate.py, alternating (2026-12-03): 224/225 s, 372/371 busy CPU-s and
 # 68/67 processes at Ray's default; 202/187 s, 336/315 CPU-s and 58/59 processes at 12.
 os.environ.setdefault("RAY_num_workers_soft_limit", "12")
-# torch's OpenMP threads spin while they wait for work (libgomp's default): with the suite's other processes on the
-# same 2 cores that spinning is CPU taken from them. Set before anything loads torch, so every process of the session
-# (Ray's workers, the subprocess drivers, the early `make zoo`) inherits it. tests/test_student_learns.py (in-process,
-# 2 threads) beside a busy loop on one core, alternating (2026-12-03): 40.3 and 43.3 s, 43.6 and 47.8 CPU-s by
-# default; 30.0 and 31.4 s, 28.6 and 29.9 CPU-s passive. Alone on idle cores passive took 26.5 s against 23.7 s.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 REPO = Path(__file__).resolve().parents[1]
 
