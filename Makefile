@@ -44,7 +44,7 @@ test: setup
 	$(PY) -m pytest -q --durations=15 $(PYTEST_ARGS)
 
 # Without the tests marked slow (the cluster sequence, multi-node, job and kill tests, the longer pipeline runs, the
-# zoo's parallel build, the student-learns and labeled-distillation benchmark checks): 4.5-5 min on a slow 2-core host.
+# zoo's parallel build, the student-learns and labeled-distillation benchmark checks): 3.5-5 min on a slow 2-core host.
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
