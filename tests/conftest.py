@@ -64,8 +64,8 @@ def write_config(path: Path, models: list[str], **over) -> Path:
         "shared": {"fraction": 0.05, "min": 16},
         "align": {"ridge": 1.0e-3},
         # convnet3_w16 (coopt's own 3-block ConvNet, registered with timm): a step of 16 images takes 16 ms on one
-        # core, against 364 ms for resnet10t and 785 ms for resnet18 with the small-image stem; tests that need a
-        # ResNet (its stem, BatchNorm under DDP, timm export) name one
+        # core, against 364 ms for resnet10t and 785 ms for resnet18 with the small-image stem; tests about a ResNet
+        # (its stem, the timm and ONNX export, the student-learns check) name one
         "student": {"arch": "convnet3_w16", "epochs": 1, "batch_size": 64, "workers": 2},
         # num_cpus 2: two probes at a time on the 4-CPU session Ray; the rest reuse their workers (one torch import each)
         "eval": {"probe_epochs": 20, "probe_limit": 500, "test_limit": 500, "num_cpus": 2},
