@@ -101,6 +101,7 @@ def test_proc_cpu_keeps_a_childs_command_line_once_it_is_a_zombie():
     """An exited child that is not reaped yet has an empty /proc cmdline; the last sample of a short command often
     sees it so (CI once named the whole command ``[python]``). Its command line and CPU must survive that sample."""
     import proc_cpu
+    from conftest import _stat
 
     tick, me = os.sysconf("SC_CLK_TCK"), os.getpid()
     child = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read(); x = sum(range(3_000_000))"],
@@ -110,9 +111,8 @@ def test_proc_cpu_keeps_a_childs_command_line_once_it_is_a_zombie():
         proc_cpu.sample(seen, me, tick)  # alive, blocked on stdin: its command line is readable
         assert "sys.stdin.read()" in seen[str(child.pid)][1]
         child.stdin.close()
-        stat = Path(f"/proc/{child.pid}/stat")
         deadline = time.monotonic() + 30
-        while stat.read_text().rsplit(")", 1)[1].split()[0] != "Z":  # exited, not reaped: a zombie
+        while _stat(child.pid)[0] != "Z":  # exited, not reaped: a zombie
             assert time.monotonic() < deadline, "the child never exited"
             time.sleep(0.02)
         assert Path(f"/proc/{child.pid}/cmdline").read_text() == ""

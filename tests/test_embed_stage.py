@@ -157,9 +157,12 @@ def test_decode_task_imports_neither_torch_nor_open_clip(tmp_path, family):
 
     if family == "open_clip":
         params = preprocess_params(_tiny(tmp_path, "m", {"mean": [0.5] * 3, "std": [0.5] * 3}, image_size=40))
-    else:  # what families.hf_plain makes of a ViT image processor (shortest edge 44, centre crop 40)
-        params = {"family": "hf", "size": [40, 40], "resize_mode": "shortest", "resize": 44,
-                  "interpolation": "bicubic", "mean": [0.5] * 3, "std": [0.5] * 3, "fill_color": 0}
+    else:  # a ViT image processor's settings (shortest edge 44, centre crop 40) as the hf participant reads them
+        from coopt_ray.families import hf_plain
+
+        params = hf_plain({"do_resize": True, "size": {"shortest_edge": 44}, "do_center_crop": True,
+                           "crop_size": {"height": 40, "width": 40}, "resample": 3,
+                           "image_mean": [0.5] * 3, "image_std": [0.5] * 3})
     code = ("import json, sys, numpy as np\n"
             "from coopt_ray.preprocess import decode_batch\n"
             "from coopt_ray.images import encode_png\n"

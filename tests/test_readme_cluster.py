@@ -132,12 +132,12 @@ def test_the_early_zoo_build_runs_in_idle_time_only(tmp_path):
     """What starts the sequence's `make zoo` early (conftest.start_in_idle_time) gives it nice 19 and SCHED_IDLE, and
     where the kernel shares the CPU between sessions first (autogroup scheduling), its session's group nice 19 too:
     without that, a new session gets as much CPU as all of pytest's."""
-    from conftest import start_in_idle_time
+    from conftest import _stat, start_in_idle_time
 
     proc = start_in_idle_time(["python3", "-c", "import time; time.sleep(60)"], tmp_path / "out.log")
     try:
         pid = proc.pid
-        stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        stat = _stat(pid)
         assert int(stat[16]) == 19 and int(stat[38]) == os.SCHED_IDLE, (stat[16], stat[38])  # nice, policy
         assert os.getsid(pid) == pid != os.getsid(0)  # a session of its own: killed as one group
         enabled = Path("/proc/sys/kernel/sched_autogroup_enabled")
