@@ -143,7 +143,8 @@ def test_the_early_zoo_build_runs_in_idle_time_only(tmp_path):
         enabled = Path("/proc/sys/kernel/sched_autogroup_enabled")
         if enabled.exists() and enabled.read_text().strip() == "1":
             group = Path(f"/proc/{pid}/autogroup").read_text().split()
-            assert group[-2:] == ["nice", "19"] and group[0] != Path("/proc/self/autogroup").read_text().split()[0]
+            mine = Path("/proc/self/autogroup").read_text().split()  # empty in the root group (a CI runner's pytest)
+            assert group[-2:] == ["nice", "19"] and group[:1] != mine[:1], (group, mine)
     finally:
         proc.kill()
         proc.wait()
