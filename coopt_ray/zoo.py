@@ -152,30 +152,33 @@ def train_teacher(spec: dict, pixels: torch.Tensor, labels: np.ndarray, device: 
         else 0.5 * (1 + math.cos(math.pi * (s - warmup) / max(1, total - warmup))))
 
     t0 = time.time()
-    step, epoch, loss_sum, loss_n, last = 0, 0, 0.0, 0, float("nan")
-    n_epochs = int(math.ceil(total / steps_per_epoch))
-    while step < total:
-        perm = torch.randperm(n, generator=gen)
-        for b in range(steps_per_epoch):
-            if step >= total:
-                break
-            idx = perm[b * bs:(b + 1) * bs]
-            x = pixels[idx]
-            if spec["augment"]:
-                x = _augment(x, gen, fill)
-            loss = objective(x.to(device), idx, gen)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            with torch.no_grad():
-                model.logit_scale.clamp_(0, math.log(100))
-            loss_sum, loss_n, step = loss_sum + loss.detach().double(), loss_n + 1, step + 1  # no per-step sync
-        epoch += 1
-        last = float(loss_sum) / max(1, loss_n)
-        progress(f"[zoo] {spec['name']} epoch {epoch}/{n_epochs} step {step}/{total} "
-                 f"loss {last:.4f} {time.time() - t0:.1f}s")
-        loss_sum, loss_n = 0.0, 0
+    try:  # the clip objective trains only its captions' token rows until finish() puts the table back
+        step, epoch, loss_sum, loss_n, last = 0, 0, 0.0, 0, float("nan")
+        n_epochs = int(math.ceil(total / steps_per_epoch))
+        while step < total:
+            perm = torch.randperm(n, generator=gen)
+            for b in range(steps_per_epoch):
+                if step >= total:
+                    break
+                idx = perm[b * bs:(b + 1) * bs]
+                x = pixels[idx]
+                if spec["augment"]:
+                    x = _augment(x, gen, fill)
+                loss = objective(x.to(device), idx, gen)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+                with torch.no_grad():
+                    model.logit_scale.clamp_(0, math.log(100))
+                loss_sum, loss_n, step = loss_sum + loss.detach().double(), loss_n + 1, step + 1  # no per-step sync
+            epoch += 1
+            last = float(loss_sum) / max(1, loss_n)
+            progress(f"[zoo] {spec['name']} epoch {epoch}/{n_epochs} step {step}/{total} "
+                     f"loss {last:.4f} {time.time() - t0:.1f}s")
+            loss_sum, loss_n = 0.0, 0
+    finally:
+        objective.finish()
     model.eval()
     return model, last
 

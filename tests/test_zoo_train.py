@@ -54,6 +54,41 @@ def test_each_objective_fits_one_batch(objective):
     assert np.isfinite(losses).all() and losses[-1] < 0.6 * losses[0], losses
 
 
+def test_clip_teacher_training_only_its_token_rows_gives_the_same_weights_bit_for_bit(monkeypatch):
+    """Known answer: the zoo trains a CLIP teacher's token embedding only in the rows its captions use
+    (zoo_train.UsedTokenRows); with the whole 49,408-row table in the optimizer instead, every weight comes out the
+    same, bit for bit, and the rows no caption uses keep their initial values."""
+    import open_clip
+
+    from coopt_ray import zoo_train
+
+    spec = {"name": "t-rows", "model_cfg": tiny_clip_cfg(16), "epochs": 1, "lr": 3e-3, "batch_size": 16,
+            "seed": 3, "preprocess_cfg": PREPROCESS_CFG}
+    gen = torch.Generator().manual_seed(0)
+    pixels, labels = torch.rand(96, 3, 32, 32, generator=gen) * 2 - 1, np.arange(96) % 10
+    seen: list = []
+    make = zoo_train.UsedTokenRows.__init__
+
+    def spy(self, model, tokens):
+        make(self, model, tokens)
+        seen.append((len(self.used), tokens.unique().tolist()))
+
+    monkeypatch.setattr(zoo_train.UsedTokenRows, "__init__", spy)
+    rows, _ = zoo.train_teacher(spec, pixels, labels, progress=lambda _: None)
+    assert len(seen) == 1 and seen[0][0] == len(seen[0][1]) < 100  # a few dozen rows trained, not 49,408
+    assert isinstance(rows.token_embedding, torch.nn.Embedding) and rows.token_embedding.num_embeddings == 49408
+
+    monkeypatch.setattr(zoo_train, "used_token_rows", lambda model, tokens: None)  # the whole table trains
+    full, _ = zoo.train_teacher(spec, pixels, labels, progress=lambda _: None)
+    a, b = rows.state_dict(), full.state_dict()
+    assert list(a) == list(b) and [k for k in a if not torch.equal(a[k], b[k])] == []
+
+    torch.manual_seed(int(spec["seed"]))
+    init = open_clip.CLIP(**spec["model_cfg"]).token_embedding.weight  # what train_teacher started from
+    moved = (a["token_embedding.weight"] != init).any(1).nonzero().flatten().tolist()
+    assert moved and set(moved) <= set(seen[0][1])  # only caption tokens moved
+
+
 def test_supervised_objective_maps_any_class_subset_to_its_own_classifier():
     spec, model = _tiny("supervised")
     obj = make_objective(spec, model, np.array([5, 9, 7, 5]), ([], None), torch.zeros(3), torch.ones(3), "cpu")
