@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import functools
 import json
-from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
@@ -51,23 +50,37 @@ def preprocess_params(model: str, pretrained: Optional[str] = None) -> dict:
         s = int(json.loads((student_folder(model[len(STUDENT):]) / METRICS).read_text())["image_size"])
         return _plain("student", {"size": s, "resize_mode": "squash", "interpolation": "bilinear",
                                   "mean": list(PIXEL_MEAN), "std": list(PIXEL_STD)})
-    import open_clip
-    from open_clip.transform import PreprocessCfg, merge_preprocess_dict
-
-    cfg = asdict(PreprocessCfg())
-    if model.startswith(LOCAL_DIR):
+    if model.startswith(LOCAL_DIR):  # the folder's config file: the driver need not import open_clip (~3.5 s)
         full = json.loads((Path(model[len(LOCAL_DIR):]) / "open_clip_config.json").read_text())
     elif model.startswith("hf-hub:"):
         from open_clip.factory import _get_hf_config  # the config file only (open_clip's own lookup)
 
         full = _get_hf_config(model[len("hf-hub:"):])
     else:
+        import open_clip
+
         name = model.replace("/", "-")
         full = {"model_cfg": open_clip.get_model_config(name) or {},
                 "preprocess_cfg": open_clip.get_pretrained_cfg(name, pretrained) if pretrained else {}}
-    cfg = merge_preprocess_dict(cfg, full.get("preprocess_cfg") or {})
+    cfg = open_clip_preprocess_cfg(full.get("preprocess_cfg"))
     cfg["size"] = (full.get("model_cfg", full).get("vision_cfg") or {}).get("image_size", 224)
     return _plain("open_clip", cfg)
+
+
+# open_clip's PreprocessCfg defaults (open_clip/transform.py; the mean and std are its OPENAI_DATASET_MEAN/STD), so
+# a local-dir: folder's preprocessing resolves without importing open_clip, whose import pulls in torchvision and
+# transformers. tests/test_embed_stage.py checks this copy and the merge against open_clip's own.
+OPEN_CLIP_PREPROCESS = {"size": 224, "mode": "RGB", "mean": (0.48145466, 0.4578275, 0.40821073),
+                        "std": (0.26862954, 0.26130258, 0.27577711), "interpolation": "bicubic",
+                        "resize_mode": "shortest", "fill_color": 0}
+
+
+def open_clip_preprocess_cfg(overlay: Optional[dict]) -> dict:
+    """open_clip's ``merge_preprocess_dict(PreprocessCfg(), overlay)``: the defaults, then the overlay's known keys
+    that are not None."""
+    out = dict(OPEN_CLIP_PREPROCESS)
+    out.update({k: v for k, v in (overlay or {}).items() if k in out and v is not None})
+    return out
 
 
 def params_of_loaded(model) -> Optional[dict]:

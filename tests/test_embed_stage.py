@@ -177,6 +177,38 @@ def test_decode_task_imports_neither_torch_nor_open_clip(tmp_path, family):
     assert r.stdout.strip() == "(1, 40, 40, 3) []", r.stdout
 
 
+def test_open_clip_preprocess_defaults_and_merge_are_open_clips_own():
+    """preprocess.OPEN_CLIP_PREPROCESS is a copy of open_clip's PreprocessCfg defaults (a driver reads local-dir:
+    folders without importing open_clip), and its merge is open_clip's merge_preprocess_dict."""
+    from dataclasses import asdict
+
+    from open_clip.transform import PreprocessCfg, merge_preprocess_dict
+
+    from coopt_ray.preprocess import OPEN_CLIP_PREPROCESS, open_clip_preprocess_cfg
+
+    assert OPEN_CLIP_PREPROCESS == asdict(PreprocessCfg())
+    for overlay in (None, {}, {"mean": [0.5] * 3, "std": None, "resize_mode": "squash"},
+                    {"interpolation": "bilinear", "size": 40, "unknown_key": 1, "fill_color": 255}):
+        assert open_clip_preprocess_cfg(overlay) == merge_preprocess_dict(PreprocessCfg(), overlay or {}), overlay
+
+
+def test_local_dir_params_resolve_without_importing_open_clip(tmp_path):
+    """A driver reads a local-dir: participant's preprocessing from its folder in a fresh process without importing
+    open_clip (whose import also pulls in torchvision and transformers): the same params as in this process."""
+    import subprocess
+    import sys
+
+    model = _tiny(tmp_path, "m", {"resize_mode": "longest", "interpolation": "bilinear"}, image_size=40)
+    code = ("import json, sys\n"
+            "from coopt_ray.preprocess import preprocess_params\n"
+            "p = preprocess_params(sys.argv[1])\n"
+            "print(json.dumps([p, sorted(m for m in ('open_clip', 'torchvision', 'transformers') if m in sys.modules)]))\n")
+    r = subprocess.run([sys.executable, "-c", code, model], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    params, imported = json.loads(r.stdout)
+    assert params == preprocess_params(model) and params["size"] == [40, 40] and imported == []
+
+
 def test_student_participant_params_match_its_input_path(tmp_path):
     from coopt_ray.student import METRICS, WEIGHTS, Student
 
