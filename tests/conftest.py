@@ -22,6 +22,11 @@ os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 # 12 keeps them. tests/test_run.py + test_evaluate.py, alternating (2026-12-03): 224/225 s, 372/371 busy CPU-s and
 # 68/67 processes at Ray's default; 202/187 s, 336/315 CPU-s and 58/59 processes at 12.
 os.environ.setdefault("RAY_num_workers_soft_limit", "12")
+# A node's log monitor lists its logs folder every 0.1 s to find new workers' files, until there are 1000 of them;
+# then every 0.5 s (LOG_NAME_UPDATE_INTERVAL_S). The suite's long-lived session Ray and its nodes take the 0.5 s
+# at once: a new worker's first lines reach the driver up to 0.4 s later, for half the log monitor's CPU
+# (30 s idle with 144 log files: 0.65 CPU-s at Ray's default, 0.32 at 0).
+os.environ.setdefault("RAY_LOG_MONITOR_MANY_FILES_THRESHOLD", "0")
 
 REPO = Path(__file__).resolve().parents[1]
 
