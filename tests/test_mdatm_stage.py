@@ -104,19 +104,30 @@ def test_a_killed_expert_stage_keeps_its_finished_experts_and_the_job_finishes_i
 
     # The killed driver joins the session's Ray (no start-up of its own). Killing it ends its job, and Ray removes
     # that job's tasks; what is checked here is what RUN keeps across the kill.
+    # A placement group holds 2 of the session Ray's 4 CPUs until the kill, so the experts (2 CPUs each) train one at a
+    # time: the third waits behind the second and cannot start once its driver is dead. With two at once, a quick host
+    # once finished all three before Ray stopped the killed driver's running tasks.
+    import ray
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    hold = placement_group([{"CPU": 2}])
+    ray.get(hold.ready(), timeout=60)
     env = {**os.environ, "RAY_ADDRESS": session_address()}
     proc = subprocess.Popen([sys.executable, "-m", "coopt_ray", "distill", "--config", str(cfg), "--run", str(run)],
                             cwd=REPO, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
     exp = run / "distilled" / "mdatm" / "experts"
     deadline = time.time() + 240
 
-    def finished() -> list[int]:  # experts finish in any order: two train at once, the third when one is done
+    def finished() -> list[int]:
         return [i for i in range(3) if (exp / f"expert_{i:03d}.json").exists()]
 
-    while not finished():
-        assert proc.poll() is None and time.time() < deadline, log.read_text()[-3000:]
-        time.sleep(0.2)
-    kill_group(proc)
+    try:
+        while not finished():
+            assert proc.poll() is None and time.time() < deadline, log.read_text()[-3000:]
+            time.sleep(0.2)
+        kill_group(proc)
+    finally:
+        remove_placement_group(hold)
     first = finished()
     assert len(first) < 3, "the experts finished before the kill; make them slower"
     kept = {i: (exp / f"expert_{i:03d}.safetensors").stat().st_mtime_ns for i in first}
