@@ -39,7 +39,7 @@ data:
 setup: $(VENV)/.installed data
 
 # Every test, the multi-node, job and kill tests and docs/cluster.md's cluster sequence included (what CI runs;
-# 14-17 min on a slow 2-core host from a fresh clone, setup included: README, Tests).
+# 14-20 min on a slow 2-core host from a fresh clone, setup included: README, Tests).
 test: setup
 	$(PY) -m pytest -q --durations=15 $(PYTEST_ARGS)
 
