@@ -16,7 +16,6 @@ import math
 import os
 import shutil
 import time
-from dataclasses import asdict
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
@@ -27,6 +26,7 @@ from .data import FASHION_MNIST_CLASSES, fashion_mnist_split
 from .devices import stage_device
 from .probe import embed_tensors, linear_probe, preprocess_arrays
 from .models import LOCAL_DIR, load_model, save_local_dir
+from .preprocess import open_clip_preprocess_cfg
 from .rundir import write_json_atomic
 from .uniformity import uniformity
 from .zoo_train import class_subset, make_objective
@@ -74,9 +74,9 @@ def _cpu_seconds() -> float:
 
 def _eval_transform(preprocess_cfg: dict, image_size: int):
     """The eval transform ``open_clip`` builds for a local-dir model with this preprocess_cfg."""
-    from open_clip.transform import PreprocessCfg, image_transform_v2, merge_preprocess_dict
+    from open_clip.transform import PreprocessCfg, image_transform_v2
 
-    cfg = merge_preprocess_dict(asdict(PreprocessCfg()), preprocess_cfg or {})
+    cfg = open_clip_preprocess_cfg(preprocess_cfg)
     cfg["size"] = image_size
     return image_transform_v2(PreprocessCfg(**cfg), is_train=False)
 

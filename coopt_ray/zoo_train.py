@@ -41,7 +41,7 @@ class UsedTokenRows(torch.nn.Module):
 
     def __init__(self, model, tokens: torch.Tensor):
         super().__init__()
-        self.model, self.table = [model], model.token_embedding  # a list: not a submodule of this one
+        self.table = model.token_embedding
         self.used = torch.unique(tokens)
         index = torch.full((self.table.num_embeddings,), -1, dtype=torch.long, device=tokens.device)
         index[self.used] = torch.arange(len(self.used), device=tokens.device)
@@ -52,10 +52,10 @@ class UsedTokenRows(torch.nn.Module):
     def forward(self, text: torch.Tensor) -> torch.Tensor:
         return torch.nn.functional.embedding(self.index[text], self.weight)
 
-    def put_back(self) -> None:
+    def put_back(self, model) -> None:
         with torch.no_grad():
             self.table.weight[self.used] = self.weight
-        self.model[0].token_embedding = self.table
+        model.token_embedding = self.table
 
 
 def used_token_rows(model, tokens: torch.Tensor) -> Optional[UsedTokenRows]:
@@ -66,7 +66,14 @@ def used_token_rows(model, tokens: torch.Tensor) -> Optional[UsedTokenRows]:
     return UsedTokenRows(model, tokens)
 
 
-class ClipObjective:
+class Objective:
+    """What every teacher objective has: :meth:`finish`, called once training ends."""
+
+    def finish(self) -> None:
+        """After training: undo what the objective changed in the model for training (nothing here)."""
+
+
+class ClipObjective(Objective):
     """open_clip's ClipLoss between the image embeddings and their captions' embeddings. Until :meth:`finish`, the
     model's token embedding trains only the rows the captions use (:class:`UsedTokenRows`)."""
 
@@ -82,7 +89,7 @@ class ClipObjective:
     def finish(self) -> None:
         """After training: the full token table, with the trained rows, back in the model."""
         if self.rows is not None:
-            self.rows.put_back()
+            self.rows.put_back(self.model)
             self.rows = None
 
     def __call__(self, x: torch.Tensor, idx: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
@@ -93,7 +100,7 @@ class ClipObjective:
         return self.loss(img, txt, self.model.logit_scale.exp())
 
 
-class SimCLRObjective:
+class SimCLRObjective(Objective):
     """SimCLR on the image tower: two augmented views of each image, lightly's projection head and NT-Xent."""
 
     def __init__(self, model, embed_dim: int, image_size: int, mean: torch.Tensor, std: torch.Tensor, device: str,
@@ -110,9 +117,6 @@ class SimCLRObjective:
         self.aug = BatchAugment(image_size, scale=(crop_min, 1.0))
         self.mean, self.std = mean.view(1, -1, 1, 1).to(device), std.view(1, -1, 1, 1).to(device)
 
-    def finish(self) -> None:
-        """Nothing to put back: the text tower does not train."""
-
     def _view(self, x01: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         return (self.aug(x01, gen) - self.mean) / self.std
 
@@ -123,7 +127,7 @@ class SimCLRObjective:
         return self.loss(z0, z1)
 
 
-class SupervisedObjective:
+class SupervisedObjective(Objective):
     """Cross-entropy through a linear classifier on the image embedding, over the spec's classes."""
 
     def __init__(self, model, embed_dim: int, labels: np.ndarray, device: str):
@@ -133,9 +137,6 @@ class SupervisedObjective:
         self.fc = torch.nn.Linear(embed_dim, len(classes)).to(device)
         self.params = list(self.fc.parameters())
         self.y = torch.as_tensor([remap[int(v)] for v in labels], dtype=torch.int64)
-
-    def finish(self) -> None:
-        """Nothing to put back: the text tower does not train."""
 
     def __call__(self, x: torch.Tensor, idx: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         logits = self.fc(self.model.encode_image(x))
