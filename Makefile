@@ -39,12 +39,12 @@ data:
 setup: $(VENV)/.installed data
 
 # Every test, the multi-node, job and kill tests and docs/cluster.md's cluster sequence included (what CI runs;
-# 14-20 min on a slow 2-core host from a fresh clone, setup included: README, Tests).
+# ~11 min on an idle 2-core host from a fresh clone, setup included, up to ~20 on a slower one: README, Tests).
 test: setup
 	$(PY) -m pytest -q --durations=15 $(PYTEST_ARGS)
 
 # Without the tests marked slow (the cluster sequence, multi-node, job and kill tests, the longer pipeline runs, the
-# zoo's parallel build, the student-learns and labeled-distillation benchmark checks): 3.5-5 min on a slow 2-core host.
+# zoo's parallel build, the student-learns and labeled-distillation benchmark checks): 2.5-4 min on a 2-core host.
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
