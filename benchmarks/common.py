@@ -93,6 +93,31 @@ def write_json(path: Path, obj) -> None:
     os.replace(tmp, path)
 
 
+def read_rows(path: Path, ids=None, columns=("id", "image", "target")) -> dict:
+    """Columns of a row set (RUN/optimized, a distilled data/ folder) as arrays: "id" a list, "image" uint8
+    N x 32 x 32 x 3, "target" float32 N x D, "label" an int array, any other column a list; only ``ids``, in that order, when given."""
+    import pyarrow.parquet as pq
+
+    from coopt_ray.embeddings import column_matrix
+    from coopt_ray.images import decode_image, resize_rgb
+
+    t = pq.read_table(str(path), columns=list(columns), filters=[("id", "in", list(ids))] if ids is not None else None)
+    got = t.column("id").to_pylist()
+    at = {v: j for j, v in enumerate(got)}
+    order = [at[i] for i in ids] if ids is not None else list(range(len(got)))
+    out = {}
+    for name in columns:
+        col = t.column(name)
+        if name == "image":
+            out[name] = np.stack([resize_rgb(decode_image(col[j].as_py()), 32) for j in order])
+        elif name == "target":
+            out[name] = column_matrix(col)[order]
+        else:
+            vals = col.to_pylist()
+            out[name] = [vals[j] for j in order] if name != "label" else np.asarray([vals[j] for j in order])
+    return out
+
+
 def load_levers(pattern: str) -> list[dict]:
     """The lever runs ``benchmarks/results/levers/<pattern>`` (one thing changed each), in file-name order."""
     return [json.loads(p.read_text()) for p in sorted((RESULTS / "levers").glob(pattern))]

@@ -26,13 +26,12 @@ from pathlib import Path
 
 import numpy as np
 
-from common import RESULTS, ROOT, FinalProbe, log, machine, start_ray, write_json
+from common import RESULTS, ROOT, FinalProbe, log, machine, read_rows, start_ray, write_json
 
 from coopt_ray import baselines as B  # noqa: E402
 from coopt_ray.config import load_config  # noqa: E402
 from coopt_ray.data import fashion_mnist_split  # noqa: E402
-from coopt_ray.embeddings import column_matrix  # noqa: E402
-from coopt_ray.images import arrays_to_rgb, decode_image, resize_rgb  # noqa: E402
+from coopt_ray.images import arrays_to_rgb  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -86,15 +85,6 @@ def parse_args(argv=None):
     return a
 
 
-def read_rows(d: Path, columns=("id", "image", "target")):
-    """(ids, uint8 images N x 32 x 32 x 3, targets) of a row set (RUN/optimized or a distilled data/ folder)."""
-    import pyarrow.parquet as pq
-
-    t = pq.read_table(str(d), columns=list(columns))
-    imgs = np.stack([resize_rgb(decode_image(b), 32) for b in t.column("image").to_pylist()])
-    return t.column("id").to_pylist(), imgs, column_matrix(t.column("target"))
-
-
 def ensure_optimized(run: Path) -> None:
     if (run / "manifest.json").exists():
         return
@@ -129,11 +119,10 @@ def distill(a, run: Path, size: int, seed: int) -> dict:
 def drift(d: Path, run: Path) -> dict:
     """How far a distilled set moved from the real rows it started from: mean |pixel change| (of 255, at 32 px)
     and mean |target change| in units of the optimized set's per-dimension std."""
-    import pyarrow.parquet as pq
-
-    ids, x, y = read_rows(d)
-    init = pq.read_table(str(d), columns=["init_id"]).column("init_id").to_pylist()
-    oid, ox, oy = read_rows(run / "optimized")
+    r = read_rows(d, columns=("id", "image", "target", "init_id"))
+    x, y, init = r["image"], r["target"], r["init_id"]
+    o = read_rows(run / "optimized")
+    oid, ox, oy = o["id"], o["image"], o["target"]
     pos = {v: j for j, v in enumerate(oid)}
     j = [pos[i] for i in init]
     return {"pixel_abs_change": round(float(np.abs(x.astype(float) - ox[j]).mean()), 3),
@@ -163,7 +152,8 @@ def main(argv=None) -> dict:
     probe_x, probe_y = arrays_to_rgb(x_te[5000:5000 + a.probe_images], 32), y_te[5000:5000 + a.probe_images]
     test_x, test_y = arrays_to_rgb(x_te[:a.test_images], 32), y_te[:a.test_images]
     log(f"[distill-bench] reading {run / 'optimized'}")
-    ids, images, targets = read_rows(run / "optimized")
+    o = read_rows(run / "optimized")
+    ids, images, targets = o["id"], o["image"], o["target"]
     res = {"settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items()},
            "machine": machine(), "rows": len(ids), "distill": {}, "runs": []}
 
@@ -195,7 +185,8 @@ def main(argv=None) -> dict:
         for arch in a.archs:
             student(arch, "random_init", 0, seed, images[:1], None)
             for size in a.sizes:
-                _, dx, dy = read_rows(Path(res["distill"][f"m{size}-s{seed}"]["dir"]))
+                dr = read_rows(Path(res["distill"][f"m{size}-s{seed}"]["dir"]))
+                dx, dy = dr["image"], dr["target"]
                 student(arch, "distilled", size, seed, dx, dy, steps=a.steps_small[arch])
                 pick = np.sort(np.random.default_rng(10_000 + seed).choice(len(ids), size, replace=False))
                 student(arch, "random_subset", size, seed, images[pick], targets[pick], steps=a.steps_small[arch])

@@ -46,7 +46,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common import RESULTS, ROOT, FinalProbe, log, machine, start_ray, write_json
+from common import RESULTS, ROOT, FinalProbe, log, machine, read_rows, start_ray, write_json
 
 from coopt_ray import baselines as B  # noqa: E402
 from coopt_ray.config import load_config  # noqa: E402
@@ -122,27 +122,6 @@ def split_heldout(run: Path, work: Path, n_heldout: int) -> tuple[Path, list[str
     if not (work / "manifest.json").exists():
         os.symlink((run / "manifest.json").resolve(), work / "manifest.json")
     return train, sorted(held)
-
-
-def rows(path: Path, ids=None, columns=("id", "image", "target", "label")) -> dict:
-    """Columns of a row set as arrays (images uint8 N x 32 x 32 x 3), optionally only ``ids`` in that order."""
-    import pyarrow.parquet as pq
-
-    from coopt_ray.embeddings import column_matrix
-    from coopt_ray.images import decode_image, resize_rgb
-
-    t = pq.read_table(str(path), columns=list(columns), filters=[("id", "in", list(ids))] if ids is not None else None)
-    got = t.column("id").to_pylist()
-    at = {v: j for j, v in enumerate(got)}
-    order = [at[i] for i in ids] if ids is not None else list(range(len(got)))
-    out = {"id": [got[j] for j in order],
-           "image": np.stack([resize_rgb(decode_image(t.column("image")[j].as_py()), 32) for j in order]),
-           "target": column_matrix(t.column("target"))[order]}
-    if "label" in columns:
-        out["label"] = np.asarray([t.column("label")[j].as_py() for j in order])
-    if "init_id" in columns:
-        out["init_id"] = [t.column("init_id")[j].as_py() for j in order]
-    return out
 
 
 def distill_once(a, work: Path, seed: int) -> dict:
@@ -284,8 +263,9 @@ def main(argv=None) -> dict:
     work.mkdir(parents=True, exist_ok=True)
     train_dir, held_ids = split_heldout(run, work, a.heldout)
     log(f"[krr-signal] {a.heldout} held-out rows; reading the training rows of {train_dir}")
-    train = rows(train_dir)
-    held = rows(run / "optimized", held_ids)
+    labeled = ("id", "image", "target", "label")
+    train = read_rows(train_dir, columns=labeled)
+    held = read_rows(run / "optimized", held_ids, columns=labeled)
     x_te, y_te = fashion_mnist_split("test")
     prober_args = (arrays_to_rgb(x_te[5000:5000 + a.probe_images], 32), y_te[5000:5000 + a.probe_images],
                    arrays_to_rgb(x_te[:a.test_images], 32), y_te[:a.test_images])
@@ -308,7 +288,7 @@ def main(argv=None) -> dict:
             if not (sw / name).exists():
                 os.symlink((work / name).resolve(), sw / name)
         dres = distill_once(a, sw, seed)
-        dist = rows(Path(dres["data"]), columns=("id", "image", "target", "init_id"))
+        dist = read_rows(Path(dres["data"]), columns=("id", "image", "target", "init_id"))
         init = [pos[i] for i in dist["init_id"]]
         rng = np.random.default_rng(50_000 + seed)
         others = np.setdiff1d(np.arange(len(train["id"])), init)

@@ -121,3 +121,28 @@ def test_proc_cpu_keeps_a_childs_command_line_once_it_is_a_zombie():
         assert "sys.stdin.read()" in cmd and cpu > 0, (cpu, cmd)
     finally:
         child.wait()
+
+
+def test_read_rows_gives_each_column_as_arrays_and_only_the_asked_ids_in_order(tmp_path):
+    """benchmarks/common.read_rows, which distill.py and krr_signal.py read their row sets with."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from common import read_rows
+
+    from coopt_ray.images import encode_png
+
+    rng = np.random.default_rng(0)
+    imgs = rng.integers(0, 256, (5, 32, 32, 3), dtype=np.uint8)
+    targets = rng.normal(size=(5, 3)).astype(np.float32)
+    ids = [f"r{k}" for k in range(5)]
+    pq.write_table(pa.table({"id": ids, "image": [encode_png(a) for a in imgs],
+                             "target": [list(map(float, t)) for t in targets], "label": [3, 1, 4, 1, 5],
+                             "init_id": [f"i{k}" for k in range(5)]}), tmp_path / "part-0.parquet")
+    every = read_rows(tmp_path)
+    assert list(every) == ["id", "image", "target"] and every["id"] == ids
+    assert every["image"].dtype == np.uint8 and np.array_equal(every["image"], imgs)  # PNG is lossless at 32 px
+    assert np.array_equal(every["target"], targets)
+    some = read_rows(tmp_path, ["r3", "r0"], columns=("id", "image", "target", "label", "init_id"))
+    assert some["id"] == ["r3", "r0"] and some["init_id"] == ["i3", "i0"]
+    assert isinstance(some["label"], np.ndarray) and some["label"].tolist() == [1, 3]
+    assert np.array_equal(some["image"], imgs[[3, 0]]) and np.array_equal(some["target"], targets[[3, 0]])
