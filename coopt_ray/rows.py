@@ -84,22 +84,40 @@ def streamed_subset(rows_dir: Path, limit: Optional[int], seed: int) -> Optional
     return frozenset(best_ids.tolist())
 
 
-def target_moments(rows_dir: Path, keep: Optional[frozenset] = None):
-    """Rows, mean and covariance of the targets of a Parquet folder (only ``keep``'s ids when given), streamed."""
+def row_moments(rows_dir: Path, keep: Optional[frozenset] = None, dims: Optional[dict] = None,
+                aligned: bool = True) -> tuple:
+    """One streamed pass over a Parquet folder (only ``keep``'s ids when given): the rows, mean and covariance of
+    its aligned ``target`` (``aligned``), and with ``dims`` (participant name -> embedding width) the same of each
+    participant's own rows' ``own_target`` (its shard, unaligned). Returns ``((n, mean, cov) or None,
+    {name: (n, mean, cov)})``."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
     from .student import TargetMoments
 
-    m = TargetMoments()
+    dims = dims or {}
+    m, heads = TargetMoments(), {n: TargetMoments() for n in dims}
     value_set = pa.array(sorted(keep), pa.string()) if keep is not None else None
-    for b in scan(rows_dir, ["id", "target"]):
+    columns = ["id"] + (["target"] if aligned else []) + (["participant", "own_target"] if dims else [])
+    for b in scan(rows_dir, columns):
         if value_set is not None:
             b = b.filter(pc.is_in(b.column("id"), value_set=value_set))
-        if b.num_rows:
+        if aligned and b.num_rows:
             m.add(column_matrix(b.column("target")))
-    mean, cov = m.mean_cov()
-    return m.n, mean, cov
+        for name, d in dims.items():
+            t = b.filter(pc.equal(b.column("participant"), name))
+            if t.num_rows:
+                heads[name].add(column_matrix(t.column("own_target"))[:, :d])
+    own = {}
+    for name, h in heads.items():
+        mean, cov = h.mean_cov() if h.n else (np.zeros(dims[name]), np.zeros((dims[name], dims[name])))
+        own[name] = (h.n, mean, cov)
+    return ((m.n, *m.mean_cov()) if aligned else None), own
+
+
+def target_moments(rows_dir: Path, keep: Optional[frozenset] = None):
+    """Rows, mean and covariance of the targets of a Parquet folder (only ``keep``'s ids when given), streamed."""
+    return row_moments(rows_dir, keep)[0]
 
 
 def _head_columns(batch, names: list, weight: float):
@@ -157,25 +175,7 @@ def training_dataset(opt_dir: Path, image_size: int, keep: Optional[frozenset] =
 def head_moments(rows_dir: Path, dims: dict, keep: Optional[frozenset] = None) -> dict:
     """Per participant (``dims``: name -> embedding width), the rows, mean and covariance of its own rows'
     ``own_target`` (its shard, unaligned), streamed in one pass: ``{name: (n, mean, cov)}``."""
-    import pyarrow as pa
-    import pyarrow.compute as pc
-
-    from .student import TargetMoments
-
-    moments = {n: TargetMoments() for n in dims}
-    value_set = pa.array(sorted(keep), pa.string()) if keep is not None else None
-    for b in scan(rows_dir, ["id", "participant", "own_target"]):
-        if value_set is not None:
-            b = b.filter(pc.is_in(b.column("id"), value_set=value_set))
-        for name, d in dims.items():
-            t = b.filter(pc.equal(b.column("participant"), name))
-            if t.num_rows:
-                moments[name].add(column_matrix(t.column("own_target"))[:, :d])
-    out = {}
-    for name, m in moments.items():
-        mean, cov = m.mean_cov() if m.n else (np.zeros(dims[name]), np.zeros((dims[name], dims[name])))
-        out[name] = (m.n, mean, cov)
-    return out
+    return row_moments(rows_dir, keep, dims, aligned=False)[1]
 
 
 def read_targets(opt_dir: Path) -> tuple[list[str], np.ndarray]:

@@ -28,7 +28,7 @@ from .augment import make_augment, normalize_pixels, to_float_nchw
 from .rundir import (DISTILLED_PARTS, DONE, MANIFEST, OPTIMIZED, SHARED_ROWS, STUDENT, RunError, prepare_run_dir,
                      read_done, run_label, write_json_atomic)
 from .heads import HeadTransforms, TorchHeads, head_transforms, multi_head_loss
-from .rows import head_moments, streamed_subset, target_moments, training_dataset
+from .rows import head_moments, row_moments, streamed_subset, training_dataset
 from .student import (CKPT_PREFIX, METRICS, WEIGHTS, Student, feature_dim, init_fingerprint, latest_checkpoint,
                       load_state, student_loss, report_checkpoint, resume_state, transform_from_moments, usable_checkpoint, warm_start)
 
@@ -204,14 +204,22 @@ def check_own_targets(cfg: Config, run: Path, rows_dir: Path) -> None:
                        "lacks (merged by an older version): delete RUN/manifest.json and rerun `coopt optimize`")
 
 
-def student_heads(cfg: Config, run: Path, manifest: dict, rows_dir: Path, keep, fdim: int):
-    """``HeadTransforms`` for ``student.heads`` (None for ``aligned``): each participant's standardisation from its
-    own rows (a participant that owns none, ``share: 0``, from its rows of S). ``run_train`` has already checked
-    that RUN has them (:func:`check_own_targets`)."""
+def head_dims(cfg: Config, manifest: dict) -> Optional[dict]:
+    """Each participant's embedding width, where ``student.heads`` gives participants heads of their own."""
     if cfg.student.heads == "aligned":
         return None
-    dims = {p["name"]: int(p["embed_dim"]) for p in manifest["participants"]}
-    moments = head_moments(rows_dir, dims, keep)
+    return {p["name"]: int(p["embed_dim"]) for p in manifest["participants"]}
+
+
+def student_heads(cfg: Config, run: Path, manifest: dict, moments: dict, keep, fdim: int):
+    """``HeadTransforms`` for ``student.heads`` (None for ``aligned``): each participant's standardisation from
+    ``moments``, its own rows' ``{name: (n, mean, cov)}`` (:func:`rows.row_moments` over the training rows); a
+    participant that owns none (``share: 0``) gets its rows of S instead. ``run_train`` has already checked that
+    RUN has them (:func:`check_own_targets`)."""
+    dims = head_dims(cfg, manifest)
+    if dims is None:
+        return None
+    moments = dict(moments)
     few = {n: d for n, d in dims.items() if moments[n][0] < 2}  # share 0: its part of the data is S alone
     if few:
         moments.update(head_moments(run / SHARED_ROWS, few, keep))
@@ -268,11 +276,12 @@ def run_train(cfg: Config, run: str | os.PathLike, address: Optional[str] = None
         check_cuda_usable("student.use_gpu", 1, log)  # a GPU that CUDA cannot use fails now, in one line
     workers, cpw, threads = plan.workers, plan.cpus, plan.threads
     keep = streamed_subset(rows_dir, s.limit, cfg.seed)  # ids and targets are streamed, never all held here
-    rows, t_mean, t_cov = target_moments(rows_dir, keep)
+    # one pass over the rows: the aligned targets' moments and, with heads, each participant's own
+    (rows, t_mean, t_cov), own = row_moments(rows_dir, keep, head_dims(cfg, manifest))
     fdim = feature_dim(s.arch, cfg.data.image_size)
     mean, proj = transform_from_moments(rows, t_mean, t_cov, whiten=s.whiten, out_dim=fdim, phi_s=s.phi_s)
     tdim = len(mean)
-    heads = student_heads(cfg, run, manifest, rows_dir, keep, fdim)
+    heads = student_heads(cfg, run, manifest, own, keep, fdim)
     world = max(1, workers)
     per_worker = max(2, s.batch_size // world)
     if rows // world < per_worker:

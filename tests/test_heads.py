@@ -253,6 +253,7 @@ def test_a_participant_that_owns_no_rows_is_standardised_on_its_rows_of_s(tmp_pa
 
     from conftest import write_config
     from coopt_ray.config import load_config
+    from coopt_ray.rows import head_moments
     from coopt_ray.train import student_heads
 
     rng = np.random.default_rng(1)
@@ -270,8 +271,40 @@ def test_a_participant_that_owns_no_rows_is_standardised_on_its_rows_of_s(tmp_pa
                                                  {"name": "b", "model": "local-dir:/v", "share": 0}],
                                    student={"heads": "per-participant"}))
     man = {"participants": [{"name": "a", "embed_dim": 4}, {"name": "b", "embed_dim": 4}], "best": "a"}
-    t = student_heads(cfg, run, man, run / "optimized", None, fdim=8)
+    t = student_heads(cfg, run, man, head_moments(run / "optimized", {"a": 4, "b": 4}), None, fdim=8)
     for k, x in enumerate((a, b)):
         z = (x - t.means[k]) @ t.projs[k]
         np.testing.assert_allclose(z.mean(0), 0, atol=1e-4)
         np.testing.assert_allclose(z.std(0), 1, atol=1e-3)
+
+
+def test_row_moments_reads_the_aligned_and_every_heads_moments_in_one_pass_the_same_as_apart(tmp_path):
+    """The train stage's one pass over the rows (rows.row_moments): the aligned targets' (n, mean, cov) and each
+    participant's own-target moments equal, bit for bit, what a pass for each gives, with and without a subset."""
+    import pyarrow as pa
+    from ray.data.extensions import ArrowTensorArray
+
+    from coopt_ray.rows import head_moments, row_moments, target_moments
+
+    rng = np.random.default_rng(4)
+    n = 300
+    part = np.array(["a", "b", "c"])[rng.integers(0, 3, n)]
+    own = rng.normal(2.0, 3.0, size=(n, 6)).astype(np.float32)
+    for j in range(3):  # three files: the moments add up batch by batch
+        sl = slice(100 * j, 100 * (j + 1))
+        pq.write_table(pa.table({"id": [f"r{i}" for i in range(n)][sl], "participant": part[sl].tolist(),
+                                 "target": ArrowTensorArray.from_numpy(rng.normal(size=(100, 5)).astype(np.float32)),
+                                 "own_target": ArrowTensorArray.from_numpy(own[sl])}), tmp_path / f"p{j}.parquet")
+    dims = {"a": 6, "b": 4, "c": 6}
+    for keep in (None, frozenset(f"r{i}" for i in range(0, n, 3))):
+        aligned, heads = row_moments(tmp_path, keep, dims)
+        want = target_moments(tmp_path, keep)
+        assert aligned[0] == want[0] == (n if keep is None else len(keep))
+        assert all(np.array_equal(x, y) for x, y in zip(aligned[1:], want[1:]))
+        apart = head_moments(tmp_path, dims, keep)
+        for name, d in dims.items():
+            rows = (part == name) & (np.arange(n) % (1 if keep is None else 3) == 0)
+            assert heads[name][0] == apart[name][0] == rows.sum() and heads[name][1].shape == (d,)
+            assert all(np.array_equal(x, y) for x, y in zip(heads[name][1:], apart[name][1:]))
+            np.testing.assert_allclose(heads[name][1], own[rows, :d].mean(0), rtol=1e-6, atol=1e-6)
+    assert row_moments(tmp_path)[1] == {}  # aligned heads only: no per-participant pass
