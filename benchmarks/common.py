@@ -94,8 +94,8 @@ def write_json(path: Path, obj) -> None:
 
 
 def read_rows(path: Path, ids=None, columns=("id", "image", "target")) -> dict:
-    """Columns of a row set (RUN/optimized, a distilled data/ folder) as arrays: "id" a list, "image" uint8
-    N x 32 x 32 x 3, "target" float32 N x D, "label" an int array, any other column a list; only ``ids``, in that order, when given."""
+    """Columns of a row set (RUN/optimized, a distilled data/ folder): "image" uint8 N x 32 x 32 x 3, "target"
+    float32 N x D, "label" an int array, any other column a list; only ``ids``, in that order, when given."""
     import pyarrow.parquet as pq
 
     from coopt_ray.embeddings import column_matrix
@@ -107,14 +107,15 @@ def read_rows(path: Path, ids=None, columns=("id", "image", "target")) -> dict:
     order = [at[i] for i in ids] if ids is not None else list(range(len(got)))
     out = {}
     for name in columns:
-        col = t.column(name)
+        if name == "target":
+            out[name] = column_matrix(t.column(name))[order]
+            continue
+        vals = t.column(name).to_pylist()  # once per column: a scalar at a time is far slower
+        picked = [vals[j] for j in order]
         if name == "image":
-            out[name] = np.stack([resize_rgb(decode_image(col[j].as_py()), 32) for j in order])
-        elif name == "target":
-            out[name] = column_matrix(col)[order]
+            out[name] = np.stack([resize_rgb(decode_image(b), 32) for b in picked])
         else:
-            vals = col.to_pylist()
-            out[name] = [vals[j] for j in order] if name != "label" else np.asarray([vals[j] for j in order])
+            out[name] = np.asarray(picked) if name == "label" else picked
     return out
 
 

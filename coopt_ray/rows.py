@@ -115,11 +115,6 @@ def row_moments(rows_dir: Path, keep: Optional[frozenset] = None, dims: Optional
     return ((m.n, *m.mean_cov()) if aligned else None), own
 
 
-def target_moments(rows_dir: Path, keep: Optional[frozenset] = None):
-    """Rows, mean and covariance of the targets of a Parquet folder (only ``keep``'s ids when given), streamed."""
-    return row_moments(rows_dir, keep)[0]
-
-
 def _head_columns(batch, names: list, weight: float):
     """``map_batches`` fn (student.heads): each row's participant as its head index, and the aligned head's weight."""
     import pyarrow as pa

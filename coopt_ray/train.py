@@ -211,12 +211,11 @@ def head_dims(cfg: Config, manifest: dict) -> Optional[dict]:
     return {p["name"]: int(p["embed_dim"]) for p in manifest["participants"]}
 
 
-def student_heads(cfg: Config, run: Path, manifest: dict, moments: dict, keep, fdim: int):
-    """``HeadTransforms`` for ``student.heads`` (None for ``aligned``): each participant's standardisation from
-    ``moments``, its own rows' ``{name: (n, mean, cov)}`` (:func:`rows.row_moments` over the training rows); a
-    participant that owns none (``share: 0``) gets its rows of S instead. ``run_train`` has already checked that
-    RUN has them (:func:`check_own_targets`)."""
-    dims = head_dims(cfg, manifest)
+def student_heads(cfg: Config, run: Path, dims: Optional[dict], moments: dict, keep, fdim: int):
+    """``HeadTransforms`` for ``student.heads`` (None for ``aligned``, where ``dims``, :func:`head_dims`, is None):
+    each participant's standardisation from ``moments``, its own rows' ``{name: (n, mean, cov)}``
+    (:func:`rows.row_moments` over the training rows); a participant that owns none (``share: 0``) gets its rows
+    of S instead. ``run_train`` has already checked that RUN has them (:func:`check_own_targets`)."""
     if dims is None:
         return None
     moments = dict(moments)
@@ -277,11 +276,12 @@ def run_train(cfg: Config, run: str | os.PathLike, address: Optional[str] = None
     workers, cpw, threads = plan.workers, plan.cpus, plan.threads
     keep = streamed_subset(rows_dir, s.limit, cfg.seed)  # ids and targets are streamed, never all held here
     # one pass over the rows: the aligned targets' moments and, with heads, each participant's own
-    (rows, t_mean, t_cov), own = row_moments(rows_dir, keep, head_dims(cfg, manifest))
+    dims = head_dims(cfg, manifest)
+    (rows, t_mean, t_cov), own = row_moments(rows_dir, keep, dims)
     fdim = feature_dim(s.arch, cfg.data.image_size)
     mean, proj = transform_from_moments(rows, t_mean, t_cov, whiten=s.whiten, out_dim=fdim, phi_s=s.phi_s)
     tdim = len(mean)
-    heads = student_heads(cfg, run, manifest, own, keep, fdim)
+    heads = student_heads(cfg, run, dims, own, keep, fdim)
     world = max(1, workers)
     per_worker = max(2, s.batch_size // world)
     if rows // world < per_worker:

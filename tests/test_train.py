@@ -209,7 +209,7 @@ def test_streamed_subset_and_target_moments_match_the_in_memory_versions(tmp_pat
     import pyarrow.parquet as pq
     from ray.data.extensions import ArrowTensorArray
 
-    from coopt_ray.rows import scan, streamed_subset, target_moments
+    from coopt_ray.rows import row_moments, scan, streamed_subset
     from coopt_ray.student import transform_from_moments
 
     rng = np.random.default_rng(3)
@@ -221,7 +221,7 @@ def test_streamed_subset_and_target_moments_match_the_in_memory_versions(tmp_pat
     assert sum(b.num_rows for b in scan(tmp_path, ["id"], batch_size=64)) == 900
     keep = streamed_subset(tmp_path, 250, seed=5)
     assert keep == subset_ids(ids, 250, 5) and streamed_subset(tmp_path, None, 5) is None
-    n, mean, cov = target_moments(tmp_path, keep)
+    n, mean, cov = row_moments(tmp_path, keep)[0]
     sub = y[[i in keep for i in ids]]
     assert n == 250
     for whiten in (False, True):
